@@ -1,7 +1,16 @@
-//! The command table: every command the server knows, with Redis's arity and key positions.
+//! Commands: the table of every command the server knows, and their execution.
 //!
-//! One table serves `COMMAND` (COUNT, INFO, DOCS, LIST), the client's completion and hints,
-//! and the README's command list, so the three cannot disagree.
+//! One table ([`COMMANDS`]) serves dispatch (arity checks), `COMMAND` (COUNT, INFO, DOCS,
+//! LIST), the client's completion and hints, and the README's command list, so they
+//! cannot disagree.
+//!
+//! A request enters [`dispatch`] as its argument vector. Reads and connection commands
+//! answer at once, appending their reply to the connection's output buffer. A write is
+//! not executed here: it comes back as [`Dispatched::Write`] holding the log operation
+//! (with relative expiry times already made absolute), which the caller batches with the
+//! connection's other pipelined writes into one [`Store::write`], then renders each result
+//! with [`render_result`]. That is the single write path: the map changes only by
+//! applying logged entries.
 
 /// One row of the command table.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +30,19 @@ pub struct CommandSpec {
     pub summary: &'static str,
 }
 
+use crate::glob::glob_match;
+use crate::protocol::{
+    Proto, write_array_len, write_bulk, write_error, write_integer, write_map_len, write_null,
+    write_null_array, write_set_len, write_simple, write_verbatim,
+};
+use crate::store::{ERR_NOT_INTEGER, OpResult, Store, now_ms, parse_i64};
+use crate::wal::{Condition, Expiry, Op};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
 const W: &[&str] = &["write", "denyoom"];
 const WF: &[&str] = &["write", "denyoom", "fast"];
 const WD: &[&str] = &["write", "fast"];
@@ -28,7 +50,14 @@ const R: &[&str] = &["readonly"];
 const RF: &[&str] = &["readonly", "fast"];
 const F: &[&str] = &["fast"];
 const NS: &[&str] = &["noscript", "loading", "stale", "fast"];
-const AUTHF: &[&str] = &["noscript", "loading", "stale", "fast", "no_auth", "allow_busy"];
+const AUTHF: &[&str] = &[
+    "noscript",
+    "loading",
+    "stale",
+    "fast",
+    "no_auth",
+    "allow_busy",
+];
 
 macro_rules! cmd {
     ($name:expr, $arity:expr, $flags:expr, $fk:expr, $lk:expr, $st:expr, $args:expr, $sum:expr) => {
@@ -47,41 +76,288 @@ macro_rules! cmd {
 
 /// Every command, sorted by name.
 pub static COMMANDS: &[CommandSpec] = &[
-    cmd!("auth", -2, AUTHF, 0, 0, 0, "[username] password", "Authenticates the connection."),
-    cmd!("client", -2, NS, 0, 0, 0, "ID|GETNAME|SETNAME name|INFO|LIST|SETINFO …", "Connection introspection and naming."),
-    cmd!("command", -1, NS, 0, 0, 0, "[COUNT|DOCS|INFO|LIST [name …]]", "Describes the commands this server knows."),
-    cmd!("config", -2, NS, 0, 0, 0, "GET parameter [parameter …]|SET|RESETSTAT", "Reads server settings."),
+    cmd!(
+        "auth",
+        -2,
+        AUTHF,
+        0,
+        0,
+        0,
+        "[username] password",
+        "Authenticates the connection."
+    ),
+    cmd!(
+        "client",
+        -2,
+        NS,
+        0,
+        0,
+        0,
+        "ID|GETNAME|SETNAME name|INFO|LIST|SETINFO …",
+        "Connection introspection and naming."
+    ),
+    cmd!(
+        "command",
+        -1,
+        NS,
+        0,
+        0,
+        0,
+        "[COUNT|DOCS|INFO|LIST [name …]]",
+        "Describes the commands this server knows."
+    ),
+    cmd!(
+        "config",
+        -2,
+        NS,
+        0,
+        0,
+        0,
+        "GET parameter [parameter …]|SET|RESETSTAT",
+        "Reads server settings."
+    ),
     cmd!("dbsize", 1, RF, 0, 0, 0, "", "Returns the number of keys."),
-    cmd!("decr", 2, WF, 1, 1, 1, "key", "Decrements the integer value of a key by one."),
-    cmd!("decrby", 3, WF, 1, 1, 1, "key decrement", "Decrements the integer value of a key by a number."),
-    cmd!("del", -2, W, 1, -1, 1, "key [key …]", "Deletes keys; returns how many existed."),
+    cmd!(
+        "decr",
+        2,
+        WF,
+        1,
+        1,
+        1,
+        "key",
+        "Decrements the integer value of a key by one."
+    ),
+    cmd!(
+        "decrby",
+        3,
+        WF,
+        1,
+        1,
+        1,
+        "key decrement",
+        "Decrements the integer value of a key by a number."
+    ),
+    cmd!(
+        "del",
+        -2,
+        W,
+        1,
+        -1,
+        1,
+        "key [key …]",
+        "Deletes keys; returns how many existed."
+    ),
     cmd!("echo", 2, F, 0, 0, 0, "message", "Returns the message."),
-    cmd!("exists", -2, RF, 1, -1, 1, "key [key …]", "Counts how many of the keys exist."),
-    cmd!("get", 2, RF, 1, 1, 1, "key", "Returns the value of a key, or nil."),
-    cmd!("hello", -1, AUTHF, 0, 0, 0, "[protover [AUTH username password] [SETNAME name]]", "Handshakes with the server."),
-    cmd!("incr", 2, WF, 1, 1, 1, "key", "Increments the integer value of a key by one."),
-    cmd!("incrby", 3, WF, 1, 1, 1, "key increment", "Increments the integer value of a key by a number."),
-    cmd!("info", -1, NS, 0, 0, 0, "[section …]", "Returns server information and statistics."),
-    cmd!("keys", 2, R, 0, 0, 0, "pattern", "Returns all keys matching a glob pattern."),
-    cmd!("mget", -2, RF, 1, -1, 1, "key [key …]", "Returns the values of several keys."),
-    cmd!("mset", -3, W, 1, -1, 2, "key value [key value …]", "Sets several keys at once (atomically)."),
-    cmd!("ping", -1, F, 0, 0, 0, "[message]", "Returns PONG, or the message."),
+    cmd!(
+        "exists",
+        -2,
+        RF,
+        1,
+        -1,
+        1,
+        "key [key …]",
+        "Counts how many of the keys exist."
+    ),
+    cmd!(
+        "get",
+        2,
+        RF,
+        1,
+        1,
+        1,
+        "key",
+        "Returns the value of a key, or nil."
+    ),
+    cmd!(
+        "hello",
+        -1,
+        AUTHF,
+        0,
+        0,
+        0,
+        "[protover [AUTH username password] [SETNAME name]]",
+        "Handshakes with the server."
+    ),
+    cmd!(
+        "incr",
+        2,
+        WF,
+        1,
+        1,
+        1,
+        "key",
+        "Increments the integer value of a key by one."
+    ),
+    cmd!(
+        "incrby",
+        3,
+        WF,
+        1,
+        1,
+        1,
+        "key increment",
+        "Increments the integer value of a key by a number."
+    ),
+    cmd!(
+        "info",
+        -1,
+        NS,
+        0,
+        0,
+        0,
+        "[section …]",
+        "Returns server information and statistics."
+    ),
+    cmd!(
+        "keys",
+        2,
+        R,
+        0,
+        0,
+        0,
+        "pattern",
+        "Returns all keys matching a glob pattern."
+    ),
+    cmd!(
+        "mget",
+        -2,
+        RF,
+        1,
+        -1,
+        1,
+        "key [key …]",
+        "Returns the values of several keys."
+    ),
+    cmd!(
+        "mset",
+        -3,
+        W,
+        1,
+        -1,
+        2,
+        "key value [key value …]",
+        "Sets several keys at once (atomically)."
+    ),
+    cmd!(
+        "msetnx",
+        -3,
+        W,
+        1,
+        -1,
+        2,
+        "key value [key value …]",
+        "Sets several keys only if none of them exists."
+    ),
+    cmd!(
+        "ping",
+        -1,
+        F,
+        0,
+        0,
+        0,
+        "[message]",
+        "Returns PONG, or the message."
+    ),
     cmd!("quit", -1, AUTHF, 0, 0, 0, "", "Closes the connection."),
-    cmd!("readonly", 1, F, 0, 0, 0, "", "Allows reads from a follower on this connection."),
-    cmd!("readwrite", 1, F, 0, 0, 0, "", "Ends READONLY on this connection."),
-    cmd!("scan", -2, R, 0, 0, 0, "cursor [MATCH pattern] [COUNT count] [TYPE type]", "Iterates over the keys."),
-    cmd!("select", 2, NS, 0, 0, 0, "index", "Selects a database (only 0 exists)."),
-    cmd!("set", -3, W, 1, 1, 1, "key value [NX|XX] [GET] [EX seconds|PX milliseconds|EXAT unix-time-seconds|PXAT unix-time-milliseconds|KEEPTTL]", "Sets the value of a key."),
-    cmd!("strlen", 2, RF, 1, 1, 1, "key", "Returns the length of a value."),
+    cmd!(
+        "readonly",
+        1,
+        F,
+        0,
+        0,
+        0,
+        "",
+        "Allows reads from a follower on this connection."
+    ),
+    cmd!(
+        "readwrite",
+        1,
+        F,
+        0,
+        0,
+        0,
+        "",
+        "Ends READONLY on this connection."
+    ),
+    cmd!(
+        "scan",
+        -2,
+        R,
+        0,
+        0,
+        0,
+        "cursor [MATCH pattern] [COUNT count] [TYPE type]",
+        "Iterates over the keys."
+    ),
+    cmd!(
+        "select",
+        2,
+        NS,
+        0,
+        0,
+        0,
+        "index",
+        "Selects a database (only 0 exists)."
+    ),
+    cmd!(
+        "set",
+        -3,
+        W,
+        1,
+        1,
+        1,
+        "key value [NX|XX] [GET] [EX seconds|PX milliseconds|EXAT unix-time-seconds|PXAT unix-time-milliseconds|KEEPTTL]",
+        "Sets the value of a key."
+    ),
+    cmd!(
+        "setnx",
+        3,
+        WF,
+        1,
+        1,
+        1,
+        "key value",
+        "Sets a key only if it does not exist."
+    ),
+    cmd!(
+        "strlen",
+        2,
+        RF,
+        1,
+        1,
+        1,
+        "key",
+        "Returns the length of a value."
+    ),
     cmd!("time", 1, F, 0, 0, 0, "", "Returns the server time."),
     cmd!("type", 2, RF, 1, 1, 1, "key", "Returns the type of a key."),
-    cmd!("unlink", -2, WD, 1, -1, 1, "key [key …]", "Deletes keys (same as DEL here)."),
-    cmd!("wait", 3, NS, 0, 0, 0, "numreplicas timeout", "Waits until writes reach this many replicas."),
+    cmd!(
+        "unlink",
+        -2,
+        WD,
+        1,
+        -1,
+        1,
+        "key [key …]",
+        "Deletes keys (same as DEL here)."
+    ),
+    cmd!(
+        "wait",
+        3,
+        NS,
+        0,
+        0,
+        0,
+        "numreplicas timeout",
+        "Waits until writes reach this many replicas."
+    ),
 ];
 
 /// Looks a command up by name, case-insensitively.
 pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
-    COMMANDS.iter().find(|c| c.name.as_bytes().eq_ignore_ascii_case(name))
+    COMMANDS
+        .iter()
+        .find(|c| c.name.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// True if `argc` (name included) satisfies the command's arity.
@@ -91,6 +367,867 @@ pub fn arity_ok(spec: &CommandSpec, argc: usize) -> bool {
         argc == a as usize
     } else {
         argc >= (-a) as usize
+    }
+}
+
+/// The documentation group of a command (COMMAND DOCS, client help).
+pub fn group(name: &str) -> &'static str {
+    match name {
+        "auth" | "client" | "echo" | "hello" | "ping" | "quit" | "select" | "readonly"
+        | "readwrite" => "connection",
+        "command" | "config" | "dbsize" | "info" | "time" => "server",
+        "del" | "exists" | "keys" | "scan" | "type" | "unlink" | "wait" => "generic",
+        _ => "string",
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Execution
+
+/// Server-wide settings that commands report or enforce.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub requirepass: Option<String>,
+    pub max_clients: usize,
+    pub port: u16,
+    pub bind: String,
+    pub proto_max_bulk_len: usize,
+    pub node_id: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            requirepass: None,
+            max_clients: 10_000,
+            port: 0,
+            bind: "127.0.0.1".into(),
+            proto_max_bulk_len: 512 << 20,
+            node_id: 0,
+        }
+    }
+}
+
+/// Server-wide counters (INFO stats).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub total_connections: AtomicU64,
+    pub rejected_connections: AtomicU64,
+    pub connected_clients: AtomicU64,
+    pub total_commands: AtomicU64,
+    pub keyspace_hits: AtomicU64,
+    pub keyspace_misses: AtomicU64,
+    pub net_input_bytes: AtomicU64,
+    pub net_output_bytes: AtomicU64,
+}
+
+/// What CLIENT LIST shows of a connection.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    pub addr: String,
+    pub name: String,
+    pub lib_name: String,
+    pub lib_ver: String,
+    pub connected_at: Option<Instant>,
+}
+
+/// Everything commands can reach: the store and the server around it.
+#[derive(Debug)]
+pub struct Context {
+    pub store: Store,
+    pub settings: Settings,
+    pub stats: ServerStats,
+    pub clients: Mutex<HashMap<u64, ClientInfo>>,
+    pub started: Instant,
+    next_client_id: AtomicU64,
+}
+
+impl Context {
+    pub fn new(store: Store, settings: Settings) -> Context {
+        Context {
+            store,
+            settings,
+            stats: ServerStats::default(),
+            clients: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            next_client_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A new connection's session (registered for CLIENT LIST until dropped via
+    /// [`Context::unregister`]).
+    pub fn register(&self, addr: String) -> Session {
+        let id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
+        self.clients.lock().insert(
+            id,
+            ClientInfo {
+                addr,
+                connected_at: Some(Instant::now()),
+                ..ClientInfo::default()
+            },
+        );
+        Session {
+            id,
+            proto: Proto::Resp2,
+            authenticated: self.settings.requirepass.is_none(),
+            readonly: false,
+            close: false,
+        }
+    }
+
+    pub fn unregister(&self, id: u64) {
+        self.clients.lock().remove(&id);
+    }
+}
+
+/// Per-connection state.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: u64,
+    pub proto: Proto,
+    pub authenticated: bool,
+    pub readonly: bool,
+    /// Set by QUIT: close once the replies so far are written.
+    pub close: bool,
+}
+
+/// The outcome of [`dispatch`].
+#[derive(Debug)]
+pub enum Dispatched {
+    /// The reply is in the output buffer.
+    Done,
+    /// A write: log it, then [`render_result`] its result as `Reply` says.
+    Write(Op, Reply),
+}
+
+/// How a write's result becomes a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// As the result says (OK, nil, integer, old value, error).
+    Standard,
+    /// SETNX: `:1` if set, `:0` if not.
+    SetNx,
+}
+
+fn err_args(name: &str) -> String {
+    format!("ERR wrong number of arguments for '{name}' command")
+}
+
+const ERR_SYNTAX: &str = "ERR syntax error";
+
+/// Executes one request. See the module doc for how writes leave.
+pub fn dispatch(
+    ctx: &Context,
+    s: &mut Session,
+    mut args: Vec<Vec<u8>>,
+    out: &mut Vec<u8>,
+) -> Dispatched {
+    ctx.stats.total_commands.fetch_add(1, Ordering::Relaxed);
+    let Some(spec) = args.first().and_then(|n| lookup(n)) else {
+        let name = args
+            .first()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .unwrap_or_default();
+        let mut msg = format!(
+            "ERR unknown command '{}', with args beginning with: ",
+            truncate(&name)
+        );
+        for a in args.iter().skip(1).take(16) {
+            msg.push_str(&format!("'{}' ", truncate(&String::from_utf8_lossy(a))));
+        }
+        write_error(out, &msg);
+        return Dispatched::Done;
+    };
+    if !s.authenticated && !matches!(spec.name, "auth" | "hello" | "quit") {
+        write_error(out, "NOAUTH Authentication required.");
+        return Dispatched::Done;
+    }
+    if !arity_ok(spec, args.len()) {
+        write_error(out, &err_args(spec.name));
+        return Dispatched::Done;
+    }
+    let p = s.proto;
+    let now = now_ms();
+    match spec.name {
+        "get" => {
+            let hit = ctx.store.read(|db| match db.get(&args[1], now) {
+                Some(item) => {
+                    write_bulk(out, &item.value);
+                    true
+                }
+                None => {
+                    write_null(out, p);
+                    false
+                }
+            });
+            count_hit(ctx, hit);
+        }
+        "set" => match parse_set(&mut args, now) {
+            Ok(op) => return Dispatched::Write(op, Reply::Standard),
+            Err(e) => write_error(out, &e),
+        },
+        "setnx" => {
+            return Dispatched::Write(
+                Op::Set {
+                    value: args.pop().unwrap_or_default(),
+                    key: args.pop().unwrap_or_default(),
+                    expiry: Expiry::Never,
+                    condition: Condition::IfMissing,
+                    get: false,
+                },
+                Reply::SetNx,
+            );
+        }
+        "del" | "unlink" => {
+            args.remove(0);
+            return Dispatched::Write(Op::Del { keys: args }, Reply::Standard);
+        }
+        "mset" | "msetnx" => {
+            if args.len() % 2 == 0 {
+                write_error(out, &err_args(spec.name));
+                return Dispatched::Done;
+            }
+            let only_if_none_exist = spec.name == "msetnx";
+            let mut it = args.into_iter().skip(1);
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                pairs.push((k, v));
+            }
+            return Dispatched::Write(
+                Op::MSet {
+                    pairs,
+                    only_if_none_exist,
+                },
+                Reply::Standard,
+            );
+        }
+        "incr" | "decr" | "incrby" | "decrby" => {
+            let delta = if args.len() == 3 {
+                match parse_i64(&args[2]) {
+                    Some(d) => d,
+                    None => {
+                        write_error(out, ERR_NOT_INTEGER);
+                        return Dispatched::Done;
+                    }
+                }
+            } else {
+                1
+            };
+            let delta = if spec.name.starts_with("decr") {
+                match delta.checked_neg() {
+                    Some(d) => d,
+                    None => {
+                        write_error(out, "ERR decrement would overflow");
+                        return Dispatched::Done;
+                    }
+                }
+            } else {
+                delta
+            };
+            return Dispatched::Write(
+                Op::IncrBy {
+                    key: args.swap_remove(1),
+                    delta,
+                },
+                Reply::Standard,
+            );
+        }
+        "mget" => ctx.store.read(|db| {
+            write_array_len(out, args.len() - 1);
+            for k in &args[1..] {
+                match db.get(k, now) {
+                    Some(i) => write_bulk(out, &i.value),
+                    None => write_null(out, p),
+                }
+            }
+        }),
+        "exists" => {
+            let n = ctx.store.read(|db| {
+                args[1..]
+                    .iter()
+                    .filter(|k| db.get(k, now).is_some())
+                    .count()
+            });
+            write_integer(out, n as i64);
+        }
+        "strlen" => {
+            let n = ctx
+                .store
+                .read(|db| db.get(&args[1], now).map_or(0, |i| i.value.len()));
+            write_integer(out, n as i64);
+        }
+        "type" => {
+            let t = if ctx.store.read(|db| db.get(&args[1], now).is_some()) {
+                "string"
+            } else {
+                "none"
+            };
+            write_simple(out, t);
+        }
+        "dbsize" => write_integer(out, ctx.store.len() as i64),
+        "keys" => {
+            let keys: Vec<Vec<u8>> = ctx.store.read(|db| {
+                db.iter(now)
+                    .filter(|(k, _)| glob_match(&args[1], k, false))
+                    .map(|(k, _)| k.to_vec())
+                    .collect()
+            });
+            write_array_len(out, keys.len());
+            for k in keys {
+                write_bulk(out, &k);
+            }
+        }
+        "scan" => scan(ctx, &args, now, out),
+        "ping" => match args.len() {
+            1 => write_simple(out, "PONG"),
+            2 => write_bulk(out, &args[1]),
+            _ => write_error(out, &err_args("ping")),
+        },
+        "echo" => write_bulk(out, &args[1]),
+        "time" => {
+            let d = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            write_array_len(out, 2);
+            write_bulk(out, d.as_secs().to_string().as_bytes());
+            write_bulk(out, d.subsec_micros().to_string().as_bytes());
+        }
+        "select" => match std::str::from_utf8(&args[1])
+            .ok()
+            .and_then(|x| x.parse::<i64>().ok())
+        {
+            Some(0) => write_simple(out, "OK"),
+            Some(_) => write_error(out, "ERR DB index is out of range"),
+            None => write_error(out, ERR_NOT_INTEGER),
+        },
+        "quit" => {
+            write_simple(out, "OK");
+            s.close = true;
+        }
+        "auth" => auth(ctx, s, &args, out),
+        "hello" => hello(ctx, s, &args, out),
+        "client" => client(ctx, s, &args, out),
+        "command" => command(s, &args, out),
+        "config" => config(ctx, s, &args, out),
+        "info" => {
+            let text = crate::info::render(ctx, &args[1..]);
+            write_verbatim(out, "txt", text.as_bytes(), p);
+        }
+        "readonly" => {
+            s.readonly = true;
+            write_simple(out, "OK");
+        }
+        "readwrite" => {
+            s.readonly = false;
+            write_simple(out, "OK");
+        }
+        "wait" => {
+            // A cluster of one has no replicas to wait for; validate like Redis.
+            let n = std::str::from_utf8(&args[1])
+                .ok()
+                .and_then(|x| x.parse::<i64>().ok());
+            let t = std::str::from_utf8(&args[2])
+                .ok()
+                .and_then(|x| x.parse::<i64>().ok());
+            match (n, t) {
+                (Some(_), Some(t)) if t >= 0 => write_integer(out, 0),
+                (Some(_), Some(_)) => write_error(out, "ERR timeout is negative"),
+                _ => write_error(out, ERR_NOT_INTEGER),
+            }
+        }
+        other => write_error(out, &format!("ERR unknown command '{other}'")),
+    }
+    Dispatched::Done
+}
+
+/// Renders the result of a write.
+pub fn render_result(r: &OpResult, how: Reply, p: Proto, out: &mut Vec<u8>) {
+    if how == Reply::SetNx {
+        write_integer(out, i64::from(*r == OpResult::Ok));
+        return;
+    }
+    match r {
+        OpResult::Ok => write_simple(out, "OK"),
+        OpResult::NotSet => write_null(out, p),
+        OpResult::Old(Some(v)) => write_bulk(out, v),
+        OpResult::Old(None) => write_null(out, p),
+        OpResult::Int(n) => write_integer(out, *n),
+        OpResult::Error(e) => write_error(out, e),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(128).collect()
+}
+
+fn count_hit(ctx: &Context, hit: bool) {
+    let c = if hit {
+        &ctx.stats.keyspace_hits
+    } else {
+        &ctx.stats.keyspace_misses
+    };
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Parses `SET key value [NX|XX] [GET] [EX|PX|EXAT|PXAT n|KEEPTTL]` into a log op with an
+/// absolute expiry.
+fn parse_set(args: &mut Vec<Vec<u8>>, now: u64) -> Result<Op, String> {
+    let mut condition = Condition::Always;
+    let mut expiry = Expiry::Never;
+    let mut get = false;
+    let mut expiry_set = false;
+    let mut i = 3;
+    let invalid = || "ERR invalid expire time in 'set' command".to_string();
+    while i < args.len() {
+        let opt = args[i].to_ascii_uppercase();
+        match &opt[..] {
+            b"NX" if condition != Condition::IfExists => condition = Condition::IfMissing,
+            b"XX" if condition != Condition::IfMissing => condition = Condition::IfExists,
+            b"GET" => get = true,
+            b"KEEPTTL" if !expiry_set => {
+                expiry = Expiry::Keep;
+                expiry_set = true;
+            }
+            b"EX" | b"PX" | b"EXAT" | b"PXAT" if !expiry_set && i + 1 < args.len() => {
+                let n = parse_i64(&args[i + 1]).ok_or_else(|| ERR_NOT_INTEGER.to_string())?;
+                if n <= 0 {
+                    return Err(invalid());
+                }
+                let n = n as u64;
+                let at = match &opt[..] {
+                    b"EX" => n.checked_mul(1000).and_then(|ms| ms.checked_add(now)),
+                    b"PX" => n.checked_add(now),
+                    b"EXAT" => n.checked_mul(1000),
+                    _ => Some(n),
+                };
+                match at {
+                    Some(at) if at <= i64::MAX as u64 => expiry = Expiry::At(at),
+                    _ => return Err(invalid()),
+                }
+                expiry_set = true;
+                i += 1;
+            }
+            _ => return Err(ERR_SYNTAX.to_string()),
+        }
+        i += 1;
+    }
+    args.truncate(3);
+    let value = args.pop().unwrap_or_default();
+    let key = args.pop().unwrap_or_default();
+    Ok(Op::Set {
+        key,
+        value,
+        expiry,
+        condition,
+        get,
+    })
+}
+
+/// SCAN: the cursor is a position in hash order (the keys' SipHash with fixed keys), so
+/// a key present for the whole iteration is returned, and returned once, however the map
+/// grows or shrinks meanwhile. Each call is O(keys) (it has to find the next COUNT hashes
+/// above the cursor); keys with equal hashes are never split across calls.
+fn scan(ctx: &Context, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
+    let Some(cursor) = std::str::from_utf8(&args[1])
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+    else {
+        write_error(out, "ERR invalid cursor");
+        return;
+    };
+    let mut pattern: Option<&[u8]> = None;
+    let mut count = 10usize;
+    let mut type_filter: Option<Vec<u8>> = None;
+    let mut i = 2;
+    while i < args.len() {
+        let opt = args[i].to_ascii_uppercase();
+        if i + 1 >= args.len() {
+            write_error(out, ERR_SYNTAX);
+            return;
+        }
+        match &opt[..] {
+            b"MATCH" => pattern = Some(&args[i + 1]),
+            b"COUNT" => match parse_i64(&args[i + 1]) {
+                Some(n) if n >= 1 => count = n as usize,
+                Some(_) => {
+                    write_error(out, ERR_SYNTAX);
+                    return;
+                }
+                None => {
+                    write_error(out, ERR_NOT_INTEGER);
+                    return;
+                }
+            },
+            b"TYPE" => type_filter = Some(args[i + 1].to_ascii_lowercase()),
+            _ => {
+                write_error(out, ERR_SYNTAX);
+                return;
+            }
+        }
+        i += 2;
+    }
+    let hash = |k: &[u8]| {
+        let mut h = std::hash::DefaultHasher::new();
+        k.hash(&mut h);
+        // Cursor 0 means "start" and "done"; keep real positions above it.
+        h.finish().max(1)
+    };
+    let mut found: Vec<(u64, Vec<u8>)> = ctx.store.read(|db| {
+        db.iter(now)
+            .filter_map(|(k, _)| {
+                let h = hash(k);
+                (h >= cursor).then(|| (h, k.to_vec()))
+            })
+            .collect()
+    });
+    let next = if found.len() > count {
+        found.select_nth_unstable_by_key(count, |(h, _)| *h);
+        let boundary = found[count].0;
+        // Keep every key of the boundary hash out of this batch.
+        found.retain(|(h, _)| *h < boundary);
+        boundary
+    } else {
+        0
+    };
+    let keep = |k: &[u8]| {
+        pattern.is_none_or(|p| glob_match(p, k, false))
+            && type_filter.as_deref().is_none_or(|t| t == b"string")
+    };
+    let keys: Vec<&Vec<u8>> = found.iter().map(|(_, k)| k).filter(|k| keep(k)).collect();
+    write_array_len(out, 2);
+    write_bulk(out, next.to_string().as_bytes());
+    write_array_len(out, keys.len());
+    for k in keys {
+        write_bulk(out, k);
+    }
+}
+
+fn auth(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
+    if args.len() > 3 {
+        write_error(out, ERR_SYNTAX);
+        return;
+    }
+    let Some(pass) = &ctx.settings.requirepass else {
+        write_error(
+            out,
+            "ERR AUTH <password> called without any password configured for the default user. \
+             Are you sure your configuration is correct?",
+        );
+        return;
+    };
+    let user_ok = args.len() == 2 || args[1] == b"default";
+    if user_ok && args[args.len() - 1] == pass.as_bytes() {
+        s.authenticated = true;
+        write_simple(out, "OK");
+    } else {
+        write_error(
+            out,
+            "WRONGPASS invalid username-password pair or user is disabled.",
+        );
+    }
+}
+
+fn hello(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
+    let mut proto = s.proto;
+    let mut i = 1;
+    if args.len() > 1 {
+        match parse_i64(&args[1]) {
+            Some(2) => proto = Proto::Resp2,
+            Some(3) => proto = Proto::Resp3,
+            Some(_) => {
+                write_error(out, "NOPROTO unsupported protocol version");
+                return;
+            }
+            None => {
+                write_error(
+                    out,
+                    "ERR Protocol version is not an integer or out of range",
+                );
+                return;
+            }
+        }
+        i = 2;
+    }
+    let mut auth: Option<(&[u8], &[u8])> = None;
+    let mut name: Option<&[u8]> = None;
+    while i < args.len() {
+        let opt = args[i].to_ascii_uppercase();
+        if opt == b"AUTH" && i + 2 < args.len() {
+            auth = Some((&args[i + 1], &args[i + 2]));
+            i += 3;
+        } else if opt == b"SETNAME" && i + 1 < args.len() {
+            name = Some(&args[i + 1]);
+            i += 2;
+        } else {
+            write_error(
+                out,
+                &format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(&args[i])
+                ),
+            );
+            return;
+        }
+    }
+    if let Some((user, pass)) = auth {
+        let ok = user == b"default"
+            && ctx
+                .settings
+                .requirepass
+                .as_ref()
+                .is_none_or(|p| p.as_bytes() == pass);
+        if !ok || ctx.settings.requirepass.is_none() && user != b"default" {
+            write_error(
+                out,
+                "WRONGPASS invalid username-password pair or user is disabled.",
+            );
+            return;
+        }
+        s.authenticated = true;
+    }
+    if !s.authenticated {
+        write_error(
+            out,
+            "NOAUTH HELLO must be called with the client already authenticated, otherwise the \
+             HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and \
+             select the RESP protocol version at the same time",
+        );
+        return;
+    }
+    if let Some(n) = name {
+        if let Err(e) = set_name(ctx, s, n) {
+            write_error(out, e);
+            return;
+        }
+    }
+    s.proto = proto;
+    write_map_len(out, 7, proto);
+    write_bulk(out, b"server");
+    write_bulk(out, b"redis");
+    write_bulk(out, b"version");
+    write_bulk(out, crate::info::REDIS_VERSION.as_bytes());
+    write_bulk(out, b"proto");
+    write_integer(out, if proto == Proto::Resp3 { 3 } else { 2 });
+    write_bulk(out, b"id");
+    write_integer(out, s.id as i64);
+    write_bulk(out, b"mode");
+    write_bulk(out, b"standalone");
+    write_bulk(out, b"role");
+    write_bulk(out, b"master");
+    write_bulk(out, b"modules");
+    write_array_len(out, 0);
+}
+
+fn set_name(ctx: &Context, s: &Session, name: &[u8]) -> Result<(), &'static str> {
+    if name.iter().any(|&c| c <= b' ' || c > b'~') {
+        return Err("ERR Client names cannot contain spaces, newlines or special characters.");
+    }
+    if let Some(c) = ctx.clients.lock().get_mut(&s.id) {
+        c.name = String::from_utf8_lossy(name).into_owned();
+    }
+    Ok(())
+}
+
+fn client(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
+    let sub = args[1].to_ascii_uppercase();
+    let p = s.proto;
+    match (&sub[..], args.len()) {
+        (b"ID", 2) => write_integer(out, s.id as i64),
+        (b"GETNAME", 2) => {
+            let name = ctx
+                .clients
+                .lock()
+                .get(&s.id)
+                .map(|c| c.name.clone())
+                .unwrap_or_default();
+            if name.is_empty() {
+                write_null(out, p);
+            } else {
+                write_bulk(out, name.as_bytes());
+            }
+        }
+        (b"SETNAME", 3) => match set_name(ctx, s, &args[2]) {
+            Ok(()) => write_simple(out, "OK"),
+            Err(e) => write_error(out, e),
+        },
+        (b"SETINFO", 4) => {
+            let attr = args[2].to_ascii_uppercase();
+            let val = String::from_utf8_lossy(&args[3]).into_owned();
+            let mut clients = ctx.clients.lock();
+            let c = clients.entry(s.id).or_default();
+            match &attr[..] {
+                b"LIB-NAME" => c.lib_name = val,
+                b"LIB-VER" => c.lib_ver = val,
+                _ => {
+                    drop(clients);
+                    write_error(
+                        out,
+                        &format!(
+                            "ERR Unrecognized option '{}'",
+                            String::from_utf8_lossy(&args[2])
+                        ),
+                    );
+                    return;
+                }
+            }
+            write_simple(out, "OK");
+        }
+        (b"NO-EVICT" | b"NO-TOUCH", 3) => write_simple(out, "OK"),
+        (b"LIST", _) | (b"INFO", 2) => {
+            let clients = ctx.clients.lock();
+            let mut text = String::new();
+            let mut ids: Vec<&u64> = clients.keys().collect();
+            ids.sort();
+            for id in ids {
+                if sub == b"INFO" && *id != s.id {
+                    continue;
+                }
+                let c = &clients[id];
+                let age = c.connected_at.map_or(0, |t| t.elapsed().as_secs());
+                text.push_str(&format!(
+                    "id={id} addr={} laddr={}:{} fd=0 name={} age={age} idle=0 flags=N db=0 \
+                     sub=0 psub=0 ssub=0 multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 \
+                     rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|list user=default \
+                     redir=-1 resp={} lib-name={} lib-ver={}\n",
+                    c.addr,
+                    ctx.settings.bind,
+                    ctx.settings.port,
+                    c.name,
+                    if *id == s.id && p == Proto::Resp3 { 3 } else { 2 },
+                    c.lib_name,
+                    c.lib_ver
+                ));
+            }
+            write_verbatim(out, "txt", text.as_bytes(), p);
+        }
+        _ => write_error(
+            out,
+            &format!(
+                "ERR unknown subcommand or wrong number of arguments for '{}'. Try CLIENT HELP.",
+                String::from_utf8_lossy(&args[1])
+            ),
+        ),
+    }
+}
+
+fn command(s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
+    let p = s.proto;
+    let sub = args.get(1).map(|a| a.to_ascii_uppercase());
+    let write_info = |spec: &CommandSpec, out: &mut Vec<u8>| {
+        write_array_len(out, 10);
+        write_bulk(out, spec.name.as_bytes());
+        write_integer(out, spec.arity as i64);
+        write_set_len(out, spec.flags.len(), p);
+        for f in spec.flags {
+            write_simple(out, f);
+        }
+        write_integer(out, spec.first_key as i64);
+        write_integer(out, spec.last_key as i64);
+        write_integer(out, spec.step as i64);
+        write_set_len(out, 0, p); // ACL categories
+        write_set_len(out, 0, p); // tips
+        write_array_len(out, 0); // key specs
+        write_array_len(out, 0); // subcommands
+    };
+    match sub.as_deref() {
+        None => {
+            write_array_len(out, COMMANDS.len());
+            for c in COMMANDS {
+                write_info(c, out);
+            }
+        }
+        Some(b"COUNT") => write_integer(out, COMMANDS.len() as i64),
+        Some(b"LIST") => {
+            write_array_len(out, COMMANDS.len());
+            for c in COMMANDS {
+                write_bulk(out, c.name.as_bytes());
+            }
+        }
+        Some(b"INFO") => {
+            write_array_len(out, args.len() - 2);
+            for name in &args[2..] {
+                match lookup(name) {
+                    Some(c) => write_info(c, out),
+                    None => write_null_array(out, p),
+                }
+            }
+        }
+        Some(b"DOCS") => {
+            let specs: Vec<&CommandSpec> = if args.len() > 2 {
+                args[2..].iter().filter_map(|n| lookup(n)).collect()
+            } else {
+                COMMANDS.iter().collect()
+            };
+            write_map_len(out, specs.len(), p);
+            for c in specs {
+                write_bulk(out, c.name.as_bytes());
+                write_map_len(out, 3, p);
+                write_bulk(out, b"summary");
+                write_bulk(out, c.summary.as_bytes());
+                write_bulk(out, b"since");
+                write_bulk(out, b"1.0.0");
+                write_bulk(out, b"group");
+                write_bulk(out, group(c.name).as_bytes());
+            }
+        }
+        Some(_) => write_error(
+            out,
+            &format!(
+                "ERR unknown subcommand '{}'. Try COMMAND HELP.",
+                String::from_utf8_lossy(&args[1])
+            ),
+        ),
+    }
+}
+
+fn config(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
+    let sub = args[1].to_ascii_uppercase();
+    match &sub[..] {
+        b"GET" if args.len() >= 3 => {
+            let st = &ctx.settings;
+            let opts = ctx.store.options();
+            let params: Vec<(&str, String)> = vec![
+                ("appendfsync", opts.fsync.to_string()),
+                ("appendonly", "yes".into()),
+                ("bind", st.bind.clone()),
+                ("databases", "1".into()),
+                ("dir", ctx.store.dir().display().to_string()),
+                ("maxclients", st.max_clients.to_string()),
+                ("maxmemory", "0".into()),
+                ("port", st.port.to_string()),
+                ("proto-max-bulk-len", st.proto_max_bulk_len.to_string()),
+                ("requirepass", st.requirepass.clone().unwrap_or_default()),
+                ("save", String::new()),
+            ];
+            let hits: Vec<&(&str, String)> = params
+                .iter()
+                .filter(|(name, _)| {
+                    args[2..]
+                        .iter()
+                        .any(|pat| glob_match(pat, name.as_bytes(), true))
+                })
+                .collect();
+            write_map_len(out, hits.len(), s.proto);
+            for (name, value) in hits {
+                write_bulk(out, name.as_bytes());
+                write_bulk(out, value.as_bytes());
+            }
+        }
+        b"RESETSTAT" if args.len() == 2 => write_simple(out, "OK"),
+        b"SET" if args.len() >= 4 => write_error(
+            out,
+            &format!(
+                "ERR Unknown option or number of arguments for CONFIG SET - '{}'",
+                String::from_utf8_lossy(&args[2])
+            ),
+        ),
+        _ => write_error(
+            out,
+            &format!(
+                "ERR unknown subcommand or wrong number of arguments for '{}'. Try CONFIG HELP.",
+                String::from_utf8_lossy(&args[1])
+            ),
+        ),
     }
 }
 

@@ -1,4 +1,23 @@
 //! kvstore: a replicated key-value store that speaks the Redis protocol.
+//!
+//! The library is the same code the `kvstore` binary runs: embed a durable [`Store`]
+//! directly, or start a [`server::Server`] in-process.
+//!
+//! ```no_run
+//! use kvstore::{Store, store::Options};
+//! let store = Store::open("data", Options::default())?;
+//! store.set(b"greeting", b"hello")?;
+//! assert_eq!(store.get(b"greeting").as_deref(), Some(&b"hello"[..]));
+//! # Ok::<(), kvstore::store::StoreError>(())
+//! ```
 pub mod client;
 pub mod commands;
+pub mod glob;
+pub mod info;
 pub mod protocol;
+pub mod repl;
+pub mod server;
+pub mod store;
+pub mod wal;
+
+pub use store::Store;

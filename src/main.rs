@@ -1,1 +1,275 @@
-fn main() {}
+//! The `kvstore` command line: parses arguments and hands over to the library.
+
+use clap::{Args, Parser, Subcommand};
+use kvstore::client::{self, ClientOptions};
+use kvstore::commands::Settings;
+use kvstore::protocol::Limits;
+use kvstore::server::{self, Server, ServerConfig};
+use kvstore::store::Options;
+use kvstore::wal::{self, FsyncPolicy};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The port a server listens on when none is given (Redis's 6379 + 1000).
+const DEFAULT_PORT: u16 = 7379;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kvstore",
+    version,
+    about = "A durable key-value store that speaks the Redis protocol",
+    long_about = "A durable key-value store that speaks the Redis protocol (RESP2 and inline \
+                  commands), so nc, redis-cli, redis-benchmark and Redis client libraries work \
+                  with it unchanged.\n\nLogs go to stderr; set RUST_LOG (error, warn, info, \
+                  debug, trace) to choose how much. Default: info."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node: a durable server on PORT (default 7379).
+    Server(ServerArgs),
+    /// Talk to a server: an interactive prompt, or one command and exit.
+    Client(ClientArgs),
+    /// Use a data directory directly, with no network (the embedded store).
+    Repl(ReplArgs),
+    /// Verify a data directory's log and snapshots; explain any damage.
+    CheckLog(CheckLogArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// TCP port to listen on.
+    #[arg(env = "KVSTORE_PORT", default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// Other nodes of the cluster, comma-separated host:port (not available yet: this
+    /// version runs a cluster of one).
+    #[arg(env = "KVSTORE_PEERS")]
+    peers: Option<String>,
+    /// Address to bind; 0.0.0.0 listens on every interface.
+    #[arg(long, env = "KVSTORE_BIND", default_value = "127.0.0.1")]
+    bind: String,
+    /// This node's id (its Bully priority in a cluster) [default: the port].
+    #[arg(long, env = "KVSTORE_ID")]
+    id: Option<u64>,
+    /// Directory for the log and snapshots [default: ./kvstore-data-PORT].
+    #[arg(long, env = "KVSTORE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// When to fsync the log: always (before every reply; group commit), everysec
+    /// (once a second: a power cut may lose about a second), no (leave it to the OS).
+    #[arg(long, env = "KVSTORE_FSYNC", default_value = "always", value_parser = parse_fsync)]
+    fsync: FsyncPolicy,
+    /// Require clients to AUTH with this password.
+    #[arg(long, env = "KVSTORE_REQUIREPASS", hide_env_values = true)]
+    requirepass: Option<String>,
+    /// Refuse connections beyond this many clients.
+    #[arg(long, env = "KVSTORE_MAX_CLIENTS", default_value_t = 10_000)]
+    max_clients: usize,
+    /// Largest bulk string a client may send, in bytes.
+    #[arg(long, env = "KVSTORE_PROTO_MAX_BULK_LEN", default_value_t = 512 * 1024 * 1024)]
+    proto_max_bulk_len: usize,
+    /// Start a new log segment past this many bytes.
+    #[arg(long, env = "KVSTORE_SEGMENT_SIZE", default_value_t = 64 * 1024 * 1024)]
+    segment_size: u64,
+    /// Never compact a log smaller than this many bytes.
+    #[arg(long, env = "KVSTORE_COMPACT_MIN_SIZE", default_value_t = 64 * 1024 * 1024)]
+    compact_min_size: u64,
+    /// Compact (snapshot the data, drop the log it covers) when the log grows past this
+    /// percentage of the live data.
+    #[arg(long, env = "KVSTORE_COMPACT_PERCENTAGE", default_value_t = 100)]
+    compact_percentage: u64,
+}
+
+#[derive(Args, Debug)]
+struct ClientArgs {
+    /// Server host.
+    #[arg(env = "KVSTORE_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Server port.
+    #[arg(env = "KVSTORE_PORT", default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// A command to run once (e.g. `SET k v`); without one, an interactive prompt starts.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+    /// Password to AUTH with after connecting.
+    #[arg(short = 'a', long, env = "KVSTORE_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Print replies raw (as when output is not a terminal).
+    #[arg(long, conflicts_with = "no_raw")]
+    raw: bool,
+    /// Print replies formatted (as on a terminal), even into a pipe.
+    #[arg(long)]
+    no_raw: bool,
+}
+
+#[derive(Args, Debug)]
+struct ReplArgs {
+    /// The data directory to open (created if missing).
+    #[arg(long, env = "KVSTORE_DATA_DIR")]
+    data_dir: PathBuf,
+    /// When to fsync the log (as for `server`).
+    #[arg(long, env = "KVSTORE_FSYNC", default_value = "always", value_parser = parse_fsync)]
+    fsync: FsyncPolicy,
+}
+
+#[derive(Args, Debug)]
+struct CheckLogArgs {
+    /// The data directory to check.
+    dir: PathBuf,
+    /// Truncate a torn tail (a last record cut short by a crash), as startup would.
+    /// Corruption followed by valid records is never "repaired".
+    #[arg(long)]
+    repair: bool,
+}
+
+fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Server(a) => run_server(a),
+        Command::Client(a) => {
+            let opts = ClientOptions {
+                host: a.host,
+                port: a.port,
+                password: a.password,
+                raw: if a.raw {
+                    Some(true)
+                } else if a.no_raw {
+                    Some(false)
+                } else {
+                    None
+                },
+                ..ClientOptions::default()
+            };
+            ExitCode::from(client::run(opts, a.command).clamp(0, 255) as u8)
+        }
+        Command::Repl(a) => {
+            let opts = Options {
+                fsync: a.fsync,
+                ..Options::default()
+            };
+            ExitCode::from(kvstore::repl::run(&a.data_dir, opts).clamp(0, 255) as u8)
+        }
+        Command::CheckLog(a) => check_log(a),
+    }
+}
+
+fn run_server(a: ServerArgs) -> ExitCode {
+    if let Some(peers) = a.peers.filter(|p| !p.trim().is_empty()) {
+        eprintln!(
+            "kvstore: peers given ({peers}), but this version runs a cluster of one; start it \
+             without peers"
+        );
+        return ExitCode::from(2);
+    }
+    let data_dir = a
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(format!("kvstore-data-{}", a.port)));
+    let cfg = ServerConfig {
+        bind: a.bind.clone(),
+        port: a.port,
+        data_dir,
+        store: Options {
+            fsync: a.fsync,
+            segment_size: a.segment_size.max(4096),
+            compact_min_bytes: a.compact_min_size,
+            compact_percentage: a.compact_percentage,
+        },
+        settings: Settings {
+            requirepass: a.requirepass.filter(|p| !p.is_empty()),
+            max_clients: a.max_clients,
+            port: a.port,
+            bind: a.bind,
+            proto_max_bulk_len: a.proto_max_bulk_len,
+            node_id: a.id.unwrap_or(a.port as u64),
+        },
+        limits: Limits {
+            max_bulk_len: a.proto_max_bulk_len,
+            ..Limits::default()
+        },
+    };
+    let server = match Server::bind(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("kvstore: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = server::handle_signals(server.shutdown_handle()) {
+        eprintln!("kvstore: cannot install signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvstore: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_log(a: CheckLogArgs) -> ExitCode {
+    match wal::check(&a.dir, a.repair) {
+        Ok(r) => {
+            let rep = &r.report;
+            println!(
+                "{}: {} segment(s), {} snapshot(s), {} bytes of log",
+                a.dir.display(),
+                r.segments,
+                r.snapshots,
+                r.log_bytes
+            );
+            if let Some(i) = rep.snapshot_index {
+                println!("snapshot at index {i}");
+            }
+            println!(
+                "{} log records after it, last index {} (epoch {})",
+                rep.entries_replayed, rep.last_index, rep.last_epoch
+            );
+            match &rep.torn_tail {
+                Some((path, off, bytes)) if a.repair => {
+                    println!(
+                        "torn tail repaired: truncated {} at byte offset {off} ({bytes} bytes of an \
+                         incomplete last record)",
+                        path.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Some((path, off, bytes)) => {
+                    println!(
+                        "torn tail: {} ends with {bytes} bytes of an incomplete record at byte \
+                         offset {off} (a write cut short by a crash). Every record before it is \
+                         intact; the server truncates it on start, or run with --repair.",
+                        path.display()
+                    );
+                    ExitCode::from(1)
+                }
+                None => {
+                    println!("OK: no damage");
+                    ExitCode::SUCCESS
+                }
+            }
+        }
+        Err(e) => {
+            println!("{e}");
+            if matches!(e, wal::WalError::Corrupt { .. }) {
+                println!(
+                    "This is not a torn write: the bytes after the damage hold valid records, \
+                     so truncating would lose acknowledged writes. Restore the directory from a \
+                     replica or a backup, or move the damaged file aside knowing what it held."
+                );
+            }
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# Throughput of kvstore against redis-server, measured in the same run with
+# redis-benchmark (see DESIGN.md, "Tests and benchmarks").
+#
+# Usage:
+#   bench/compare.sh                 # build kvstore (release) and compare
+#   bench/compare.sh > result.md     # progress on stderr, Markdown on stdout
+#
+# Environment:
+#   KVSTORE_BIN   kvstore binary to use; skips `cargo build --release`
+#   ROUNDS        runs per server and scenario, alternating kvstore/redis (3)
+#   N             requests per run, non-durable scenarios (200000)
+#   N_DURABLE     requests per run, durable scenario (20000)
+#   SCENARIOS     comma-separated subset, e.g. "SET -P16,SET durable" (all)
+#   BENCH_TMPDIR  where the data dirs go (default $TMPDIR or /tmp; if that is
+#                 tmpfs, target/ in the repo, so that fsync means something)
+#
+# Each scenario gets a fresh kvstore and a fresh redis-server on free
+# 127.0.0.1 ports with their own temp dirs; each round runs kvstore, then
+# redis; the table shows the median requests/s of each and kvstore/redis.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROUNDS=${ROUNDS:-3}
+N=${N:-200000}
+N_DURABLE=${N_DURABLE:-20000}
+KEYSPACE=100000 # -r
+DATASIZE=16     # -d
+CLIENTS=50      # -c
+START_DEADLINE=20 # seconds for a server to answer PING
+COMMAND_LINE="ROUNDS=$ROUNDS N=$N N_DURABLE=$N_DURABLE${KVSTORE_BIN:+ KVSTORE_BIN=$KVSTORE_BIN}${SCENARIOS:+ SCENARIOS=\"$SCENARIOS\"} $0${*:+ $*}"
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "compare.sh: $*"; exit 1; }
+
+for v in ROUNDS N N_DURABLE; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
+done
+
+# --- cleanup: every process we start and every temp dir we make ------------
+PIDS=()
+TMPDIRS=()
+cleanup() {
+    local rc=$? pid i
+    set +e
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null
+    done
+    for pid in "${PIDS[@]}"; do
+        for ((i = 0; i < 50; i++)); do # up to 5 s, then SIGKILL
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    for d in "${TMPDIRS[@]}"; do
+        rm -rf -- "$d"
+    done
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- tools --------------------------------------------------------------------
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
+    || ! command -v redis-cli >/dev/null; then
+    log "installing redis-server and redis-tools with apt-get"
+    SUDO=()
+    [[ $(id -u) -eq 0 ]] || SUDO=(sudo)
+    "${SUDO[@]}" apt-get update
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools
+fi
+command -v python3 >/dev/null || die "python3 is needed to pick free ports"
+
+if [[ -z ${KVSTORE_BIN:-} ]]; then
+    log "building kvstore (cargo build --release)"
+    (cd "$REPO" && cargo build --release >&2)
+    KVSTORE_BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/kvstore
+fi
+[[ -x $KVSTORE_BIN ]] || die "kvstore binary not found or not executable: $KVSTORE_BIN"
+
+TMPBASE=${BENCH_TMPDIR:-${TMPDIR:-/tmp}}
+if [[ -z ${BENCH_TMPDIR:-} ]]; then
+    case $(stat -f -c %T "$TMPBASE" 2>/dev/null || echo unknown) in
+    tmpfs | ramfs)
+        mkdir -p "$REPO/target"
+        TMPBASE=$REPO/target
+        ;;
+    esac
+fi
+FSTYPE=$(stat -f -c %T "$TMPBASE" 2>/dev/null || echo unknown)
+
+new_tmpdir() { # sets TMPDIR_NEW (not via $(...): the array must grow here)
+    TMPDIR_NEW=$(mktemp -d "$TMPBASE/kvbench.XXXXXX")
+    TMPDIRS+=("$TMPDIR_NEW")
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# --- servers ------------------------------------------------------------------
+# start_server NAME LOGFILE CMD... ; sets STARTED_PID. Port must be in PORT.
+start_server() {
+    local name=$1 logfile=$2
+    shift 2
+    "$@" </dev/null >"$logfile" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+    local deadline=$((SECONDS + START_DEADLINE))
+    until [[ $(redis-cli -h 127.0.0.1 -p "$PORT" PING 2>/dev/null) == PONG ]]; do
+        if ! kill -0 "$STARTED_PID" 2>/dev/null; then
+            log "$name exited before answering PING; its log ($logfile):"
+            tail -n 30 "$logfile" >&2 || true
+            exit 1
+        fi
+        if ((SECONDS >= deadline)); then
+            log "$name did not answer PING on port $PORT within ${START_DEADLINE}s; its log:"
+            tail -n 30 "$logfile" >&2 || true
+            exit 1
+        fi
+        sleep 0.05
+    done
+}
+
+stop_server() { # stop_server PID: SIGTERM, wait (5 s), then SIGKILL
+    local pid=$1 i p keep=()
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# start_kvstore FSYNC ; sets KV_PID KV_PORT
+start_kvstore() {
+    new_tmpdir
+    PORT=$(free_port)
+    mkdir -p "$TMPDIR_NEW/data"
+    start_server kvstore "$TMPDIR_NEW/kvstore.log" \
+        "$KVSTORE_BIN" server "$PORT" --data-dir "$TMPDIR_NEW/data" --fsync "$1" --bind 127.0.0.1
+    KV_PID=$STARTED_PID
+    KV_PORT=$PORT
+}
+
+# start_redis durable|volatile ; sets RD_PID RD_PORT
+start_redis() {
+    local persistence=(--appendonly no)
+    [[ $1 == durable ]] && persistence=(--appendonly yes --appendfsync always)
+    new_tmpdir
+    PORT=$(free_port)
+    start_server redis-server "$TMPDIR_NEW/redis.log" \
+        redis-server --port "$PORT" --bind 127.0.0.1 --save '' "${persistence[@]}" \
+        --dir "$TMPDIR_NEW" --daemonize no
+    RD_PID=$STARTED_PID
+    RD_PORT=$PORT
+}
+
+# --- measuring ----------------------------------------------------------------
+# bench PORT TEST N PIPELINE -> prints requests per second
+bench() {
+    local port=$1 test=$2 n=$3 pipeline=$4 out rps
+    out=$(redis-benchmark -h 127.0.0.1 -p "$port" -c "$CLIENTS" -n "$n" -r "$KEYSPACE" \
+        -d "$DATASIZE" -t "$test" -P "$pipeline" --csv 2>&1) \
+        || { log "redis-benchmark failed on port $port:"; log "$out"; exit 1; }
+    # CSV: "test","rps",... (a header line first on redis >= 7)
+    rps=$(awk -F'"' -v t="${test^^}" '$2 == t { print $4; exit }' <<<"$out")
+    [[ $rps =~ ^[0-9]+(\.[0-9]+)?$ ]] \
+        || { log "no requests/s for ${test^^} in redis-benchmark output:"; log "$out"; exit 1; }
+    printf '%s\n' "$rps"
+}
+
+prefill() { # every key of the keyspace gets a value before GET runs (untimed)
+    bench "$1" set $((KEYSPACE * 5)) 32 >/dev/null
+}
+
+median() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR % 2) printf "%.0f", v[(NR + 1) / 2]; else printf "%.0f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# name | test | pipeline | durable|volatile
+ALL_SCENARIOS=(
+    "SET -P1|set|1|volatile"
+    "GET -P1|get|1|volatile"
+    "SET -P16|set|16|volatile"
+    "GET -P16|get|16|volatile"
+    "SET durable|set|1|durable"
+)
+
+ROWS=()    # name|kv|redis|ratio|kv runs|redis runs|n
+START_TS=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
+log "kvstore: $KVSTORE_BIN; data dirs under $TMPBASE ($FSTYPE); rounds: $ROUNDS"
+for spec in "${ALL_SCENARIOS[@]}"; do
+    IFS='|' read -r name test pipeline mode <<<"$spec"
+    if [[ -n ${SCENARIOS:-} && ",$SCENARIOS," != *",$name,"* ]]; then continue; fi
+    n=$N
+    fsync=no
+    if [[ $mode == durable ]]; then n=$N_DURABLE; fsync=always; fi
+
+    log "== $name: -c $CLIENTS -n $n -r $KEYSPACE -d $DATASIZE -t $test -P $pipeline (kvstore --fsync $fsync)"
+    start_kvstore "$fsync"
+    start_redis "$mode"
+    if [[ $test == get ]]; then
+        log "   prefilling $KEYSPACE keys"
+        prefill "$KV_PORT"
+        prefill "$RD_PORT"
+    fi
+    # one untimed warm-up run each (connections, allocator, page cache)
+    bench "$KV_PORT" "$test" $((n / 10)) "$pipeline" >/dev/null
+    bench "$RD_PORT" "$test" $((n / 10)) "$pipeline" >/dev/null
+    kv_runs=()
+    rd_runs=()
+    for ((r = 1; r <= ROUNDS; r++)); do
+        kv=$(bench "$KV_PORT" "$test" "$n" "$pipeline")
+        rd=$(bench "$RD_PORT" "$test" "$n" "$pipeline")
+        kv_runs+=("$kv")
+        rd_runs+=("$rd")
+        log "   round $r: kvstore $kv rps, redis $rd rps"
+    done
+    stop_server "$KV_PID"
+    stop_server "$RD_PID"
+
+    kv_med=$(median "${kv_runs[@]}")
+    rd_med=$(median "${rd_runs[@]}")
+    ratio=$(awk -v a="$kv_med" -v b="$rd_med" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+    ROWS+=("$name|$kv_med|$rd_med|$ratio|${kv_runs[*]}|${rd_runs[*]}|$n")
+done
+[[ ${#ROWS[@]} -gt 0 ]] || die "no scenario selected (SCENARIOS='${SCENARIOS:-}')"
+
+# --- report -------------------------------------------------------------------
+log ""
+log "$(printf '%-12s %14s %14s %16s' scenario 'kvstore rps' 'redis rps' 'kvstore/redis')"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r name kv rd ratio _ <<<"$row"
+    log "$(printf '%-12s %14s %14s %16s' "$name" "$kv" "$rd" "$ratio")"
+done
+log ""
+
+commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ $commit != unknown && -n $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
+    commit="$commit (with uncommitted changes)"
+fi
+{
+    echo "### kvstore vs redis-server: throughput"
+    echo
+    echo "| scenario | kvstore rps | redis rps | kvstore/redis |"
+    echo "|---|---:|---:|---:|"
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r name kv rd ratio _ <<<"$row"
+        echo "| $name | $kv | $rd | $ratio |"
+    done
+    echo
+    echo "Median of $ROUNDS alternating runs each (kvstore, redis, kvstore, redis, ...), after one"
+    echo "untimed warm-up run each; fresh servers for every scenario."
+    echo "\`redis-benchmark -h 127.0.0.1 -c $CLIENTS -r $KEYSPACE -d $DATASIZE -t set|get -P 1|16 --csv\`,"
+    echo "\`-n $N\` (\`-n $N_DURABLE\` durable); GET runs on a prefilled keyspace."
+    echo "Non-durable: \`kvstore --fsync no\` vs \`redis-server --save '' --appendonly no\`."
+    echo "Durable: \`kvstore --fsync always\` vs \`redis-server --appendonly yes --appendfsync always\`."
+    echo
+    echo "Runs (requests/s):"
+    echo
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r name _ _ _ kvr rdr n <<<"$row"
+        echo "- $name (-n $n): kvstore ${kvr// /, }; redis ${rdr// /, }"
+    done
+    echo
+    echo "- command: \`$COMMAND_LINE\`"
+    echo "- date: $START_TS"
+    echo "- nproc: $(nproc); $(uname -srm)"
+    echo "- $(redis-server --version)"
+    echo "- kvstore commit: $commit"
+    echo "- data dirs on: $FSTYPE"
+}

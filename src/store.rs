@@ -1,0 +1,1084 @@
+//! The store: the in-memory map and the one write path into it.
+//!
+//! [`Store`] owns the key space (a `parking_lot` mutex around a `HashMap`) and the
+//! write-ahead log. Reads lock the map and look. Writes never touch the map directly: a
+//! write becomes log [`Entry`]s, the entries are appended (and fsync'd as `--fsync` asks),
+//! and only then are they applied to the map, in log order, by [`Db::apply`]. Recovery is
+//! the same `apply` run over the snapshot and the log, so what a client was told is exactly
+//! what a restart rebuilds.
+//!
+//! # Group commit
+//!
+//! Any number of connection threads call [`Store::write`] at once. Each encodes its entries
+//! into a shared queue under a short lock (which fixes their log order) and then either
+//! becomes the *flusher*, if nobody holds the log writer, or parks. The flusher takes the
+//! whole queue, writes it with one `write`, fsyncs once, applies every entry, hands each
+//! waiter its results and unparks it; on release it wakes the oldest waiter still queued,
+//! who becomes the next flusher. So an idle server commits a write on the caller's thread
+//! with no hand-off, and a busy one shares each fsync among every connection that wrote
+//! meanwhile. The flusher role is the writer mutex itself: no dedicated thread.
+//!
+//! # Time and expiry
+//!
+//! Each entry carries the leader's clock (`ts_ms`) from when it was queued. `apply` uses
+//! that, never the local clock, to decide whether a key has expired, so replaying a log
+//! (or a follower applying it) reaches the same state. Readers use the real clock and
+//! report an expired key as missing.
+//!
+//! # Compaction
+//!
+//! When the log outgrows the live data (`compact_percentage`, above `compact_min_bytes`),
+//! the flusher rolls to a fresh segment, copies the map, and a background thread writes a
+//! snapshot of the copy and deletes the segments it covers. The copy is a pause
+//! proportional to the key count (Redis forks instead); the write of the snapshot is not.
+
+use crate::wal::{
+    self, Condition, Entry, Expiry, FsyncPolicy, Op, RecoveryReport, Wal, WalError, WalOptions,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::{self, Thread};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Settings of a store.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub fsync: FsyncPolicy,
+    /// Segment files roll over past this size.
+    pub segment_size: u64,
+    /// Never compact a log smaller than this.
+    pub compact_min_bytes: u64,
+    /// Compact when the log is larger than this percentage of the live data.
+    pub compact_percentage: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            fsync: FsyncPolicy::Always,
+            segment_size: 64 << 20,
+            compact_min_bytes: 64 << 20,
+            compact_percentage: 100,
+        }
+    }
+}
+
+/// Errors of the store.
+#[derive(Debug)]
+pub enum StoreError {
+    /// Opening or recovering the log failed (including corruption).
+    Wal(WalError),
+    /// A write to the log failed. The writes in that batch may or may not be on disk, and
+    /// the store refuses further writes until it is restarted and recovers from the log.
+    WriteFailed(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Wal(e) => e.fmt(f),
+            StoreError::WriteFailed(why) => write!(
+                f,
+                "log write failed ({why}): write outcome unknown, and this node refuses \
+                 writes until it is restarted"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<WalError> for StoreError {
+    fn from(e: WalError) -> Self {
+        StoreError::Wal(e)
+    }
+}
+
+/// What applying one operation produced (the command layer turns it into a reply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    /// Done (`+OK`).
+    Ok,
+    /// A condition (NX/XX) was not met; nothing changed (nil).
+    NotSet,
+    /// The previous value, for SET … GET (nil if there was none).
+    Old(Option<Vec<u8>>),
+    Int(i64),
+    /// The operation was refused without effect; the text is the Redis error reply.
+    Error(&'static str),
+}
+
+/// A stored value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub value: Box<[u8]>,
+    /// Absolute expiry in Unix ms; 0 = none.
+    pub expire_at: u64,
+}
+
+impl Item {
+    /// Whether the item is expired at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expire_at != 0 && self.expire_at <= now_ms
+    }
+}
+
+/// Approximate bytes a key costs beyond its key and value (hash slot and allocations);
+/// only used to decide when the log has outgrown the data.
+const ITEM_OVERHEAD: u64 = 48;
+
+/// The key space and the state machine that log entries drive.
+#[derive(Debug, Default)]
+pub struct Db {
+    map: HashMap<Box<[u8]>, Item>,
+    /// Approximate live bytes (keys, values, overhead).
+    live_bytes: u64,
+    /// Index of the last applied entry.
+    applied: u64,
+}
+
+pub const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
+pub const ERR_OVERFLOW: &str = "ERR increment or decrement would overflow";
+
+fn item_cost(k: &[u8], v: &[u8]) -> u64 {
+    (k.len() + v.len()) as u64 + ITEM_OVERHEAD
+}
+
+impl Db {
+    /// The live item under `key` at `now_ms`, if any.
+    pub fn get(&self, key: &[u8], now_ms: u64) -> Option<&Item> {
+        self.map.get(key).filter(|i| !i.expired(now_ms))
+    }
+
+    /// Number of keys, including expired ones not yet removed (as Redis's DBSIZE).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+
+    /// Every live key and item (unordered).
+    pub fn iter(&self, now_ms: u64) -> impl Iterator<Item = (&[u8], &Item)> {
+        self.map
+            .iter()
+            .filter(move |(_, i)| !i.expired(now_ms))
+            .map(|(k, i)| (&**k, i))
+    }
+
+    fn insert(&mut self, key: Box<[u8]>, item: Item) -> Option<Item> {
+        let key_len = key.len();
+        self.live_bytes += item_cost(&key, &item.value);
+        let old = self.map.insert(key, item);
+        if let Some(o) = &old {
+            self.live_bytes -= key_len as u64 + o.value.len() as u64 + ITEM_OVERHEAD;
+        }
+        old
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Option<Item> {
+        let old = self.map.remove(key);
+        if let Some(o) = &old {
+            self.live_bytes = self.live_bytes.saturating_sub(item_cost(key, &o.value));
+        }
+        old
+    }
+
+    /// Removes `key` if it exists but expired at `now`, so that the operation applied next
+    /// sees it as missing.
+    fn purge_expired(&mut self, key: &[u8], now: u64) {
+        if self.map.get(key).is_some_and(|i| i.expired(now)) {
+            self.remove(key);
+        }
+    }
+
+    /// Applies one committed entry. Deterministic: depends only on the map and the entry.
+    pub fn apply(&mut self, entry: Entry) -> OpResult {
+        self.applied = entry.index;
+        let now = entry.ts_ms;
+        match entry.op {
+            Op::Noop => OpResult::Ok,
+            Op::Set {
+                key,
+                value,
+                expiry,
+                condition,
+                get,
+            } => {
+                self.purge_expired(&key, now);
+                let existing = self.map.get(&key[..]);
+                let ok = match condition {
+                    Condition::Always => true,
+                    Condition::IfMissing => existing.is_none(),
+                    Condition::IfExists => existing.is_some(),
+                };
+                let old = existing.map(|i| i.value.to_vec());
+                let expire_at = match expiry {
+                    Expiry::Never => 0,
+                    Expiry::At(t) => t,
+                    Expiry::Keep => existing.map_or(0, |i| i.expire_at),
+                };
+                if ok {
+                    if expire_at != 0 && expire_at <= now {
+                        // Redis deletes a key set with a deadline already past.
+                        self.remove(&key);
+                    } else {
+                        self.insert(
+                            key.into_boxed_slice(),
+                            Item {
+                                value: value.into_boxed_slice(),
+                                expire_at,
+                            },
+                        );
+                    }
+                }
+                match (get, ok) {
+                    (true, _) => OpResult::Old(old),
+                    (false, true) => OpResult::Ok,
+                    (false, false) => OpResult::NotSet,
+                }
+            }
+            Op::Del { keys } => {
+                let mut n = 0;
+                for k in keys {
+                    self.purge_expired(&k, now);
+                    if self.remove(&k).is_some() {
+                        n += 1;
+                    }
+                }
+                OpResult::Int(n)
+            }
+            Op::MSet {
+                pairs,
+                only_if_none_exist,
+            } => {
+                if only_if_none_exist {
+                    for (k, _) in &pairs {
+                        self.purge_expired(k, now);
+                    }
+                    if pairs.iter().any(|(k, _)| self.map.contains_key(&k[..])) {
+                        return OpResult::Int(0);
+                    }
+                }
+                for (k, v) in pairs {
+                    self.insert(
+                        k.into_boxed_slice(),
+                        Item {
+                            value: v.into_boxed_slice(),
+                            expire_at: 0,
+                        },
+                    );
+                }
+                if only_if_none_exist {
+                    OpResult::Int(1)
+                } else {
+                    OpResult::Ok
+                }
+            }
+            Op::IncrBy { key, delta } => {
+                self.purge_expired(&key, now);
+                let (cur, expire_at) = match self.map.get(&key[..]) {
+                    None => (0, 0),
+                    Some(i) => match parse_i64(&i.value) {
+                        Some(n) => (n, i.expire_at),
+                        None => return OpResult::Error(ERR_NOT_INTEGER),
+                    },
+                };
+                let Some(new) = cur.checked_add(delta) else {
+                    return OpResult::Error(ERR_OVERFLOW);
+                };
+                self.insert(
+                    key.into_boxed_slice(),
+                    Item {
+                        value: new.to_string().into_bytes().into_boxed_slice(),
+                        expire_at,
+                    },
+                );
+                OpResult::Int(new)
+            }
+        }
+    }
+}
+
+/// Parses a value as Redis does for INCR: optional `-`, decimal digits, no leading `+`,
+/// spaces or leading zeros, within i64.
+pub fn parse_i64(b: &[u8]) -> Option<i64> {
+    if b.is_empty() || b.len() > 20 {
+        return None;
+    }
+    let s = std::str::from_utf8(b).ok()?;
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty()
+        || !digits.bytes().all(|c| c.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+        || s == "-0"
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// The wall clock in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Counters for INFO.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub commits: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub entries_written: AtomicU64,
+    pub compactions: AtomicU64,
+    pub last_compaction_ok: AtomicBool,
+}
+
+/// A snapshot of the store's log state, for INFO.
+#[derive(Debug, Clone)]
+pub struct LogInfo {
+    pub fsync: FsyncPolicy,
+    pub last_index: u64,
+    pub log_bytes: u64,
+    pub compacting: bool,
+    pub compactions: u64,
+    pub fsyncs: u64,
+    pub write_error: Option<String>,
+    pub recovery: RecoveryReport,
+}
+
+type Outcome = Result<Vec<OpResult>, String>;
+
+/// A waiter for one batch of entries.
+struct Ticket {
+    outcome: Mutex<Option<Outcome>>,
+    thread: Thread,
+}
+
+#[derive(Default)]
+struct Queue {
+    next_index: u64,
+    buf: Vec<u8>,
+    entries: Vec<Entry>,
+    /// Each waiter and how many of `entries` are its.
+    tickets: Vec<(Arc<Ticket>, usize)>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    opts: Options,
+    db: Mutex<Db>,
+    queue: Mutex<Queue>,
+    /// Holding this lock is being the flusher.
+    wal: Mutex<Wal>,
+    epoch: AtomicU64,
+    failed: Mutex<Option<String>>,
+    compacting: AtomicBool,
+    /// Bytes freed by a background compaction, not yet subtracted from the writer's count.
+    pruned: AtomicU64,
+    stats: Stats,
+    recovery: RecoveryReport,
+}
+
+/// A durable, thread-safe key-value store. Cloning is cheap (shared handle).
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens the store in `dir` (created if missing), recovering from its log.
+    ///
+    /// ```no_run
+    /// let store = kvstore::Store::open("data", kvstore::store::Options::default())?;
+    /// store.set(b"greeting", b"hello")?;
+    /// assert_eq!(store.get(b"greeting").as_deref(), Some(&b"hello"[..]));
+    /// # Ok::<(), kvstore::store::StoreError>(())
+    /// ```
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        // Both replay callbacks need the map; RefCell lets them share it.
+        let db = std::cell::RefCell::new(Db::default());
+        let wal_opts = WalOptions {
+            fsync: opts.fsync,
+            segment_size: opts.segment_size,
+        };
+        let (wal, recovery) = Wal::open(
+            &dir,
+            wal_opts,
+            |snap| {
+                let mut db = db.borrow_mut();
+                db.applied = snap.index;
+                db.map.reserve(snap.items.len());
+                for it in snap.items {
+                    db.insert(
+                        it.key.into_boxed_slice(),
+                        Item {
+                            value: it.value.into_boxed_slice(),
+                            expire_at: it.expire_at_ms.unwrap_or(0),
+                        },
+                    );
+                }
+            },
+            |e| {
+                db.borrow_mut().apply(e);
+            },
+        )?;
+        let db = db.into_inner();
+        let queue = Queue {
+            next_index: recovery.last_index + 1,
+            ..Queue::default()
+        };
+        let inner = Arc::new(Inner {
+            dir,
+            epoch: AtomicU64::new(recovery.last_epoch),
+            opts,
+            db: Mutex::new(db),
+            queue: Mutex::new(queue),
+            wal: Mutex::new(wal),
+            failed: Mutex::new(None),
+            compacting: AtomicBool::new(false),
+            pruned: AtomicU64::new(0),
+            stats: Stats::default(),
+            recovery,
+        });
+        if inner.opts.fsync == FsyncPolicy::EverySec {
+            let weak = Arc::downgrade(&inner);
+            thread::Builder::new()
+                .name("fsync-everysec".into())
+                .spawn(move || everysec(weak))
+                .map_err(|e| StoreError::WriteFailed(format!("cannot start fsync thread: {e}")))?;
+        }
+        Ok(Store { inner })
+    }
+
+    /// What recovery found when the store was opened.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.inner.opts
+    }
+
+    /// Runs `f` with the map locked (for reads spanning several keys).
+    pub fn read<R>(&self, f: impl FnOnce(&Db) -> R) -> R {
+        f(&self.inner.db.lock())
+    }
+
+    /// The value of `key`, or `None` if missing or expired.
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let now = now_ms();
+        self.read(|db| db.get(key, now).map(|i| i.value.to_vec()))
+    }
+
+    /// Sets `key` to `value` (no expiry), durably as the fsync policy says.
+    pub fn set(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.write_one(Op::Set {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            expiry: Expiry::Never,
+            condition: Condition::Always,
+            get: false,
+        })
+        .map(|_| ())
+    }
+
+    /// Deletes keys; returns how many existed.
+    pub fn del(&self, keys: &[&[u8]]) -> Result<i64, StoreError> {
+        match self.write_one(Op::Del {
+            keys: keys.iter().map(|k| k.to_vec()).collect(),
+        })? {
+            OpResult::Int(n) => Ok(n),
+            _ => Ok(0),
+        }
+    }
+
+    /// Adds `delta` to the integer at `key` (missing = 0).
+    pub fn incr_by(&self, key: &[u8], delta: i64) -> Result<Result<i64, &'static str>, StoreError> {
+        Ok(
+            match self.write_one(Op::IncrBy {
+                key: key.to_vec(),
+                delta,
+            })? {
+                OpResult::Int(n) => Ok(n),
+                OpResult::Error(e) => Err(e),
+                _ => Err(ERR_NOT_INTEGER),
+            },
+        )
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.read(|db| db.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn write_one(&self, op: Op) -> Result<OpResult, StoreError> {
+        let mut r = self.write(vec![op])?;
+        Ok(r.pop().unwrap_or(OpResult::Ok))
+    }
+
+    /// Logs `ops` as consecutive entries, waits until they are committed (written, and
+    /// fsync'd under `--fsync always`) and applied, and returns one result per op.
+    pub fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(why) = &*self.inner.failed.lock() {
+            return Err(StoreError::WriteFailed(why.clone()));
+        }
+        let ticket = Arc::new(Ticket {
+            outcome: Mutex::new(None),
+            thread: thread::current(),
+        });
+        {
+            let ts_ms = now_ms();
+            let epoch = self.inner.epoch.load(Ordering::Relaxed);
+            let mut q = self.inner.queue.lock();
+            let n = ops.len();
+            for op in ops {
+                let entry = Entry {
+                    index: q.next_index,
+                    epoch,
+                    ts_ms,
+                    op,
+                };
+                q.next_index += 1;
+                wal::encode_entry(&entry, &mut q.buf);
+                q.entries.push(entry);
+            }
+            q.tickets.push((ticket.clone(), n));
+        }
+        loop {
+            if let Some(outcome) = ticket.outcome.lock().take() {
+                return outcome.map_err(StoreError::WriteFailed);
+            }
+            if let Some(mut wal) = self.inner.wal.try_lock() {
+                self.flush(&mut wal);
+                drop(wal);
+                self.wake_next_flusher();
+                continue;
+            }
+            // The flusher unparks us with our outcome, or to take over the flush; the
+            // timeout only guards against a missed wake-up.
+            thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+
+    /// Wakes the oldest queued waiter, who will take the writer and flush.
+    fn wake_next_flusher(&self) {
+        let q = self.inner.queue.lock();
+        if let Some((t, _)) = q.tickets.first() {
+            t.thread.unpark();
+        }
+    }
+
+    /// Writes, syncs and applies everything queued. Called with the writer held.
+    fn flush(&self, wal: &mut Wal) {
+        let inner = &*self.inner;
+        let (buf, entries, tickets) = {
+            let mut q = inner.queue.lock();
+            if q.entries.is_empty() {
+                return;
+            }
+            let buf = std::mem::take(&mut q.buf);
+            (
+                buf,
+                std::mem::take(&mut q.entries),
+                std::mem::take(&mut q.tickets),
+            )
+        };
+        let last = entries.last().map_or(0, |e| e.index);
+        let pruned = inner.pruned.swap(0, Ordering::Relaxed);
+        if pruned > 0 {
+            wal.note_pruned(pruned);
+        }
+        let res = match &*inner.failed.lock() {
+            Some(why) => Err(why.clone()),
+            None => wal.append(&buf, last).map_err(|e| e.to_string()),
+        };
+        match res {
+            Ok(()) => {
+                inner.stats.commits.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .stats
+                    .entries_written
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                if inner.opts.fsync == FsyncPolicy::Always {
+                    inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut results = Vec::with_capacity(entries.len());
+                let live_bytes = {
+                    let mut db = inner.db.lock();
+                    for e in entries {
+                        results.push(db.apply(e));
+                    }
+                    db.live_bytes
+                };
+                let mut results = results.into_iter();
+                for (t, n) in tickets {
+                    let mine: Vec<OpResult> = results.by_ref().take(n).collect();
+                    *t.outcome.lock() = Some(Ok(mine));
+                    t.thread.unpark();
+                }
+                self.maybe_compact(wal, live_bytes);
+            }
+            Err(why) => {
+                log::error!("{}", StoreError::WriteFailed(why.clone()));
+                *inner.failed.lock() = Some(why.clone());
+                for (t, _) in tickets {
+                    *t.outcome.lock() = Some(Err(why.clone()));
+                    t.thread.unpark();
+                }
+            }
+        }
+        // Give the buffer's capacity back to the queue, so the next batch does not grow a
+        // new one from nothing.
+        let mut buf = buf;
+        buf.clear();
+        let mut q = inner.queue.lock();
+        if q.buf.is_empty() && q.buf.capacity() < buf.capacity() {
+            std::mem::swap(&mut q.buf, &mut buf);
+        }
+    }
+
+    fn maybe_compact(&self, wal: &mut Wal, live_bytes: u64) {
+        let o = &self.inner.opts;
+        let log_bytes = wal.log_bytes();
+        if log_bytes < o.compact_min_bytes
+            || log_bytes.saturating_mul(100) < live_bytes.saturating_mul(o.compact_percentage)
+            || self.inner.compacting.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        if let Err(e) = self.start_compaction(wal) {
+            log::error!("compaction failed: {e}");
+            self.inner.compacting.store(false, Ordering::Release);
+        }
+    }
+
+    /// Rolls to a new segment at the applied index, copies the map and hands the copy to
+    /// a background thread that writes the snapshot and prunes the old segments.
+    fn start_compaction(&self, wal: &mut Wal) -> Result<(), WalError> {
+        let index = wal.last_index();
+        wal.roll(index + 1)?;
+        let epoch = self.inner.epoch.load(Ordering::Relaxed);
+        let items: Vec<(Box<[u8]>, Box<[u8]>, u64)> = {
+            let db = self.inner.db.lock();
+            db.map
+                .iter()
+                .map(|(k, i)| (k.clone(), i.value.clone(), i.expire_at))
+                .collect()
+        };
+        let inner = self.inner.clone();
+        log::info!(
+            "compacting: log is {} bytes, snapshotting {} keys at index {index}",
+            wal.log_bytes(),
+            items.len()
+        );
+        thread::Builder::new()
+            .name("compaction".into())
+            .spawn(move || {
+                let bytes = wal::encode_snapshot(
+                    index,
+                    epoch,
+                    items
+                        .iter()
+                        .map(|(k, v, e)| (&**k, &**v, (*e != 0).then_some(*e))),
+                );
+                drop(items);
+                match Wal::write_snapshot_and_prune(&inner.dir, index, &bytes) {
+                    Ok(freed) => {
+                        inner.pruned.fetch_add(freed, Ordering::Relaxed);
+                        inner.stats.compactions.fetch_add(1, Ordering::Relaxed);
+                        inner
+                            .stats
+                            .last_compaction_ok
+                            .store(true, Ordering::Relaxed);
+                        log::info!(
+                            "compaction done: snapshot of {} bytes at index {index}, {freed} \
+                             bytes of log removed",
+                            bytes.len()
+                        );
+                    }
+                    Err(e) => {
+                        inner
+                            .stats
+                            .last_compaction_ok
+                            .store(false, Ordering::Relaxed);
+                        log::error!("compaction failed: {e}");
+                    }
+                }
+                inner.compacting.store(false, Ordering::Release);
+            })
+            .map_err(|e| WalError::Io {
+                path: self.inner.dir.clone(),
+                source: e,
+            })?;
+        Ok(())
+    }
+
+    /// fsyncs the log now, whatever the policy (shutdown calls this).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let mut wal = self.inner.wal.lock();
+        self.flush(&mut wal);
+        let r = wal.sync().map_err(StoreError::from);
+        drop(wal);
+        self.wake_next_flusher();
+        r
+    }
+
+    /// Blocks until no compaction runs (tests and shutdown).
+    pub fn wait_for_compaction(&self) {
+        while self.inner.compacting.load(Ordering::Acquire) {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Log state for INFO.
+    pub fn log_info(&self) -> LogInfo {
+        let (last_index, log_bytes) = {
+            let wal = self.inner.wal.lock();
+            (
+                wal.last_index(),
+                wal.log_bytes()
+                    .saturating_sub(self.inner.pruned.load(Ordering::Relaxed)),
+            )
+        };
+        LogInfo {
+            fsync: self.inner.opts.fsync,
+            last_index,
+            log_bytes,
+            compacting: self.inner.compacting.load(Ordering::Relaxed),
+            compactions: self.inner.stats.compactions.load(Ordering::Relaxed),
+            fsyncs: self.inner.stats.fsyncs.load(Ordering::Relaxed),
+            write_error: self.inner.failed.lock().clone(),
+            recovery: self.inner.recovery.clone(),
+        }
+    }
+}
+
+/// The `everysec` syncer: once a second, fsync the current segment if it has new writes.
+fn everysec(inner: Weak<Inner>) {
+    loop {
+        thread::sleep(Duration::from_secs(1));
+        let Some(inner) = inner.upgrade() else { return };
+        let file = inner.wal.lock().take_sync_handle();
+        if let Some(f) = file {
+            match f.sync_data() {
+                Ok(()) => {
+                    inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => log::error!("background fsync failed: {e}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> Options {
+        Options {
+            fsync: FsyncPolicy::No,
+            ..Options::default()
+        }
+    }
+
+    fn entry(index: u64, ts_ms: u64, op: Op) -> Entry {
+        Entry {
+            index,
+            epoch: 0,
+            ts_ms,
+            op,
+        }
+    }
+
+    fn set_op(k: &str, v: &str, expiry: Expiry, condition: Condition, get: bool) -> Op {
+        Op::Set {
+            key: k.into(),
+            value: v.into(),
+            expiry,
+            condition,
+            get,
+        }
+    }
+
+    #[test]
+    fn set_conditions_and_get() {
+        let mut db = Db::default();
+        let a = Condition::Always;
+        assert_eq!(
+            db.apply(entry(
+                1,
+                0,
+                set_op("k", "1", Expiry::Never, Condition::IfExists, false)
+            )),
+            OpResult::NotSet
+        );
+        assert_eq!(
+            db.apply(entry(
+                2,
+                0,
+                set_op("k", "1", Expiry::Never, Condition::IfMissing, false)
+            )),
+            OpResult::Ok
+        );
+        assert_eq!(
+            db.apply(entry(
+                3,
+                0,
+                set_op("k", "2", Expiry::Never, Condition::IfMissing, true)
+            )),
+            OpResult::Old(Some(b"1".to_vec()))
+        );
+        assert_eq!(db.get(b"k", 0).unwrap().value[..], b"1"[..]);
+        assert_eq!(
+            db.apply(entry(4, 0, set_op("k", "3", Expiry::Never, a, true))),
+            OpResult::Old(Some(b"1".to_vec()))
+        );
+        assert_eq!(db.applied_index(), 4);
+    }
+
+    #[test]
+    fn expiry_is_decided_by_entry_time_not_the_clock() {
+        let mut db = Db::default();
+        db.apply(entry(
+            1,
+            100,
+            set_op("k", "v", Expiry::At(200), Condition::Always, false),
+        ));
+        assert!(db.get(b"k", 150).is_some());
+        assert!(db.get(b"k", 200).is_none());
+        // NX at ts 150: key still live, refused; at ts 250: expired, so missing, accepted.
+        let nx = set_op("k", "w", Expiry::Never, Condition::IfMissing, false);
+        assert_eq!(db.apply(entry(2, 150, nx.clone())), OpResult::NotSet);
+        assert_eq!(db.apply(entry(3, 250, nx)), OpResult::Ok);
+        assert_eq!(db.get(b"k", u64::MAX).unwrap().value[..], b"w"[..]);
+        // KEEPTTL keeps the deadline.
+        db.apply(entry(
+            4,
+            300,
+            set_op("t", "1", Expiry::At(900), Condition::Always, false),
+        ));
+        db.apply(entry(
+            5,
+            300,
+            set_op("t", "2", Expiry::Keep, Condition::Always, false),
+        ));
+        assert_eq!(db.get(b"t", 0).unwrap().expire_at, 900);
+        // A deadline already past deletes.
+        db.apply(entry(
+            6,
+            1000,
+            set_op("t", "3", Expiry::At(999), Condition::Always, false),
+        ));
+        assert!(db.get(b"t", 0).is_none());
+    }
+
+    #[test]
+    fn incr_rules() {
+        let mut db = Db::default();
+        let incr = |k: &str, d| Op::IncrBy {
+            key: k.into(),
+            delta: d,
+        };
+        assert_eq!(db.apply(entry(1, 0, incr("n", 5))), OpResult::Int(5));
+        assert_eq!(db.apply(entry(2, 0, incr("n", -7))), OpResult::Int(-2));
+        db.apply(entry(
+            3,
+            0,
+            set_op("s", "abc", Expiry::Never, Condition::Always, false),
+        ));
+        assert_eq!(
+            db.apply(entry(4, 0, incr("s", 1))),
+            OpResult::Error(ERR_NOT_INTEGER)
+        );
+        db.apply(entry(5, 0, incr("m", i64::MAX)));
+        assert_eq!(
+            db.apply(entry(6, 0, incr("m", 1))),
+            OpResult::Error(ERR_OVERFLOW)
+        );
+        assert_eq!(
+            db.get(b"m", 0).unwrap().value[..],
+            i64::MAX.to_string().as_bytes()[..]
+        );
+        for bad in ["", " 1", "+1", "01", "-0", "1.0", "99999999999999999999"] {
+            assert_eq!(parse_i64(bad.as_bytes()), None, "{bad:?}");
+        }
+        assert_eq!(parse_i64(b"-9223372036854775808"), Some(i64::MIN));
+    }
+
+    #[test]
+    fn del_and_msetnx() {
+        let mut db = Db::default();
+        let pairs = |ps: &[(&str, &str)]| {
+            ps.iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect::<Vec<_>>()
+        };
+        let mset = |ps, nx| Op::MSet {
+            pairs: ps,
+            only_if_none_exist: nx,
+        };
+        assert_eq!(
+            db.apply(entry(1, 0, mset(pairs(&[("a", "1"), ("b", "2")]), true))),
+            OpResult::Int(1)
+        );
+        assert_eq!(
+            db.apply(entry(2, 0, mset(pairs(&[("b", "3"), ("c", "4")]), true))),
+            OpResult::Int(0)
+        );
+        assert!(db.get(b"c", 0).is_none());
+        let del = Op::Del {
+            keys: vec![b"a".to_vec(), b"a".to_vec(), b"zz".to_vec(), b"b".to_vec()],
+        };
+        assert_eq!(db.apply(entry(3, 0, del)), OpResult::Int(2));
+        assert!(db.is_empty());
+        assert_eq!(db.live_bytes(), 0);
+    }
+
+    #[test]
+    fn live_bytes_tracks_overwrites() {
+        let mut db = Db::default();
+        db.apply(entry(
+            1,
+            0,
+            set_op("k", "aaaa", Expiry::Never, Condition::Always, false),
+        ));
+        let one = db.live_bytes();
+        db.apply(entry(
+            2,
+            0,
+            set_op("k", "bbbb", Expiry::Never, Condition::Always, false),
+        ));
+        assert_eq!(db.live_bytes(), one);
+        db.apply(entry(
+            3,
+            0,
+            Op::Del {
+                keys: vec![b"k".to_vec()],
+            },
+        ));
+        assert_eq!(db.live_bytes(), 0);
+    }
+
+    #[test]
+    fn store_recovers_what_it_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), opts()).unwrap();
+            s.set(b"a", b"1").unwrap();
+            s.set(b"b", b"2").unwrap();
+            assert_eq!(s.del(&[b"a", b"x"]).unwrap(), 1);
+            assert_eq!(s.incr_by(b"n", 3).unwrap(), Ok(3));
+        }
+        let s = Store::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.get(b"a"), None);
+        assert_eq!(s.get(b"b").as_deref(), Some(&b"2"[..]));
+        assert_eq!(s.get(b"n").as_deref(), Some(&b"3"[..]));
+        assert_eq!(s.recovery().last_index, 4);
+    }
+
+    #[test]
+    fn concurrent_writers_share_commits_and_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(
+            dir.path(),
+            Options {
+                fsync: FsyncPolicy::Always,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                thread::spawn(move || {
+                    for i in 0..50 {
+                        s.set(format!("t{t}-{i}").as_bytes(), b"v").unwrap();
+                        assert_eq!(s.incr_by(b"counter", 1).unwrap().map(|_| ()), Ok(()));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(s.len(), 8 * 50 + 1);
+        assert_eq!(s.get(b"counter").as_deref(), Some(&b"400"[..]));
+        drop(s);
+        let s = Store::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.len(), 401);
+        assert_eq!(s.get(b"counter").as_deref(), Some(&b"400"[..]));
+    }
+
+    #[test]
+    fn compaction_keeps_the_data_and_shrinks_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Options {
+            fsync: FsyncPolicy::No,
+            segment_size: 4096,
+            compact_min_bytes: 16 * 1024,
+            compact_percentage: 100,
+        };
+        let s = Store::open(dir.path(), o.clone()).unwrap();
+        // Overwrite 10 keys many times: the log grows, the data does not.
+        for round in 0..400 {
+            for k in 0..10 {
+                s.set(format!("k{k}").as_bytes(), format!("v{round}").as_bytes())
+                    .unwrap();
+            }
+            s.wait_for_compaction();
+        }
+        s.set(b"last", b"x").unwrap();
+        s.wait_for_compaction();
+        assert!(s.log_info().compactions > 0);
+        let dir_bytes: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(dir_bytes < 64 * 1024, "data dir holds {dir_bytes} bytes");
+        drop(s);
+        let s = Store::open(dir.path(), o).unwrap();
+        assert!(s.recovery().snapshot_index.is_some());
+        for k in 0..10 {
+            assert_eq!(
+                s.get(format!("k{k}").as_bytes()).as_deref(),
+                Some(&b"v399"[..])
+            );
+        }
+        assert_eq!(s.len(), 11);
+    }
+}

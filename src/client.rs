@@ -1253,9 +1253,16 @@ mod tests {
 
     #[test]
     fn completion_and_hints() {
-        assert_eq!(complete_command("se"), vec!["select", "set"]);
-        assert_eq!(complete_command("SE"), vec!["SELECT", "SET"]);
-        assert_eq!(complete_command("Inc"), vec!["incr", "incrby"]);
+        // Case-insensitive prefix match, in the case being typed, sorted.
+        let lower = complete_command("se");
+        assert!(lower.contains(&"select".to_string()) && lower.contains(&"set".to_string()));
+        assert!(lower.iter().all(|c| c.starts_with("se")));
+        assert!(lower.windows(2).all(|w| w[0] < w[1]));
+        let upper: Vec<String> = lower.iter().map(|c| c.to_ascii_uppercase()).collect();
+        assert_eq!(complete_command("SE"), upper);
+        let mixed = complete_command("Inc");
+        assert!(mixed.contains(&"incr".to_string()) && mixed.contains(&"incrby".to_string()));
+        assert!(mixed.iter().all(|c| c.starts_with("inc")));
         assert!(complete_command("").contains(&"GET".to_string()));
         assert!(complete_command("zz").is_empty());
 

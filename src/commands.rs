@@ -583,7 +583,7 @@ pub fn dispatch(
             return Dispatched::Write(Op::Del { keys: args }, Reply::Standard);
         }
         "mset" | "msetnx" => {
-            if args.len() % 2 == 0 {
+            if args.len().is_multiple_of(2) {
                 write_error(out, &err_args(spec.name));
                 return Dispatched::Done;
             }
@@ -994,11 +994,11 @@ fn hello(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
         );
         return;
     }
-    if let Some(n) = name {
-        if let Err(e) = set_name(ctx, s, n) {
-            write_error(out, e);
-            return;
-        }
+    if let Some(n) = name
+        && let Err(e) = set_name(ctx, s, n)
+    {
+        write_error(out, e);
+        return;
     }
     s.proto = proto;
     write_map_len(out, 7, proto);

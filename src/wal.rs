@@ -1047,7 +1047,7 @@ mod tests {
             op: Op::Set {
                 key: k.into(),
                 value: v.into(),
-                expiry: if i % 2 == 0 {
+                expiry: if i.is_multiple_of(2) {
                     Expiry::At(99_000 + i)
                 } else {
                     Expiry::Never

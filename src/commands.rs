@@ -353,6 +353,25 @@ pub static COMMANDS: &[CommandSpec] = &[
     ),
 ];
 
+/// The command list as a Markdown table, for the README (kept equal by a test).
+pub fn markdown_table() -> String {
+    let mut out = String::from("| command | arguments | what it does |\n|---|---|---|\n");
+    for c in COMMANDS {
+        let args = c.args.replace('|', "\\|");
+        out.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            c.name.to_ascii_uppercase(),
+            if args.is_empty() {
+                String::new()
+            } else {
+                format!("`{args}`")
+            },
+            c.summary
+        ));
+    }
+    out
+}
+
 /// Looks a command up by name, case-insensitively.
 pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
     COMMANDS
@@ -1240,6 +1259,30 @@ mod tests {
         for w in COMMANDS.windows(2) {
             assert!(w[0].name < w[1].name, "{} before {}", w[0].name, w[1].name);
         }
+    }
+
+    /// The README's command list is generated from this table; run with
+    /// `UPDATE_README=1` to regenerate it after changing the table.
+    #[test]
+    fn readme_lists_exactly_the_command_table() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        let readme = std::fs::read_to_string(&path).expect("README.md");
+        let start_marker = "<!-- commands:start";
+        let end_marker = "<!-- commands:end -->";
+        let start = readme.find(start_marker).expect("start marker in README");
+        let start = start + readme[start..].find('\n').expect("newline") + 1;
+        let end = readme.find(end_marker).expect("end marker in README");
+        let want = markdown_table();
+        if std::env::var_os("UPDATE_README").is_some() {
+            let new = format!("{}{}{}", &readme[..start], want, &readme[end..]);
+            std::fs::write(&path, new).expect("write README.md");
+            return;
+        }
+        assert_eq!(
+            &readme[start..end],
+            want,
+            "README's command list is stale: run `UPDATE_README=1 cargo test readme`"
+        );
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct CommandSpec {
     pub arity: i32,
     /// Redis command flags (`write`, `readonly`, `fast`, …).
     pub flags: &'static [&'static str],
+    /// Changes data: executed by logging an entry (the `write` flag, as a bool so the
+    /// connection loop can test it without comparing strings).
+    pub write: bool,
     pub first_key: i32,
     pub last_key: i32,
     pub step: i32,
@@ -60,11 +63,12 @@ const AUTHF: &[&str] = &[
 ];
 
 macro_rules! cmd {
-    ($name:expr, $arity:expr, $flags:expr, $fk:expr, $lk:expr, $st:expr, $args:expr, $sum:expr) => {
+    ($name:expr, $arity:expr, $flags:expr, $write:expr, $fk:expr, $lk:expr, $st:expr, $args:expr, $sum:expr) => {
         CommandSpec {
             name: $name,
             arity: $arity,
             flags: $flags,
+            write: $write,
             first_key: $fk,
             last_key: $lk,
             step: $st,
@@ -75,282 +79,40 @@ macro_rules! cmd {
 }
 
 /// Every command, sorted by name.
+#[rustfmt::skip]
 pub static COMMANDS: &[CommandSpec] = &[
-    cmd!(
-        "auth",
-        -2,
-        AUTHF,
-        0,
-        0,
-        0,
-        "[username] password",
-        "Authenticates the connection."
-    ),
-    cmd!(
-        "client",
-        -2,
-        NS,
-        0,
-        0,
-        0,
-        "ID|GETNAME|SETNAME name|INFO|LIST|SETINFO …",
-        "Connection introspection and naming."
-    ),
-    cmd!(
-        "command",
-        -1,
-        NS,
-        0,
-        0,
-        0,
-        "[COUNT|DOCS|INFO|LIST [name …]]",
-        "Describes the commands this server knows."
-    ),
-    cmd!(
-        "config",
-        -2,
-        NS,
-        0,
-        0,
-        0,
-        "GET parameter [parameter …]|SET|RESETSTAT",
-        "Reads server settings."
-    ),
-    cmd!("dbsize", 1, RF, 0, 0, 0, "", "Returns the number of keys."),
-    cmd!(
-        "decr",
-        2,
-        WF,
-        1,
-        1,
-        1,
-        "key",
-        "Decrements the integer value of a key by one."
-    ),
-    cmd!(
-        "decrby",
-        3,
-        WF,
-        1,
-        1,
-        1,
-        "key decrement",
-        "Decrements the integer value of a key by a number."
-    ),
-    cmd!(
-        "del",
-        -2,
-        W,
-        1,
-        -1,
-        1,
-        "key [key …]",
-        "Deletes keys; returns how many existed."
-    ),
-    cmd!("echo", 2, F, 0, 0, 0, "message", "Returns the message."),
-    cmd!(
-        "exists",
-        -2,
-        RF,
-        1,
-        -1,
-        1,
-        "key [key …]",
-        "Counts how many of the keys exist."
-    ),
-    cmd!(
-        "get",
-        2,
-        RF,
-        1,
-        1,
-        1,
-        "key",
-        "Returns the value of a key, or nil."
-    ),
-    cmd!(
-        "hello",
-        -1,
-        AUTHF,
-        0,
-        0,
-        0,
-        "[protover [AUTH username password] [SETNAME name]]",
-        "Handshakes with the server."
-    ),
-    cmd!(
-        "incr",
-        2,
-        WF,
-        1,
-        1,
-        1,
-        "key",
-        "Increments the integer value of a key by one."
-    ),
-    cmd!(
-        "incrby",
-        3,
-        WF,
-        1,
-        1,
-        1,
-        "key increment",
-        "Increments the integer value of a key by a number."
-    ),
-    cmd!(
-        "info",
-        -1,
-        NS,
-        0,
-        0,
-        0,
-        "[section …]",
-        "Returns server information and statistics."
-    ),
-    cmd!(
-        "keys",
-        2,
-        R,
-        0,
-        0,
-        0,
-        "pattern",
-        "Returns all keys matching a glob pattern."
-    ),
-    cmd!(
-        "mget",
-        -2,
-        RF,
-        1,
-        -1,
-        1,
-        "key [key …]",
-        "Returns the values of several keys."
-    ),
-    cmd!(
-        "mset",
-        -3,
-        W,
-        1,
-        -1,
-        2,
-        "key value [key value …]",
-        "Sets several keys at once (atomically)."
-    ),
-    cmd!(
-        "msetnx",
-        -3,
-        W,
-        1,
-        -1,
-        2,
-        "key value [key value …]",
-        "Sets several keys only if none of them exists."
-    ),
-    cmd!(
-        "ping",
-        -1,
-        F,
-        0,
-        0,
-        0,
-        "[message]",
-        "Returns PONG, or the message."
-    ),
-    cmd!("quit", -1, AUTHF, 0, 0, 0, "", "Closes the connection."),
-    cmd!(
-        "readonly",
-        1,
-        F,
-        0,
-        0,
-        0,
-        "",
-        "Allows reads from a follower on this connection."
-    ),
-    cmd!(
-        "readwrite",
-        1,
-        F,
-        0,
-        0,
-        0,
-        "",
-        "Ends READONLY on this connection."
-    ),
-    cmd!(
-        "scan",
-        -2,
-        R,
-        0,
-        0,
-        0,
-        "cursor [MATCH pattern] [COUNT count] [TYPE type]",
-        "Iterates over the keys."
-    ),
-    cmd!(
-        "select",
-        2,
-        NS,
-        0,
-        0,
-        0,
-        "index",
-        "Selects a database (only 0 exists)."
-    ),
-    cmd!(
-        "set",
-        -3,
-        W,
-        1,
-        1,
-        1,
-        "key value [NX|XX] [GET] [EX seconds|PX milliseconds|EXAT unix-time-seconds|PXAT unix-time-milliseconds|KEEPTTL]",
-        "Sets the value of a key."
-    ),
-    cmd!(
-        "setnx",
-        3,
-        WF,
-        1,
-        1,
-        1,
-        "key value",
-        "Sets a key only if it does not exist."
-    ),
-    cmd!(
-        "strlen",
-        2,
-        RF,
-        1,
-        1,
-        1,
-        "key",
-        "Returns the length of a value."
-    ),
-    cmd!("time", 1, F, 0, 0, 0, "", "Returns the server time."),
-    cmd!("type", 2, RF, 1, 1, 1, "key", "Returns the type of a key."),
-    cmd!(
-        "unlink",
-        -2,
-        WD,
-        1,
-        -1,
-        1,
-        "key [key …]",
-        "Deletes keys (same as DEL here)."
-    ),
-    cmd!(
-        "wait",
-        3,
-        NS,
-        0,
-        0,
-        0,
-        "numreplicas timeout",
-        "Waits until writes reach this many replicas."
-    ),
+    cmd!("auth", -2, AUTHF, false, 0, 0, 0, "[username] password", "Authenticates the connection."),
+    cmd!("client", -2, NS, false, 0, 0, 0, "ID|GETNAME|SETNAME name|INFO|LIST|SETINFO …", "Connection introspection and naming."),
+    cmd!("command", -1, NS, false, 0, 0, 0, "[COUNT|DOCS|INFO|LIST [name …]]", "Describes the commands this server knows."),
+    cmd!("config", -2, NS, false, 0, 0, 0, "GET parameter [parameter …]|SET|RESETSTAT", "Reads server settings."),
+    cmd!("dbsize", 1, RF, false, 0, 0, 0, "", "Returns the number of keys."),
+    cmd!("decr", 2, WF, true, 1, 1, 1, "key", "Decrements the integer value of a key by one."),
+    cmd!("decrby", 3, WF, true, 1, 1, 1, "key decrement", "Decrements the integer value of a key by a number."),
+    cmd!("del", -2, W, true, 1, -1, 1, "key [key …]", "Deletes keys; returns how many existed."),
+    cmd!("echo", 2, F, false, 0, 0, 0, "message", "Returns the message."),
+    cmd!("exists", -2, RF, false, 1, -1, 1, "key [key …]", "Counts how many of the keys exist."),
+    cmd!("get", 2, RF, false, 1, 1, 1, "key", "Returns the value of a key, or nil."),
+    cmd!("hello", -1, AUTHF, false, 0, 0, 0, "[protover [AUTH username password] [SETNAME name]]", "Handshakes with the server."),
+    cmd!("incr", 2, WF, true, 1, 1, 1, "key", "Increments the integer value of a key by one."),
+    cmd!("incrby", 3, WF, true, 1, 1, 1, "key increment", "Increments the integer value of a key by a number."),
+    cmd!("info", -1, NS, false, 0, 0, 0, "[section …]", "Returns server information and statistics."),
+    cmd!("keys", 2, R, false, 0, 0, 0, "pattern", "Returns all keys matching a glob pattern."),
+    cmd!("mget", -2, RF, false, 1, -1, 1, "key [key …]", "Returns the values of several keys."),
+    cmd!("mset", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys at once (atomically)."),
+    cmd!("msetnx", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys only if none of them exists."),
+    cmd!("ping", -1, F, false, 0, 0, 0, "[message]", "Returns PONG, or the message."),
+    cmd!("quit", -1, AUTHF, false, 0, 0, 0, "", "Closes the connection."),
+    cmd!("readonly", 1, F, false, 0, 0, 0, "", "Allows reads from a follower on this connection."),
+    cmd!("readwrite", 1, F, false, 0, 0, 0, "", "Ends READONLY on this connection."),
+    cmd!("scan", -2, R, false, 0, 0, 0, "cursor [MATCH pattern] [COUNT count] [TYPE type]", "Iterates over the keys."),
+    cmd!("select", 2, NS, false, 0, 0, 0, "index", "Selects a database (only 0 exists)."),
+    cmd!("set", -3, W, true, 1, 1, 1, "key value [NX|XX] [GET] [EX seconds|PX milliseconds|EXAT unix-time-seconds|PXAT unix-time-milliseconds|KEEPTTL]", "Sets the value of a key."),
+    cmd!("setnx", 3, WF, true, 1, 1, 1, "key value", "Sets a key only if it does not exist."),
+    cmd!("strlen", 2, RF, false, 1, 1, 1, "key", "Returns the length of a value."),
+    cmd!("time", 1, F, false, 0, 0, 0, "", "Returns the server time."),
+    cmd!("type", 2, RF, false, 1, 1, 1, "key", "Returns the type of a key."),
+    cmd!("unlink", -2, WD, true, 1, -1, 1, "key [key …]", "Deletes keys (same as DEL here)."),
+    cmd!("wait", 3, NS, false, 0, 0, 0, "numreplicas timeout", "Waits until writes reach this many replicas."),
 ];
 
 /// The command list as a Markdown table, for the README (kept equal by a test).
@@ -538,11 +300,23 @@ const ERR_SYNTAX: &str = "ERR syntax error";
 pub fn dispatch(
     ctx: &Context,
     s: &mut Session,
+    args: Vec<Vec<u8>>,
+    out: &mut Vec<u8>,
+) -> Dispatched {
+    let spec = args.first().and_then(|n| lookup(n));
+    dispatch_spec(ctx, s, spec, args, out)
+}
+
+/// [`dispatch`] for a caller that already looked the command up.
+pub fn dispatch_spec(
+    ctx: &Context,
+    s: &mut Session,
+    spec: Option<&'static CommandSpec>,
     mut args: Vec<Vec<u8>>,
     out: &mut Vec<u8>,
 ) -> Dispatched {
     ctx.stats.total_commands.fetch_add(1, Ordering::Relaxed);
-    let Some(spec) = args.first().and_then(|n| lookup(n)) else {
+    let Some(spec) = spec else {
         let name = args
             .first()
             .map(|n| String::from_utf8_lossy(n).into_owned())
@@ -1283,6 +1057,13 @@ mod tests {
             want,
             "README's command list is stale: run `UPDATE_README=1 cargo test readme`"
         );
+    }
+
+    #[test]
+    fn write_flag_matches_flags() {
+        for c in COMMANDS {
+            assert_eq!(c.write, c.flags.contains(&"write"), "{}", c.name);
+        }
     }
 
     #[test]

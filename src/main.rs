@@ -10,6 +10,9 @@ use kvstore::wal::{self, FsyncPolicy};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The port a server listens on when none is given (Redis's 6379 + 1000).
 const DEFAULT_PORT: u16 = 7379;
 

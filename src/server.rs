@@ -382,16 +382,17 @@ impl Connection {
                     break;
                 }
             };
-            let is_write = commands::lookup(&args[0]).is_some_and(|c| c.flags.contains(&"write"));
-            if !is_write {
+            let spec = commands::lookup(&args[0]);
+            if !spec.is_some_and(|c| c.write) {
                 self.commit();
-                let _ = commands::dispatch(&ctx, &mut self.session, args, &mut self.output);
+                let _ =
+                    commands::dispatch_spec(&ctx, &mut self.session, spec, args, &mut self.output);
                 continue;
             }
             // A write that fails validation answers at once: its error must not overtake
             // the replies of the writes queued before it.
             let mut early = Vec::new();
-            match commands::dispatch(&ctx, &mut self.session, args, &mut early) {
+            match commands::dispatch_spec(&ctx, &mut self.session, spec, args, &mut early) {
                 Dispatched::Write(op, how) => self.pending.push((op, how)),
                 Dispatched::Done => {
                     self.commit();

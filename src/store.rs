@@ -144,6 +144,12 @@ pub struct Db {
 pub const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 pub const ERR_OVERFLOW: &str = "ERR increment or decrement would overflow";
 
+/// What replacing a value of `old` bytes by one of `new_len` bytes adds to the live bytes
+/// (wrapping: the caller adds it, so a shrink subtracts).
+fn value_len_delta(old: &[u8], new_len: u64) -> u64 {
+    new_len.wrapping_sub(old.len() as u64)
+}
+
 fn item_cost(k: &[u8], v: &[u8]) -> u64 {
     (k.len() + v.len()) as u64 + ITEM_OVERHEAD
 }
@@ -205,6 +211,70 @@ impl Db {
         }
     }
 
+    /// SET with one hash lookup: the hot path of every write benchmark.
+    fn apply_set(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        expiry: Expiry,
+        condition: Condition,
+        get: bool,
+        now: u64,
+    ) -> OpResult {
+        use std::collections::hash_map::Entry as Slot;
+        let value = value.into_boxed_slice();
+        let key_len = key.len() as u64;
+        let new_cost = item_cost(&key, &value);
+        let slot = self.map.entry(key.into_boxed_slice());
+        let live = match &slot {
+            Slot::Occupied(o) if !o.get().expired(now) => Some(o.get()),
+            _ => None,
+        };
+        let ok = match condition {
+            Condition::Always => true,
+            Condition::IfMissing => live.is_none(),
+            Condition::IfExists => live.is_some(),
+        };
+        let old = if get {
+            live.map(|i| i.value.to_vec())
+        } else {
+            None
+        };
+        let expire_at = match expiry {
+            Expiry::Never => 0,
+            Expiry::At(t) => t,
+            Expiry::Keep => live.map_or(0, |i| i.expire_at),
+        };
+        // A deadline already past deletes the key, as in Redis.
+        let delete = ok && expire_at != 0 && expire_at <= now;
+        match slot {
+            Slot::Occupied(mut o) => {
+                let dead = o.get().expired(now);
+                if delete || (dead && !ok) {
+                    let gone = o.remove();
+                    self.live_bytes -= key_len + gone.value.len() as u64 + ITEM_OVERHEAD;
+                } else if ok {
+                    let prev = o.insert(Item { value, expire_at });
+                    self.live_bytes = self.live_bytes.wrapping_add(value_len_delta(
+                        &prev.value,
+                        new_cost - key_len - ITEM_OVERHEAD,
+                    ));
+                }
+            }
+            Slot::Vacant(v) => {
+                if ok && !delete {
+                    v.insert(Item { value, expire_at });
+                    self.live_bytes += new_cost;
+                }
+            }
+        }
+        match (get, ok) {
+            (true, _) => OpResult::Old(old),
+            (false, true) => OpResult::Ok,
+            (false, false) => OpResult::NotSet,
+        }
+    }
+
     /// Applies one committed entry. Deterministic: depends only on the map and the entry.
     pub fn apply(&mut self, entry: Entry) -> OpResult {
         self.applied = entry.index;
@@ -217,40 +287,7 @@ impl Db {
                 expiry,
                 condition,
                 get,
-            } => {
-                self.purge_expired(&key, now);
-                let existing = self.map.get(&key[..]);
-                let ok = match condition {
-                    Condition::Always => true,
-                    Condition::IfMissing => existing.is_none(),
-                    Condition::IfExists => existing.is_some(),
-                };
-                let old = existing.map(|i| i.value.to_vec());
-                let expire_at = match expiry {
-                    Expiry::Never => 0,
-                    Expiry::At(t) => t,
-                    Expiry::Keep => existing.map_or(0, |i| i.expire_at),
-                };
-                if ok {
-                    if expire_at != 0 && expire_at <= now {
-                        // Redis deletes a key set with a deadline already past.
-                        self.remove(&key);
-                    } else {
-                        self.insert(
-                            key.into_boxed_slice(),
-                            Item {
-                                value: value.into_boxed_slice(),
-                                expire_at,
-                            },
-                        );
-                    }
-                }
-                match (get, ok) {
-                    (true, _) => OpResult::Old(old),
-                    (false, true) => OpResult::Ok,
-                    (false, false) => OpResult::NotSet,
-                }
-            }
+            } => self.apply_set(key, value, expiry, condition, get, now),
             Op::Del { keys } => {
                 let mut n = 0;
                 for k in keys {
@@ -365,6 +402,21 @@ pub struct LogInfo {
 type SnapshotRow = (Box<[u8]>, Box<[u8]>, u64);
 
 type Outcome = Result<Vec<OpResult>, String>;
+
+/// The answers of one flush: each waiter, how many entries were its, and its outcome.
+/// Dropping it wakes every waiter; one whose outcome was never set (the flusher panicked)
+/// learns that its writes' outcome is unknown rather than waiting forever.
+struct Deliveries(Vec<(Arc<Ticket>, usize, Option<Outcome>)>);
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        for (t, _, outcome) in self.0.drain(..) {
+            *t.outcome.lock() =
+                Some(outcome.unwrap_or_else(|| Err("internal error while committing".to_string())));
+            t.thread.unpark();
+        }
+    }
+}
 
 /// A waiter for one batch of entries.
 struct Ticket {
@@ -590,9 +642,12 @@ impl Store {
                 return outcome.map_err(StoreError::WriteFailed);
             }
             if let Some(mut wal) = self.inner.wal.try_lock() {
-                self.flush(&mut wal);
+                let deliveries = self.flush(&mut wal);
+                // Hand the writer on before waking anyone: the next batch's write and
+                // fsync then overlap with this batch's wake-ups.
                 drop(wal);
                 self.wake_next_flusher();
+                drop(deliveries);
                 continue;
             }
             // The flusher unparks us with our outcome, or to take over the flush; the
@@ -665,12 +720,12 @@ impl Store {
     }
 
     /// Writes, syncs and applies everything queued. Called with the writer held.
-    fn flush(&self, wal: &mut Wal) {
+    fn flush(&self, wal: &mut Wal) -> Deliveries {
         let inner = &*self.inner;
         let (buf, entries, tickets) = {
             let mut q = inner.queue.lock();
             if q.entries.is_empty() {
-                return;
+                return Deliveries(Vec::new());
             }
             let buf = std::mem::take(&mut q.buf);
             (
@@ -679,6 +734,8 @@ impl Store {
                 std::mem::take(&mut q.tickets),
             )
         };
+        // From here on every waiter gets an answer, even if this thread panics.
+        let mut deliveries = Deliveries(tickets.into_iter().map(|(t, n)| (t, n, None)).collect());
         let last = entries.last().map_or(0, |e| e.index);
         let pruned = inner.pruned.swap(0, Ordering::Relaxed);
         if pruned > 0 {
@@ -707,19 +764,16 @@ impl Store {
                     db.live_bytes
                 };
                 let mut results = results.into_iter();
-                for (t, n) in tickets {
-                    let mine: Vec<OpResult> = results.by_ref().take(n).collect();
-                    *t.outcome.lock() = Some(Ok(mine));
-                    t.thread.unpark();
+                for (_, n, outcome) in &mut deliveries.0 {
+                    *outcome = Some(Ok(results.by_ref().take(*n).collect()));
                 }
                 self.maybe_compact(wal, live_bytes);
             }
             Err(why) => {
                 log::error!("{}", StoreError::WriteFailed(why.clone()));
                 *inner.failed.lock() = Some(why.clone());
-                for (t, _) in tickets {
-                    *t.outcome.lock() = Some(Err(why.clone()));
-                    t.thread.unpark();
+                for (_, _, outcome) in &mut deliveries.0 {
+                    *outcome = Some(Err(why.clone()));
                 }
             }
         }
@@ -731,6 +785,7 @@ impl Store {
         if q.buf.is_empty() && q.buf.capacity() < buf.capacity() {
             std::mem::swap(&mut q.buf, &mut buf);
         }
+        deliveries
     }
 
     fn maybe_compact(&self, wal: &mut Wal, live_bytes: u64) {
@@ -812,10 +867,11 @@ impl Store {
     /// fsyncs the log now, whatever the policy (shutdown calls this).
     pub fn sync(&self) -> Result<(), StoreError> {
         let mut wal = self.inner.wal.lock();
-        self.flush(&mut wal);
+        let deliveries = self.flush(&mut wal);
         let r = wal.sync().map_err(StoreError::from);
         drop(wal);
         self.wake_next_flusher();
+        drop(deliveries);
         r
     }
 

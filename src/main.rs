@@ -200,6 +200,13 @@ fn run_server(a: ServerArgs) -> ExitCode {
             ..Limits::default()
         },
     };
+    let signals = match server::block_shutdown_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kvstore: cannot block shutdown signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let server = match Server::bind(cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -208,7 +215,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = server::handle_signals(server.shutdown_handle()) {
+    if let Err(e) = signals.shut_down_on_signal(server.shutdown_handle()) {
         eprintln!("kvstore: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
     }

@@ -536,11 +536,16 @@ fn poll(fd: i32, read: bool, write: bool) -> io::Result<(bool, bool)> {
     ))
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread (and every thread it starts later) and
-/// starts a thread that waits for them and shuts the server down. Call before spawning
-/// any other thread.
-pub fn handle_signals(handle: ShutdownHandle) -> io::Result<()> {
-    // SAFETY: plain libc signal-set manipulation on local, initialised sets.
+/// SIGTERM and SIGINT, blocked so that only a dedicated thread receives them.
+pub struct ShutdownSignals {
+    set: libc::sigset_t,
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts later. Call
+/// first thing in `main`, before any thread exists (the store's background threads
+/// included): a thread started earlier would still receive them and die of them.
+pub fn block_shutdown_signals() -> io::Result<ShutdownSignals> {
+    // SAFETY: plain libc signal-set manipulation on a local, initialised set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -550,11 +555,20 @@ pub fn handle_signals(handle: ShutdownHandle) -> io::Result<()> {
         if r != 0 {
             return Err(io::Error::from_raw_os_error(r));
         }
+        Ok(ShutdownSignals { set })
+    }
+}
+
+impl ShutdownSignals {
+    /// Starts the thread that waits for the signals and shuts the server down. A signal
+    /// that arrived earlier (say, during recovery) is pending and is handled at once.
+    pub fn shut_down_on_signal(self, handle: ShutdownHandle) -> io::Result<()> {
         thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 let mut sig = 0;
-                if libc::sigwait(&set, &mut sig) == 0 {
+                // SAFETY: waits on a valid, initialised signal set.
+                if unsafe { libc::sigwait(&self.set, &mut sig) } == 0 {
                     log::info!(
                         "received {}, shutting down",
                         if sig == libc::SIGTERM {
@@ -566,6 +580,6 @@ pub fn handle_signals(handle: ShutdownHandle) -> io::Result<()> {
                     handle.shutdown();
                 }
             })?;
+        Ok(())
     }
-    Ok(())
 }

@@ -688,10 +688,6 @@ impl Store {
             wal::encode_entry(e, &mut buf);
         }
         let last = first + entries.len() as u64 - 1;
-        let pruned = inner.pruned.swap(0, Ordering::Relaxed);
-        if pruned > 0 {
-            wal.note_pruned(pruned);
-        }
         let res = wal.append(&buf, last);
         buf.clear();
         inner.queue.lock().buf = buf;
@@ -737,10 +733,6 @@ impl Store {
         // From here on every waiter gets an answer, even if this thread panics.
         let mut deliveries = Deliveries(tickets.into_iter().map(|(t, n)| (t, n, None)).collect());
         let last = entries.last().map_or(0, |e| e.index);
-        let pruned = inner.pruned.swap(0, Ordering::Relaxed);
-        if pruned > 0 {
-            wal.note_pruned(pruned);
-        }
         let res = match &*inner.failed.lock() {
             Some(why) => Err(why.clone()),
             None => wal.append(&buf, last).map_err(|e| e.to_string()),
@@ -790,6 +782,12 @@ impl Store {
 
     fn maybe_compact(&self, wal: &mut Wal, live_bytes: u64) {
         let o = &self.inner.opts;
+        // A compaction that finished since the append freed segments: count them first,
+        // or a second compaction would start on a log that is already small.
+        let pruned = self.inner.pruned.swap(0, Ordering::Relaxed);
+        if pruned > 0 {
+            wal.note_pruned(pruned);
+        }
         let log_bytes = wal.log_bytes();
         if log_bytes < o.compact_min_bytes
             || log_bytes.saturating_mul(100) < live_bytes.saturating_mul(o.compact_percentage)

@@ -86,6 +86,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("command", -1, NS, false, 0, 0, 0, "[COUNT|DOCS|INFO|LIST [name …]]", "Describes the commands this server knows."),
     cmd!("config", -2, NS, false, 0, 0, 0, "GET parameter [parameter …]|SET|RESETSTAT", "Reads server settings."),
     cmd!("dbsize", 1, RF, false, 0, 0, 0, "", "Returns the number of keys."),
+    cmd!("debug", -2, AUTHF, false, 0, 0, 0, "PANIC|SLEEP seconds", "Debugging aids; refused unless the server runs with --enable-debug-command."),
     cmd!("decr", 2, WF, true, 1, 1, 1, "key", "Decrements the integer value of a key by one."),
     cmd!("decrby", 3, WF, true, 1, 1, 1, "key decrement", "Decrements the integer value of a key by a number."),
     cmd!("del", -2, W, true, 1, -1, 1, "key [key …]", "Deletes keys; returns how many existed."),
@@ -154,6 +155,7 @@ pub fn arity_ok(spec: &CommandSpec, argc: usize) -> bool {
 /// The documentation group of a command (COMMAND DOCS, client help).
 pub fn group(name: &str) -> &'static str {
     match name {
+        "debug" => "server",
         "auth" | "client" | "echo" | "hello" | "ping" | "quit" | "select" | "readonly"
         | "readwrite" => "connection",
         "command" | "config" | "dbsize" | "info" | "time" => "server",
@@ -174,6 +176,8 @@ pub struct Settings {
     pub bind: String,
     pub proto_max_bulk_len: usize,
     pub node_id: u64,
+    /// Allow DEBUG (PANIC, SLEEP), as Redis's `enable-debug-command`.
+    pub enable_debug_command: bool,
 }
 
 impl Default for Settings {
@@ -185,6 +189,7 @@ impl Default for Settings {
             bind: "127.0.0.1".into(),
             proto_max_bulk_len: 512 << 20,
             node_id: 0,
+            enable_debug_command: false,
         }
     }
 }
@@ -502,6 +507,7 @@ pub fn dispatch_spec(
         "client" => client(ctx, s, &args, out),
         "command" => command(s, &args, out),
         "config" => config(ctx, s, &args, out),
+        "debug" => debug(ctx, s, &args, out),
         "info" => {
             let text = crate::info::render(ctx, &args[1..]);
             write_verbatim(out, "txt", text.as_bytes(), p);
@@ -809,6 +815,42 @@ fn hello(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
     write_bulk(out, b"master");
     write_bulk(out, b"modules");
     write_array_len(out, 0);
+}
+
+fn debug(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
+    if !ctx.settings.enable_debug_command {
+        write_error(
+            out,
+            "ERR DEBUG command not allowed. If the enable-debug-command option is set to \"no\", \
+             you can change it by starting the server with --enable-debug-command",
+        );
+        return;
+    }
+    let sub = args[1].to_ascii_uppercase();
+    match (&sub[..], args.len()) {
+        // Exercises the server's promise that a panic in one connection's thread closes
+        // that connection only.
+        (b"PANIC", 2) => panic!("DEBUG PANIC requested by client {}", s.id),
+        (b"SLEEP", 3) => {
+            match std::str::from_utf8(&args[2])
+                .ok()
+                .and_then(|x| x.parse::<f64>().ok())
+            {
+                Some(secs) if (0.0..=3600.0).contains(&secs) => {
+                    std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+                    write_simple(out, "OK");
+                }
+                _ => write_error(out, "ERR value is not a valid float"),
+            }
+        }
+        _ => write_error(
+            out,
+            &format!(
+                "ERR unknown subcommand or wrong number of arguments for '{}'. Try DEBUG HELP.",
+                String::from_utf8_lossy(&args[1])
+            ),
+        ),
+    }
 }
 
 fn set_name(ctx: &Context, s: &Session, name: &[u8]) -> Result<(), &'static str> {

@@ -74,6 +74,10 @@ struct ServerArgs {
     /// Largest bulk string a client may send, in bytes.
     #[arg(long, env = "KVSTORE_PROTO_MAX_BULK_LEN", default_value_t = 512 * 1024 * 1024)]
     proto_max_bulk_len: usize,
+    /// Allow the DEBUG command (DEBUG PANIC, DEBUG SLEEP), for testing; off by default,
+    /// as in Redis.
+    #[arg(long, env = "KVSTORE_ENABLE_DEBUG_COMMAND")]
+    enable_debug_command: bool,
     /// Start a new log segment past this many bytes.
     #[arg(long, env = "KVSTORE_SEGMENT_SIZE", default_value_t = 64 * 1024 * 1024)]
     segment_size: u64,
@@ -194,6 +198,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
             bind: a.bind,
             proto_max_bulk_len: a.proto_max_bulk_len,
             node_id: a.id.unwrap_or(a.port as u64),
+            enable_debug_command: a.enable_debug_command,
         },
         limits: Limits {
             max_bulk_len: a.proto_max_bulk_len,

@@ -441,10 +441,16 @@ struct Inner {
     /// Holding this lock is being the flusher.
     wal: Mutex<Wal>,
     epoch: AtomicU64,
-    failed: Mutex<Option<String>>,
+    /// Why the log stopped taking writes, once a write to it failed. Read on every write,
+    /// so a `OnceLock`: no lock to contend on.
+    failed: std::sync::OnceLock<String>,
     compacting: AtomicBool,
     /// Bytes freed by a background compaction, not yet subtracted from the writer's count.
     pruned: AtomicU64,
+    /// Writers in the last group commit, and how long its append and fsync took (for
+    /// [`Store::linger`]).
+    last_batch_writers: AtomicU64,
+    last_fsync_nanos: AtomicU64,
     stats: Stats,
     recovery: RecoveryReport,
 }
@@ -513,9 +519,11 @@ impl Store {
             db: Mutex::new(db),
             queue: Mutex::new(queue),
             wal: Mutex::new(wal),
-            failed: Mutex::new(None),
+            failed: std::sync::OnceLock::new(),
             compacting: AtomicBool::new(false),
             pruned: AtomicU64::new(0),
+            last_batch_writers: AtomicU64::new(0),
+            last_fsync_nanos: AtomicU64::new(0),
             stats: Stats::default(),
             recovery,
         });
@@ -609,7 +617,7 @@ impl Store {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
-        if let Some(why) = &*self.inner.failed.lock() {
+        if let Some(why) = self.inner.failed.get() {
             return Err(StoreError::WriteFailed(why.clone()));
         }
         if self.inner.opts.fsync != FsyncPolicy::Always {
@@ -642,12 +650,14 @@ impl Store {
                 return outcome.map_err(StoreError::WriteFailed);
             }
             if let Some(mut wal) = self.inner.wal.try_lock() {
+                self.linger();
                 let deliveries = self.flush(&mut wal);
-                // Hand the writer on before waking anyone: the next batch's write and
-                // fsync then overlap with this batch's wake-ups.
                 drop(wal);
-                self.wake_next_flusher();
+                // Wake this batch's waiters before the next flusher: by the time it takes
+                // the queue, their clients' next writes have had a chance to join it, so
+                // one fsync covers more of them.
                 drop(deliveries);
+                self.wake_next_flusher();
                 continue;
             }
             // The flusher unparks us with our outcome, or to take over the flush; the
@@ -662,7 +672,7 @@ impl Store {
     fn write_direct(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
         let inner = &*self.inner;
         let mut wal = inner.wal.lock();
-        if let Some(why) = &*inner.failed.lock() {
+        if let Some(why) = inner.failed.get() {
             return Err(StoreError::WriteFailed(why.clone()));
         }
         let (first, mut buf) = {
@@ -694,7 +704,7 @@ impl Store {
         if let Err(e) = res {
             let why = e.to_string();
             log::error!("{}", StoreError::WriteFailed(why.clone()));
-            *inner.failed.lock() = Some(why.clone());
+            let _ = inner.failed.set(why.clone());
             return Err(StoreError::WriteFailed(why));
         }
         inner.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -705,6 +715,28 @@ impl Store {
         };
         self.maybe_compact(&mut wal, live_bytes);
         Ok(results)
+    }
+
+    /// Group commit's batching delay (PostgreSQL's `commit_delay`, made adaptive): when
+    /// the last fsync covered several writers, they are likely about to send their next
+    /// writes, so the new flusher lets them run and join the batch (for at most half an
+    /// fsync's time, or until as many writers as last time are queued) rather than pay a
+    /// whole fsync for the one or two that happened to arrive first. A lone writer never
+    /// waits.
+    fn linger(&self) {
+        let inner = &*self.inner;
+        let want = inner.last_batch_writers.load(Ordering::Relaxed) as usize;
+        if want <= 1 {
+            return;
+        }
+        let budget = Duration::from_nanos(inner.last_fsync_nanos.load(Ordering::Relaxed) / 2)
+            .min(Duration::from_millis(2));
+        let start = std::time::Instant::now();
+        while inner.queue.lock().tickets.len() < want && start.elapsed() < budget {
+            // Sleep rather than spin: on a small machine the writers we wait for need
+            // this core.
+            thread::park_timeout(Duration::from_micros(20));
+        }
     }
 
     /// Wakes the oldest queued waiter, who will take the writer and flush.
@@ -733,10 +765,17 @@ impl Store {
         // From here on every waiter gets an answer, even if this thread panics.
         let mut deliveries = Deliveries(tickets.into_iter().map(|(t, n)| (t, n, None)).collect());
         let last = entries.last().map_or(0, |e| e.index);
-        let res = match &*inner.failed.lock() {
+        let started = std::time::Instant::now();
+        let res = match inner.failed.get() {
             Some(why) => Err(why.clone()),
             None => wal.append(&buf, last).map_err(|e| e.to_string()),
         };
+        inner
+            .last_fsync_nanos
+            .store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        inner
+            .last_batch_writers
+            .store(deliveries.0.len() as u64, Ordering::Relaxed);
         match res {
             Ok(()) => {
                 inner.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -763,7 +802,7 @@ impl Store {
             }
             Err(why) => {
                 log::error!("{}", StoreError::WriteFailed(why.clone()));
-                *inner.failed.lock() = Some(why.clone());
+                let _ = inner.failed.set(why.clone());
                 for (_, _, outcome) in &mut deliveries.0 {
                     *outcome = Some(Err(why.clone()));
                 }
@@ -897,7 +936,7 @@ impl Store {
             compacting: self.inner.compacting.load(Ordering::Relaxed),
             compactions: self.inner.stats.compactions.load(Ordering::Relaxed),
             fsyncs: self.inner.stats.fsyncs.load(Ordering::Relaxed),
-            write_error: self.inner.failed.lock().clone(),
+            write_error: self.inner.failed.get().cloned(),
             recovery: self.inner.recovery.clone(),
         }
     }

@@ -43,7 +43,7 @@ pub const OUTPUT_PAUSE: usize = 64 << 20;
 pub const MAX_OUTPUT: usize = 1 << 30;
 /// Close a connection whose unparsed input exceeds this (Redis's client-query-buffer-limit).
 pub const MAX_QUERY_BUFFER: usize = 1 << 30;
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
 
 /// Everything needed to start a server.
 #[derive(Debug, Clone)]

@@ -1,19 +1,24 @@
 //! The TCP server: accept loop, one OS thread per connection, graceful shutdown.
 //!
-//! A connection thread owns its socket, an input buffer and an output buffer. Bytes enter
-//! through `recv` into the input buffer; [`RequestParser`] cuts whole requests off its
-//! front; [`commands::dispatch`] answers each into the output buffer, except writes, which
-//! are collected and committed together ([`Store::write`]) so a pipeline of N writes costs
-//! one log append and one fsync; all replies then leave in one `send`.
+//! A connection thread owns its socket and an input buffer, and shares an output buffer
+//! (its *outbox*) with the completions of its writes. Bytes enter through `recv` into the
+//! input buffer; [`RequestParser`] cuts whole requests off its front;
+//! [`commands::dispatch_spec`] answers reads into the outbox, and writes are collected and
+//! submitted together ([`Store::submit`]) so a pipeline of N writes costs one log append.
+//! Under `--fsync always` the log writer thread runs the completion, which renders the
+//! replies into the outbox and sends them; otherwise the completion runs at once on the
+//! connection's own thread. Replies leave in request order: a read (or an error) that
+//! follows writes waits until those writes are answered, which also gives
+//! read-your-writes.
 //!
 //! Flow control, so a client that pipelines without reading cannot deadlock us (DESIGN.md,
 //! "Limits on bad input"): replies are sent with `MSG_DONTWAIT`. If the client is not
-//! reading, the rest waits in the output buffer and the thread switches to `poll`ing for
-//! both directions, still reading requests. Past [`OUTPUT_PAUSE`] pending bytes it stops
-//! executing (but keeps buffering input up to [`MAX_QUERY_BUFFER`]); past
-//! [`MAX_OUTPUT`] it closes the connection, like Redis's `client-output-buffer-limit`.
-//! When nothing is pending, the thread simply blocks in `recv`: two system calls per
-//! request-reply round trip.
+//! reading, the rest waits in the outbox and the thread `poll`s for both directions (and
+//! for an eventfd the log writer signals when it leaves replies unsent), still reading
+//! requests. Past [`OUTPUT_PAUSE`] unsent bytes it stops executing (but keeps buffering
+//! input up to [`MAX_QUERY_BUFFER`]); past [`MAX_OUTPUT`] it closes the connection, like
+//! Redis's `client-output-buffer-limit`. When nothing is owed and no write is in flight,
+//! the thread simply blocks in `recv`.
 //!
 //! Shutdown ([`ShutdownHandle::shutdown`], SIGTERM/SIGINT in the binary): the accept loop
 //! stops, every connection's read side is shut, so each thread sees end-of-input, answers
@@ -23,18 +28,19 @@
 //! server goes on.
 
 use crate::commands::{self, Context, Dispatched, Reply, Session, Settings};
+use crate::protocol::Proto;
 use crate::protocol::{Limits, RequestParser, write_error};
-use crate::store::{Options, Store, StoreError};
+use crate::store::{OpResult, Options, Store, StoreError};
 use crate::wal::Op;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
+use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 /// Stop executing a connection's requests while this many reply bytes wait unsent.
@@ -221,7 +227,10 @@ impl Server {
                 move || {
                     let _guard = Guard(Some(cleanup));
                     let r = catch_unwind(AssertUnwindSafe(|| {
-                        Connection::new(ctx, session, stream, limits).serve()
+                        match Connection::new(ctx, session, stream, limits) {
+                            Ok(c) => c.serve(),
+                            Err(e) => log::error!("cannot set up connection {id}: {e}"),
+                        }
                     }));
                     if let Err(panic) = r {
                         let msg = panic
@@ -258,19 +267,123 @@ fn reject(mut stream: TcpStream, msg: &str) {
     let _ = io::Write::write_all(&mut stream, &out);
 }
 
+/// Replies waiting to be sent. Shared between the connection's thread and the log
+/// writer, which answers a committed write itself (render, send), so a connection thread
+/// wakes only for its client's input, not once more for every commit.
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already sent.
+    sent: usize,
+    /// Write batches submitted to the store and not answered yet. Replies must leave in
+    /// request order, so the connection thread appends a reply of its own only when this
+    /// is zero (and anything it appended before a submission is already in `buf`).
+    inflight: usize,
+    /// The connection thread, parked until `inflight` is zero.
+    waiter: Option<Thread>,
+}
+
+impl Outbox {
+    fn unsent(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    /// Sends as much as the socket takes without blocking.
+    fn send(&mut self, stream: &TcpStream, ctx: &Context) -> io::Result<()> {
+        while self.sent < self.buf.len() {
+            match send_nonblocking(stream, &self.buf[self.sent..])? {
+                Some(n) => {
+                    self.sent += n;
+                    ctx.stats
+                        .net_output_bytes
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                None => return Ok(()),
+            }
+        }
+        self.buf.clear();
+        self.sent = 0;
+        if self.buf.capacity() > 4 << 20 {
+            // Don't keep a huge buffer alive for an idle connection.
+            self.buf.shrink_to(16 * 1024);
+        }
+        Ok(())
+    }
+}
+
+/// What a connection shares with the completions of its writes.
+struct ConnShared {
+    ctx: Arc<Context>,
+    outbox: Mutex<Outbox>,
+    stream: TcpStream,
+    /// Signalled by a completion that could not send everything, so the connection
+    /// thread (perhaps asleep in `poll`) takes over the rest.
+    wake: OwnedFd,
+    owner: thread::ThreadId,
+}
+
+impl ConnShared {
+    fn signal(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a valid buffer to our own eventfd.
+        unsafe {
+            libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8);
+        }
+    }
+
+    fn drain_signal(&self) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a valid buffer from our own (non-blocking)
+        // eventfd.
+        unsafe {
+            libc::read(self.wake.as_raw_fd(), buf.as_mut_ptr().cast(), 8);
+        }
+    }
+
+    /// The completion of a batch of writes: render each result in order, and if running
+    /// on the log writer's thread, send them right away.
+    fn complete(&self, res: Result<Vec<OpResult>, StoreError>, hows: Vec<Reply>, proto: Proto) {
+        let mut ob = self.outbox.lock();
+        match res {
+            Ok(results) => {
+                for (r, how) in results.iter().zip(hows) {
+                    commands::render_result(r, how, proto, &mut ob.buf);
+                }
+            }
+            Err(e) => {
+                let msg = format!("IOERR {e}");
+                for _ in hows {
+                    write_error(&mut ob.buf, &msg);
+                }
+            }
+        }
+        ob.inflight -= 1;
+        if ob.inflight == 0
+            && let Some(w) = ob.waiter.take()
+        {
+            w.unpark();
+        }
+        if thread::current().id() != self.owner {
+            // A send error means the client is gone; its thread will find out itself.
+            let _ = ob.send(&self.stream, &self.ctx);
+            if ob.unsent() > 0 {
+                self.signal();
+            }
+        }
+    }
+}
+
 /// One client connection.
 struct Connection {
     ctx: Arc<Context>,
+    shared: Arc<ConnShared>,
     session: Session,
     stream: TcpStream,
     parser: RequestParser,
     input: Vec<u8>,
     /// Bytes of `input` already parsed.
     consumed: usize,
-    output: Vec<u8>,
-    /// Bytes of `output` already sent.
-    sent: usize,
-    /// Writes parsed but not yet committed, in request order.
+    /// Writes parsed but not yet submitted, in request order.
     pending: Vec<(Op, Reply)>,
     /// No more input will be read (end of input, QUIT or a protocol error).
     closing: bool,
@@ -278,34 +391,70 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(ctx: Arc<Context>, session: Session, stream: TcpStream, limits: Limits) -> Self {
+    fn new(
+        ctx: Arc<Context>,
+        session: Session,
+        stream: TcpStream,
+        limits: Limits,
+    ) -> io::Result<Self> {
         let _ = stream.set_nodelay(true);
-        Connection {
+        // SAFETY: eventfd returns a new descriptor we own, or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        let shared = Arc::new(ConnShared {
+            ctx: ctx.clone(),
+            outbox: Mutex::new(Outbox {
+                buf: Vec::with_capacity(16 * 1024),
+                ..Outbox::default()
+            }),
+            stream: stream.try_clone()?,
+            wake,
+            owner: thread::current().id(),
+        });
+        Ok(Connection {
             ctx,
+            shared,
             session,
             stream,
             parser: RequestParser::new(limits),
             input: Vec::new(),
             consumed: 0,
-            output: Vec::with_capacity(16 * 1024),
-            sent: 0,
             pending: Vec::new(),
             closing: false,
             chunk: vec![0u8; READ_CHUNK].into_boxed_slice(),
-        }
-    }
-
-    fn unsent(&self) -> usize {
-        self.output.len() - self.sent
+        })
     }
 
     fn serve(mut self) {
         loop {
-            if self.unsent() == 0 {
-                if self.closing {
+            let (unsent, inflight) = {
+                let mut ob = self.shared.outbox.lock();
+                if ob.unsent() > 0 && ob.send(&self.stream, &self.ctx).is_err() {
                     return;
                 }
-                // Nothing to send: block for input.
+                (ob.unsent(), ob.inflight)
+            };
+            if unsent > MAX_OUTPUT {
+                log::warn!(
+                    "closing client {}: {unsent} bytes of replies unread (limit {MAX_OUTPUT})",
+                    self.session.id
+                );
+                return;
+            }
+            if self.closing && unsent == 0 {
+                if inflight == 0 {
+                    return;
+                }
+                // Answer every write the client sent before it went away.
+                self.wait_for_inflight();
+                continue;
+            }
+            if unsent == 0 && inflight == 0 {
+                // Nothing owed to the client and nothing can arrive for it: block for input.
                 match self.stream.read(&mut self.chunk) {
                     Ok(0) => self.closing = true,
                     Ok(n) => self.take_input(n),
@@ -313,13 +462,22 @@ impl Connection {
                     Err(_) => return,
                 }
             } else {
-                // Replies are waiting: wait until we can send, or read more.
+                // Replies are queued or will be: wait for input, for room to send, or for
+                // the log writer to hand back replies it could not send.
                 let want_read =
                     !self.closing && self.input.len() - self.consumed < MAX_QUERY_BUFFER;
-                let (readable, writable) = match poll(self.stream.as_raw_fd(), want_read, true) {
+                let (readable, woken) = match poll(
+                    self.stream.as_raw_fd(),
+                    want_read,
+                    unsent > 0,
+                    self.shared.wake.as_raw_fd(),
+                ) {
                     Ok(r) => r,
                     Err(_) => return,
                 };
+                if woken {
+                    self.shared.drain_signal();
+                }
                 if readable {
                     match recv_nonblocking(&self.stream, &mut self.chunk) {
                         Ok(Some(0)) => self.closing = true,
@@ -328,23 +486,9 @@ impl Connection {
                         Err(_) => return,
                     }
                 }
-                if writable && self.send().is_err() {
-                    return;
-                }
             }
-            if self.unsent() < OUTPUT_PAUSE {
+            if self.shared.outbox.lock().unsent() < OUTPUT_PAUSE {
                 self.process();
-            }
-            if self.unsent() > MAX_OUTPUT {
-                log::warn!(
-                    "closing client {}: {} bytes of replies unread (limit {MAX_OUTPUT})",
-                    self.session.id,
-                    self.unsent()
-                );
-                return;
-            }
-            if self.unsent() > 0 && self.send().is_err() {
-                return;
             }
         }
     }
@@ -362,10 +506,36 @@ impl Connection {
             .fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Executes every whole request buffered, committing writes in batches.
+    /// Parks until every submitted write has been answered.
+    fn wait_for_inflight(&self) {
+        loop {
+            {
+                let mut ob = self.shared.outbox.lock();
+                if ob.inflight == 0 {
+                    ob.waiter = None;
+                    return;
+                }
+                ob.waiter = Some(thread::current());
+            }
+            thread::park();
+        }
+    }
+
+    /// Appends a reply of the connection's own, after every write reply owed before it.
+    fn reply(&mut self, f: impl FnOnce(&mut Session, &mut Vec<u8>)) {
+        self.submit();
+        self.wait_for_inflight();
+        let mut ob = self.shared.outbox.lock();
+        f(&mut self.session, &mut ob.buf);
+    }
+
+    /// Executes every whole request buffered, submitting writes in batches.
     fn process(&mut self) {
         let ctx = self.ctx.clone();
-        while !self.session.close && self.unsent() < OUTPUT_PAUSE {
+        while !self.session.close {
+            if self.shared.outbox.lock().unsent() >= OUTPUT_PAUSE {
+                break;
+            }
             let parsed = self.parser.parse(&self.input[self.consumed..]);
             let args = match parsed {
                 Ok(Some((args, used))) => {
@@ -374,9 +544,8 @@ impl Connection {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    self.commit();
-                    write_error(&mut self.output, &e.to_string());
                     log::debug!("client {}: protocol error: {e}", self.session.id);
+                    self.reply(|_, out| write_error(out, &e.to_string()));
                     self.closing = true;
                     self.session.close = true;
                     break;
@@ -384,23 +553,20 @@ impl Connection {
             };
             let spec = commands::lookup(&args[0]);
             if !spec.is_some_and(|c| c.write) {
-                self.commit();
-                let _ =
-                    commands::dispatch_spec(&ctx, &mut self.session, spec, args, &mut self.output);
+                self.reply(|session, out| {
+                    let _ = commands::dispatch_spec(&ctx, session, spec, args, out);
+                });
                 continue;
             }
-            // A write that fails validation answers at once: its error must not overtake
-            // the replies of the writes queued before it.
             let mut early = Vec::new();
             match commands::dispatch_spec(&ctx, &mut self.session, spec, args, &mut early) {
                 Dispatched::Write(op, how) => self.pending.push((op, how)),
-                Dispatched::Done => {
-                    self.commit();
-                    self.output.extend_from_slice(&early);
-                }
+                // A write refused at once: its error must not overtake the replies of the
+                // writes queued before it.
+                Dispatched::Done => self.reply(|_, out| out.extend_from_slice(&early)),
             }
         }
-        self.commit();
+        self.submit();
         if self.session.close {
             self.closing = true;
         }
@@ -410,49 +576,18 @@ impl Connection {
         }
     }
 
-    /// Commits the pending writes and appends their replies.
-    fn commit(&mut self) {
+    /// Submits the pending writes as one batch; the completion appends their replies.
+    fn submit(&mut self) {
         if self.pending.is_empty() {
             return;
         }
         let (ops, hows): (Vec<Op>, Vec<Reply>) = self.pending.drain(..).unzip();
         let proto = self.session.proto;
-        match self.ctx.store.write(ops) {
-            Ok(results) => {
-                for (r, how) in results.iter().zip(hows) {
-                    commands::render_result(r, how, proto, &mut self.output);
-                }
-            }
-            Err(e) => {
-                let msg = format!("IOERR {e}");
-                for _ in hows {
-                    write_error(&mut self.output, &msg);
-                }
-            }
-        }
-    }
-
-    /// Sends as much of the output as the socket takes without blocking.
-    fn send(&mut self) -> io::Result<()> {
-        while self.sent < self.output.len() {
-            match send_nonblocking(&self.stream, &self.output[self.sent..])? {
-                Some(n) => {
-                    self.sent += n;
-                    self.ctx
-                        .stats
-                        .net_output_bytes
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                }
-                None => return Ok(()),
-            }
-        }
-        self.output.clear();
-        self.sent = 0;
-        if self.output.capacity() > 4 << 20 {
-            // Don't keep a huge buffer alive for an idle connection.
-            self.output.shrink_to(16 * 1024);
-        }
-        Ok(())
+        self.shared.outbox.lock().inflight += 1;
+        let shared = self.shared.clone();
+        self.ctx
+            .store
+            .submit(ops, Box::new(move |res| shared.complete(res, hows, proto)));
     }
 }
 
@@ -504,8 +639,9 @@ fn recv_nonblocking(s: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> 
     }
 }
 
-/// Waits until `fd` is readable (if `read`) or writable (if `write`).
-fn poll(fd: i32, read: bool, write: bool) -> io::Result<(bool, bool)> {
+/// Waits until `fd` is readable (if `read`) or writable (if `write`), or `wake` is
+/// readable. Returns (fd readable or closed, wake signalled).
+fn poll(fd: i32, read: bool, write: bool, wake: i32) -> io::Result<(bool, bool)> {
     let mut events = 0;
     if read {
         events |= libc::POLLIN;
@@ -513,14 +649,21 @@ fn poll(fd: i32, read: bool, write: bool) -> io::Result<(bool, bool)> {
     if write {
         events |= libc::POLLOUT;
     }
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
     loop {
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        // SAFETY: two valid pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if r >= 0 {
             break;
         }
@@ -529,10 +672,10 @@ fn poll(fd: i32, read: bool, write: bool) -> io::Result<(bool, bool)> {
             return Err(e);
         }
     }
-    let hup = pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
+    let hup = fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
     Ok((
-        pfd.revents & libc::POLLIN != 0 || (hup && read),
-        pfd.revents & libc::POLLOUT != 0 || hup,
+        fds[0].revents & libc::POLLIN != 0 || (hup && read),
+        fds[1].revents & libc::POLLIN != 0,
     ))
 }
 

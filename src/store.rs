@@ -9,14 +9,21 @@
 //!
 //! # Group commit
 //!
-//! Any number of connection threads call [`Store::write`] at once. Each encodes its entries
-//! into a shared queue under a short lock (which fixes their log order) and then either
-//! becomes the *flusher*, if nobody holds the log writer, or parks. The flusher takes the
-//! whole queue, writes it with one `write`, fsyncs once, applies every entry, hands each
-//! waiter its results and unparks it; on release it wakes the oldest waiter still queued,
-//! who becomes the next flusher. So an idle server commits a write on the caller's thread
-//! with no hand-off, and a busy one shares each fsync among every connection that wrote
-//! meanwhile. The flusher role is the writer mutex itself: no dedicated thread.
+//! Under `--fsync always`, writers hand their entries to a dedicated *log writer* thread:
+//! [`Store::submit`] encodes them into a shared queue under a short lock (which fixes
+//! their log order), unparks the writer and returns. The writer takes the whole queue,
+//! writes it with one `write`, fsyncs once, applies every entry, and then runs each
+//! submitter's completion with its results. The server's completions render and send the
+//! replies themselves, so a connection thread is woken only by its client's input, never
+//! once more per commit. When the last batch covered several writers the writer first
+//! waits briefly for them to queue their next writes ([`Store::linger`], PostgreSQL's
+//! `commit_delay` made adaptive), so one fsync covers more of them.
+//!
+//! Without an fsync to share (`everysec`, `no`) a commit is one short `write`: the caller
+//! takes the writer lock and commits its own entries on its own thread, which costs less
+//! than handing them to another thread and back.
+//!
+//! [`Store::write`] is the blocking form of `submit` for library users and the repl.
 //!
 //! # Time and expiry
 //!
@@ -403,25 +410,23 @@ type SnapshotRow = (Box<[u8]>, Box<[u8]>, u64);
 
 type Outcome = Result<Vec<OpResult>, String>;
 
-/// The answers of one flush: each waiter, how many entries were its, and its outcome.
-/// Dropping it wakes every waiter; one whose outcome was never set (the flusher panicked)
-/// learns that its writes' outcome is unknown rather than waiting forever.
-struct Deliveries(Vec<(Arc<Ticket>, usize, Option<Outcome>)>);
+/// What a submitter is told when its entries are committed and applied (or not). Runs on
+/// the log writer's thread (under `--fsync always`) or on the submitter's own.
+pub type Done = Box<dyn FnOnce(Result<Vec<OpResult>, StoreError>) + Send>;
+
+/// The answers of one flush: each submitter, how many entries were its, and its outcome.
+/// Dropping it tells every submitter; one whose outcome was never set (the flush
+/// panicked) learns that its writes' outcome is unknown rather than waiting forever.
+struct Deliveries(Vec<(Done, usize, Option<Outcome>)>);
 
 impl Drop for Deliveries {
     fn drop(&mut self) {
-        for (t, _, outcome) in self.0.drain(..) {
-            *t.outcome.lock() =
-                Some(outcome.unwrap_or_else(|| Err("internal error while committing".to_string())));
-            t.thread.unpark();
+        for (done, _, outcome) in self.0.drain(..) {
+            let outcome =
+                outcome.unwrap_or_else(|| Err("internal error while committing".to_string()));
+            done(outcome.map_err(StoreError::WriteFailed));
         }
     }
-}
-
-/// A waiter for one batch of entries.
-struct Ticket {
-    outcome: Mutex<Option<Outcome>>,
-    thread: Thread,
 }
 
 #[derive(Default)]
@@ -429,8 +434,8 @@ struct Queue {
     next_index: u64,
     buf: Vec<u8>,
     entries: Vec<Entry>,
-    /// Each waiter and how many of `entries` are its.
-    tickets: Vec<(Arc<Ticket>, usize)>,
+    /// Each submitter and how many of `entries` are its.
+    waiters: Vec<(Done, usize)>,
 }
 
 struct Inner {
@@ -451,6 +456,8 @@ struct Inner {
     /// [`Store::linger`]).
     last_batch_writers: AtomicU64,
     last_fsync_nanos: AtomicU64,
+    /// The log writer thread (`--fsync always` only), unparked when entries are queued.
+    writer: std::sync::OnceLock<Thread>,
     stats: Stats,
     recovery: RecoveryReport,
 }
@@ -524,9 +531,18 @@ impl Store {
             pruned: AtomicU64::new(0),
             last_batch_writers: AtomicU64::new(0),
             last_fsync_nanos: AtomicU64::new(0),
+            writer: std::sync::OnceLock::new(),
             stats: Stats::default(),
             recovery,
         });
+        if inner.opts.fsync == FsyncPolicy::Always {
+            let weak = Arc::downgrade(&inner);
+            let handle = thread::Builder::new()
+                .name("log-writer".into())
+                .spawn(move || log_writer(weak))
+                .map_err(|e| StoreError::WriteFailed(format!("cannot start log writer: {e}")))?;
+            let _ = inner.writer.set(handle.thread().clone());
+        }
         if inner.opts.fsync == FsyncPolicy::EverySec {
             let weak = Arc::downgrade(&inner);
             thread::Builder::new()
@@ -614,22 +630,49 @@ impl Store {
     /// Logs `ops` as consecutive entries, waits until they are committed (written, and
     /// fsync'd under `--fsync always`) and applied, and returns one result per op.
     pub fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
-        if ops.is_empty() {
-            return Ok(Vec::new());
-        }
-        if let Some(why) = self.inner.failed.get() {
-            return Err(StoreError::WriteFailed(why.clone()));
-        }
         if self.inner.opts.fsync != FsyncPolicy::Always {
             return self.write_direct(ops);
         }
-        let ticket = Arc::new(Ticket {
-            outcome: Mutex::new(None),
-            thread: thread::current(),
-        });
+        let slot = Arc::new(Mutex::new(None));
+        let me = thread::current();
+        let filled = slot.clone();
+        self.submit(
+            ops,
+            Box::new(move |r| {
+                *filled.lock() = Some(r);
+                me.unpark();
+            }),
+        );
+        loop {
+            if let Some(r) = slot.lock().take() {
+                return r;
+            }
+            thread::park();
+        }
+    }
+
+    /// Logs `ops` as consecutive entries and calls `done` once they are committed and
+    /// applied, with one result per op, in submission order. Without an fsync to share
+    /// (`everysec`, `no`) the commit happens on the caller's thread and `done` runs before
+    /// this returns; under `always` the log writer thread commits a whole batch with one
+    /// fsync and runs `done` for each submitter, so a caller need not wait (the server's
+    /// connections go back to reading while the writer answers their clients).
+    pub fn submit(&self, ops: Vec<Op>, done: Done) {
+        if ops.is_empty() {
+            done(Ok(Vec::new()));
+            return;
+        }
+        if let Some(why) = self.inner.failed.get() {
+            done(Err(StoreError::WriteFailed(why.clone())));
+            return;
+        }
+        if self.inner.opts.fsync != FsyncPolicy::Always {
+            done(self.write_direct(ops));
+            return;
+        }
+        let ts_ms = now_ms();
+        let epoch = self.inner.epoch.load(Ordering::Relaxed);
         {
-            let ts_ms = now_ms();
-            let epoch = self.inner.epoch.load(Ordering::Relaxed);
             let mut q = self.inner.queue.lock();
             let n = ops.len();
             for op in ops {
@@ -643,26 +686,10 @@ impl Store {
                 wal::encode_entry(&entry, &mut q.buf);
                 q.entries.push(entry);
             }
-            q.tickets.push((ticket.clone(), n));
+            q.waiters.push((done, n));
         }
-        loop {
-            if let Some(outcome) = ticket.outcome.lock().take() {
-                return outcome.map_err(StoreError::WriteFailed);
-            }
-            if let Some(mut wal) = self.inner.wal.try_lock() {
-                self.linger();
-                let deliveries = self.flush(&mut wal);
-                drop(wal);
-                // Wake this batch's waiters before the next flusher: by the time it takes
-                // the queue, their clients' next writes have had a chance to join it, so
-                // one fsync covers more of them.
-                drop(deliveries);
-                self.wake_next_flusher();
-                continue;
-            }
-            // The flusher unparks us with our outcome, or to take over the flush; the
-            // timeout only guards against a missed wake-up.
-            thread::park_timeout(Duration::from_millis(20));
+        if let Some(w) = self.inner.writer.get() {
+            w.unpark();
         }
     }
 
@@ -732,25 +759,17 @@ impl Store {
         let budget = Duration::from_nanos(inner.last_fsync_nanos.load(Ordering::Relaxed) / 2)
             .min(Duration::from_millis(2));
         let start = std::time::Instant::now();
-        while inner.queue.lock().tickets.len() < want && start.elapsed() < budget {
+        while inner.queue.lock().waiters.len() < want && start.elapsed() < budget {
             // Sleep rather than spin: on a small machine the writers we wait for need
             // this core.
             thread::park_timeout(Duration::from_micros(20));
         }
     }
 
-    /// Wakes the oldest queued waiter, who will take the writer and flush.
-    fn wake_next_flusher(&self) {
-        let q = self.inner.queue.lock();
-        if let Some((t, _)) = q.tickets.first() {
-            t.thread.unpark();
-        }
-    }
-
     /// Writes, syncs and applies everything queued. Called with the writer held.
     fn flush(&self, wal: &mut Wal) -> Deliveries {
         let inner = &*self.inner;
-        let (buf, entries, tickets) = {
+        let (buf, entries, waiters) = {
             let mut q = inner.queue.lock();
             if q.entries.is_empty() {
                 return Deliveries(Vec::new());
@@ -759,11 +778,11 @@ impl Store {
             (
                 buf,
                 std::mem::take(&mut q.entries),
-                std::mem::take(&mut q.tickets),
+                std::mem::take(&mut q.waiters),
             )
         };
         // From here on every waiter gets an answer, even if this thread panics.
-        let mut deliveries = Deliveries(tickets.into_iter().map(|(t, n)| (t, n, None)).collect());
+        let mut deliveries = Deliveries(waiters.into_iter().map(|(d, n)| (d, n, None)).collect());
         let last = entries.last().map_or(0, |e| e.index);
         let started = std::time::Instant::now();
         let res = match inner.failed.get() {
@@ -907,7 +926,6 @@ impl Store {
         let deliveries = self.flush(&mut wal);
         let r = wal.sync().map_err(StoreError::from);
         drop(wal);
-        self.wake_next_flusher();
         drop(deliveries);
         r
     }
@@ -939,6 +957,27 @@ impl Store {
             write_error: self.inner.failed.get().cloned(),
             recovery: self.inner.recovery.clone(),
         }
+    }
+}
+
+/// The log writer (`--fsync always`): waits for queued entries, lets a batch gather
+/// ([`Store::linger`]), appends and fsyncs it once, applies it, then tells each submitter.
+/// Exits when the store is dropped.
+fn log_writer(inner: Weak<Inner>) {
+    loop {
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.queue.lock().entries.is_empty() {
+            drop(inner);
+            // Submitters unpark us; the timeout only notices the store going away.
+            thread::park_timeout(Duration::from_millis(100));
+            continue;
+        }
+        let store = Store { inner };
+        store.linger();
+        let mut wal = store.inner.wal.lock();
+        let deliveries = store.flush(&mut wal);
+        drop(wal);
+        drop(deliveries);
     }
 }
 

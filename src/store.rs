@@ -16,7 +16,7 @@
 //! submitter's completion with its results. The server's completions render and send the
 //! replies themselves, so a connection thread is woken only by its client's input, never
 //! once more per commit. When the last batch covered several writers the writer first
-//! waits briefly for them to queue their next writes ([`Store::linger`], PostgreSQL's
+//! waits briefly for them to queue their next writes (`Store::linger`, PostgreSQL's
 //! `commit_delay` made adaptive), so one fsync covers more of them.
 //!
 //! Without an fsync to share (`everysec`, `no`) a commit is one short `write`: the caller
@@ -961,7 +961,7 @@ impl Store {
 }
 
 /// The log writer (`--fsync always`): waits for queued entries, lets a batch gather
-/// ([`Store::linger`]), appends and fsyncs it once, applies it, then tells each submitter.
+/// (`Store::linger`), appends and fsyncs it once, applies it, then tells each submitter.
 /// Exits when the store is dropped.
 fn log_writer(inner: Weak<Inner>) {
     loop {

@@ -38,7 +38,7 @@ use crate::protocol::{
     Proto, write_array_len, write_bulk, write_error, write_integer, write_map_len, write_null,
     write_null_array, write_set_len, write_simple, write_verbatim,
 };
-use crate::store::{ERR_NOT_INTEGER, OpResult, Store, now_ms, parse_i64};
+use crate::store::{ERR_NOT_INTEGER, OpResult, Store, parse_i64};
 use crate::wal::{Condition, Expiry, Op};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -92,6 +92,9 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("del", -2, W, true, 1, -1, 1, "key [key …]", "Deletes keys; returns how many existed."),
     cmd!("echo", 2, F, false, 0, 0, 0, "message", "Returns the message."),
     cmd!("exists", -2, RF, false, 1, -1, 1, "key [key …]", "Counts how many of the keys exist."),
+    cmd!("expire", -3, WF, true, 1, 1, 1, "key seconds [NX|XX|GT|LT]", "Sets a key's time to live in seconds."),
+    cmd!("expireat", -3, WF, true, 1, 1, 1, "key unix-time-seconds [NX|XX|GT|LT]", "Sets a key's expiry as a Unix time in seconds."),
+    cmd!("expiretime", 2, RF, false, 1, 1, 1, "key", "Returns a key's expiry as a Unix time in seconds (-1 none, -2 no key)."),
     cmd!("get", 2, RF, false, 1, 1, 1, "key", "Returns the value of a key, or nil."),
     cmd!("hello", -1, AUTHF, false, 0, 0, 0, "[protover [AUTH username password] [SETNAME name]]", "Handshakes with the server."),
     cmd!("incr", 2, WF, true, 1, 1, 1, "key", "Increments the integer value of a key by one."),
@@ -101,7 +104,12 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("mget", -2, RF, false, 1, -1, 1, "key [key …]", "Returns the values of several keys."),
     cmd!("mset", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys at once (atomically)."),
     cmd!("msetnx", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys only if none of them exists."),
+    cmd!("persist", 2, WF, true, 1, 1, 1, "key", "Removes a key's expiry."),
+    cmd!("pexpire", -3, WF, true, 1, 1, 1, "key milliseconds [NX|XX|GT|LT]", "Sets a key's time to live in milliseconds."),
+    cmd!("pexpireat", -3, WF, true, 1, 1, 1, "key unix-time-milliseconds [NX|XX|GT|LT]", "Sets a key's expiry as a Unix time in milliseconds."),
+    cmd!("pexpiretime", 2, RF, false, 1, 1, 1, "key", "Returns a key's expiry as a Unix time in milliseconds (-1 none, -2 no key)."),
     cmd!("ping", -1, F, false, 0, 0, 0, "[message]", "Returns PONG, or the message."),
+    cmd!("pttl", 2, RF, false, 1, 1, 1, "key", "Returns a key's time to live in milliseconds (-1 none, -2 no key)."),
     cmd!("quit", -1, AUTHF, false, 0, 0, 0, "", "Closes the connection."),
     cmd!("readonly", 1, F, false, 0, 0, 0, "", "Allows reads from a follower on this connection."),
     cmd!("readwrite", 1, F, false, 0, 0, 0, "", "Ends READONLY on this connection."),
@@ -111,6 +119,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("setnx", 3, WF, true, 1, 1, 1, "key value", "Sets a key only if it does not exist."),
     cmd!("strlen", 2, RF, false, 1, 1, 1, "key", "Returns the length of a value."),
     cmd!("time", 1, F, false, 0, 0, 0, "", "Returns the server time."),
+    cmd!("ttl", 2, RF, false, 1, 1, 1, "key", "Returns a key's time to live in seconds (-1 none, -2 no key)."),
     cmd!("type", 2, RF, false, 1, 1, 1, "key", "Returns the type of a key."),
     cmd!("unlink", -2, WD, true, 1, -1, 1, "key [key …]", "Deletes keys (same as DEL here)."),
     cmd!("wait", 3, NS, false, 0, 0, 0, "numreplicas timeout", "Waits until writes reach this many replicas."),
@@ -159,7 +168,10 @@ pub fn group(name: &str) -> &'static str {
         "auth" | "client" | "echo" | "hello" | "ping" | "quit" | "select" | "readonly"
         | "readwrite" => "connection",
         "command" | "config" | "dbsize" | "info" | "time" => "server",
-        "del" | "exists" | "keys" | "scan" | "type" | "unlink" | "wait" => "generic",
+        "del" | "exists" | "keys" | "scan" | "type" | "unlink" | "wait" | "expire" | "pexpire"
+        | "expireat" | "pexpireat" | "ttl" | "pttl" | "expiretime" | "pexpiretime" | "persist" => {
+            "generic"
+        }
         _ => "string",
     }
 }
@@ -345,7 +357,7 @@ pub fn dispatch_spec(
         return Dispatched::Done;
     }
     let p = s.proto;
-    let now = now_ms();
+    let now = ctx.store.now_ms();
     match spec.name {
         "get" => {
             let hit = ctx.store.read(|db| match db.get(&args[1], now) {
@@ -359,6 +371,9 @@ pub fn dispatch_spec(
                 }
             });
             count_hit(ctx, hit);
+            if !hit && ctx.store.read(|db| db.is_expired(&args[1], now)) {
+                ctx.store.note_expired(&args[1]);
+            }
         }
         "set" => match parse_set(&mut args, now) {
             Ok(op) => return Dispatched::Write(op, Reply::Standard),
@@ -508,6 +523,37 @@ pub fn dispatch_spec(
         "command" => command(s, &args, out),
         "config" => config(ctx, s, &args, out),
         "debug" => debug(ctx, s, &args, out),
+        "expire" | "pexpire" | "expireat" | "pexpireat" => {
+            match parse_expire(spec.name, &args, now) {
+                Ok(op) => return Dispatched::Write(op, Reply::Standard),
+                Err(e) => write_error(out, &e),
+            }
+        }
+        "persist" => {
+            return Dispatched::Write(
+                Op::Cmd {
+                    args: vec![b"PERSIST".to_vec(), args.swap_remove(1)],
+                },
+                Reply::Standard,
+            );
+        }
+        "ttl" | "pttl" | "expiretime" | "pexpiretime" => {
+            let at = ctx
+                .store
+                .read(|db| db.get(&args[1], now).map(|i| i.expire_at));
+            let n = match at {
+                None => -2,
+                Some(0) => -1,
+                Some(at) => match spec.name {
+                    // Rounded to the nearest second, as Redis does.
+                    "ttl" => ((at - now + 500) / 1000) as i64,
+                    "pttl" => (at - now) as i64,
+                    "expiretime" => (at / 1000) as i64,
+                    _ => at as i64,
+                },
+            };
+            write_integer(out, n);
+        }
         "info" => {
             let text = crate::info::render(ctx, &args[1..]);
             write_verbatim(out, "txt", text.as_bytes(), p);
@@ -620,6 +666,56 @@ fn parse_set(args: &mut Vec<Vec<u8>>, now: u64) -> Result<Op, String> {
         condition,
         get,
     })
+}
+
+/// Parses `EXPIRE|PEXPIRE|EXPIREAT|PEXPIREAT key time [NX|XX|GT|LT]` into the canonical
+/// `PEXPIREAT key <unix ms> [cond]` (absolute, so replaying the log never moves it).
+fn parse_expire(name: &str, args: &[Vec<u8>], now: u64) -> Result<Op, String> {
+    let n = parse_i64(&args[2]).ok_or_else(|| ERR_NOT_INTEGER.to_string())?;
+    let invalid = || format!("ERR invalid expire time in '{name}' command");
+    let ms = match name {
+        "expire" | "expireat" => n.checked_mul(1000).ok_or_else(invalid)?,
+        _ => n,
+    };
+    let at = if name.ends_with("at") {
+        ms
+    } else {
+        ms.checked_add(now as i64).ok_or_else(invalid)?
+    };
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    for opt in &args[3..] {
+        match &opt.to_ascii_uppercase()[..] {
+            b"NX" => nx = true,
+            b"XX" => xx = true,
+            b"GT" => gt = true,
+            b"LT" => lt = true,
+            _ => {
+                return Err(format!(
+                    "ERR Unsupported option {}",
+                    String::from_utf8_lossy(opt)
+                ));
+            }
+        }
+    }
+    if nx && (xx || gt || lt) {
+        return Err("ERR NX and XX, GT or LT options at the same time are not compatible".into());
+    }
+    if gt && lt {
+        return Err("ERR GT and LT options at the same time are not compatible".into());
+    }
+    // A time at or before the epoch is simply "already expired".
+    let at = at.max(0) as u64;
+    let mut canonical = vec![
+        b"PEXPIREAT".to_vec(),
+        args[1].clone(),
+        at.to_string().into_bytes(),
+    ];
+    for (on, word) in [(nx, "NX"), (xx, "XX"), (gt, "GT"), (lt, "LT")] {
+        if on {
+            canonical.push(word.as_bytes().to_vec());
+        }
+    }
+    Ok(Op::Cmd { args: canonical })
 }
 
 /// SCAN: the cursor is a position in hash order (the keys' SipHash with fixed keys), so

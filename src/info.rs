@@ -158,7 +158,10 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
             ("total_net_input_bytes", get(&st.net_input_bytes)),
             ("total_net_output_bytes", get(&st.net_output_bytes)),
             ("rejected_connections", get(&st.rejected_connections)),
-            ("expired_keys", "0".into()),
+            (
+                "expired_keys",
+                ctx.store.read(|db| db.expired_keys).to_string(),
+            ),
             ("evicted_keys", "0".into()),
             ("keyspace_hits", get(&st.keyspace_hits)),
             ("keyspace_misses", get(&st.keyspace_misses)),
@@ -175,11 +178,7 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
             ]
         }
         "keyspace" => {
-            let now = crate::store::now_ms();
-            let (keys, expires) = ctx.store.read(|db| {
-                let expires = db.iter(now).filter(|(_, i)| i.expire_at != 0).count();
-                (db.len(), expires)
-            });
+            let (keys, expires) = ctx.store.read(|db| (db.len(), db.expiring()));
             if keys == 0 {
                 vec![]
             } else {

@@ -12,6 +12,7 @@
 //! ```
 pub mod client;
 pub mod commands;
+pub mod exec;
 pub mod glob;
 pub mod info;
 pub mod protocol;

@@ -197,6 +197,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
             segment_size: a.segment_size.max(4096),
             compact_min_bytes: a.compact_min_size,
             compact_percentage: a.compact_percentage,
+            ..Options::default()
         },
         settings: Settings {
             requirepass: a.requirepass.filter(|p| !p.is_empty()),

@@ -43,13 +43,46 @@ use crate::wal::{
     self, Condition, Entry, Expiry, FsyncPolicy, Op, RecoveryReport, Wal, WalError, WalOptions,
 };
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{self, Thread};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Where the store reads the time: the system clock, or a test's fake clock, so expiry
+/// can be tested without sleeping.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    /// The wall clock (Unix milliseconds).
+    pub fn system() -> Clock {
+        Clock(Arc::new(now_ms))
+    }
+
+    /// A clock reading `f` (Unix milliseconds).
+    pub fn new(f: impl Fn() -> u64 + Send + Sync + 'static) -> Clock {
+        Clock(Arc::new(f))
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::system()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Clock")
+    }
+}
 
 /// Settings of a store.
 #[derive(Debug, Clone)]
@@ -61,6 +94,11 @@ pub struct Options {
     pub compact_min_bytes: u64,
     /// Compact when the log is larger than this percentage of the live data.
     pub compact_percentage: u64,
+    /// The time source for expiry.
+    pub clock: Clock,
+    /// Delete expired keys in the background (the leader's job: a follower only applies
+    /// the deletions the leader logs).
+    pub active_expiry: bool,
 }
 
 impl Default for Options {
@@ -70,6 +108,8 @@ impl Default for Options {
             segment_size: 64 << 20,
             compact_min_bytes: 64 << 20,
             compact_percentage: 100,
+            clock: Clock::system(),
+            active_expiry: true,
         }
     }
 }
@@ -141,11 +181,16 @@ const ITEM_OVERHEAD: u64 = 48;
 /// The key space and the state machine that log entries drive.
 #[derive(Debug, Default)]
 pub struct Db {
-    map: HashMap<Box<[u8]>, Item>,
+    pub(crate) map: HashMap<Box<[u8]>, Item>,
+    /// Every key with an expiry, ordered by deadline, so the active expirer finds the
+    /// expired ones without scanning (and without a pause that grows with the key count).
+    pub(crate) expires: BTreeSet<(u64, Box<[u8]>)>,
     /// Approximate live bytes (keys, values, overhead).
-    live_bytes: u64,
+    pub(crate) live_bytes: u64,
     /// Index of the last applied entry.
     applied: u64,
+    /// Keys removed because they expired (INFO's `expired_keys`).
+    pub(crate) expired_keys: u64,
 }
 
 pub const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
@@ -192,29 +237,81 @@ impl Db {
             .map(|(k, i)| (&**k, i))
     }
 
-    fn insert(&mut self, key: Box<[u8]>, item: Item) -> Option<Item> {
-        let key_len = key.len();
-        self.live_bytes += item_cost(&key, &item.value);
+    /// Number of keys with an expiry.
+    pub fn expiring(&self) -> usize {
+        self.expires.len()
+    }
+
+    /// Up to `max` keys whose deadline is at or before `now`, earliest first.
+    pub fn due(&self, now: u64, max: usize) -> Vec<Vec<u8>> {
+        self.expires
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .take(max)
+            .map(|(_, k)| k.to_vec())
+            .collect()
+    }
+
+    /// Whether `key` exists but is expired at `now` (a reader's hint for the expirer).
+    pub fn is_expired(&self, key: &[u8], now: u64) -> bool {
+        self.map.get(key).is_some_and(|i| i.expired(now))
+    }
+
+    pub(crate) fn insert(&mut self, key: Box<[u8]>, item: Item) -> Option<Item> {
+        let key_len = key.len() as u64;
+        let new_at = item.expire_at;
+        let old_at = self.map.get(&key[..]).map_or(0, |o| o.expire_at);
+        if old_at != new_at {
+            self.forget_expiry(old_at, &key);
+            if new_at != 0 {
+                self.expires.insert((new_at, key.clone()));
+            }
+        }
+        self.live_bytes += key_len + item.value.len() as u64 + ITEM_OVERHEAD;
         let old = self.map.insert(key, item);
         if let Some(o) = &old {
-            self.live_bytes -= key_len as u64 + o.value.len() as u64 + ITEM_OVERHEAD;
+            self.live_bytes -= key_len + o.value.len() as u64 + ITEM_OVERHEAD;
         }
         old
     }
 
-    fn remove(&mut self, key: &[u8]) -> Option<Item> {
+    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<Item> {
         let old = self.map.remove(key);
         if let Some(o) = &old {
             self.live_bytes = self.live_bytes.saturating_sub(item_cost(key, &o.value));
+            self.forget_expiry(o.expire_at, key);
         }
         old
+    }
+
+    /// Drops `key`'s entry from the expiry index (after its deadline changed or it went).
+    pub(crate) fn forget_expiry(&mut self, at: u64, key: &[u8]) {
+        if at != 0 {
+            self.expires.remove(&(at, Box::<[u8]>::from(key)));
+        }
+    }
+
+    /// Sets `key`'s deadline (0 = none), keeping the index in step. The key must exist.
+    pub(crate) fn set_expiry(&mut self, key: &[u8], at: u64) {
+        let Some(item) = self.map.get_mut(key) else {
+            return;
+        };
+        let old = std::mem::replace(&mut item.expire_at, at);
+        if old == at {
+            return;
+        }
+        self.forget_expiry(old, key);
+        if at != 0 {
+            self.expires.insert((at, key.into()));
+        }
     }
 
     /// Removes `key` if it exists but expired at `now`, so that the operation applied next
     /// sees it as missing.
-    fn purge_expired(&mut self, key: &[u8], now: u64) {
+    pub(crate) fn purge_expired(&mut self, key: &[u8], now: u64) {
         if self.map.get(key).is_some_and(|i| i.expired(now)) {
             self.remove(key);
+            self.expired_keys += 1;
         }
     }
 
@@ -254,13 +351,32 @@ impl Db {
         };
         // A deadline already past deletes the key, as in Redis.
         let delete = ok && expire_at != 0 && expire_at <= now;
+        // The expiry index changes only for keys that have or get a deadline; the common
+        // SET of a key without one touches nothing but the map.
+        let mut index_out: Option<(u64, Box<[u8]>)> = None;
+        let mut index_in: Option<(u64, Box<[u8]>)> = None;
         match slot {
             Slot::Occupied(mut o) => {
                 let dead = o.get().expired(now);
+                let old_at = o.get().expire_at;
                 if delete || (dead && !ok) {
+                    if old_at != 0 {
+                        index_out = Some((old_at, o.key().clone()));
+                    }
                     let gone = o.remove();
                     self.live_bytes -= key_len + gone.value.len() as u64 + ITEM_OVERHEAD;
+                    if dead {
+                        self.expired_keys += 1;
+                    }
                 } else if ok {
+                    if old_at != expire_at {
+                        if old_at != 0 {
+                            index_out = Some((old_at, o.key().clone()));
+                        }
+                        if expire_at != 0 {
+                            index_in = Some((expire_at, o.key().clone()));
+                        }
+                    }
                     let prev = o.insert(Item { value, expire_at });
                     self.live_bytes = self.live_bytes.wrapping_add(value_len_delta(
                         &prev.value,
@@ -270,10 +386,19 @@ impl Db {
             }
             Slot::Vacant(v) => {
                 if ok && !delete {
+                    if expire_at != 0 {
+                        index_in = Some((expire_at, v.key().clone()));
+                    }
                     v.insert(Item { value, expire_at });
                     self.live_bytes += new_cost;
                 }
             }
+        }
+        if let Some(e) = index_out {
+            self.expires.remove(&e);
+        }
+        if let Some(e) = index_in {
+            self.expires.insert(e);
         }
         match (get, ok) {
             (true, _) => OpResult::Old(old),
@@ -288,6 +413,7 @@ impl Db {
         let now = entry.ts_ms;
         match entry.op {
             Op::Noop => OpResult::Ok,
+            Op::Cmd { args } => self.exec(args, now),
             Op::Set {
                 key,
                 value,
@@ -458,6 +584,8 @@ struct Inner {
     last_fsync_nanos: AtomicU64,
     /// The log writer thread (`--fsync always` only), unparked when entries are queued.
     writer: std::sync::OnceLock<Thread>,
+    /// Keys a reader found expired, for the expirer to delete soon (lazy expiry).
+    expiry_hints: crossbeam_channel::Sender<Vec<u8>>,
     stats: Stats,
     recovery: RecoveryReport,
 }
@@ -519,6 +647,7 @@ impl Store {
             next_index: recovery.last_index + 1,
             ..Queue::default()
         };
+        let (hints_tx, hints_rx) = crossbeam_channel::bounded(4096);
         let inner = Arc::new(Inner {
             dir,
             epoch: AtomicU64::new(recovery.last_epoch),
@@ -532,6 +661,7 @@ impl Store {
             last_batch_writers: AtomicU64::new(0),
             last_fsync_nanos: AtomicU64::new(0),
             writer: std::sync::OnceLock::new(),
+            expiry_hints: hints_tx,
             stats: Stats::default(),
             recovery,
         });
@@ -543,6 +673,13 @@ impl Store {
                 .map_err(|e| StoreError::WriteFailed(format!("cannot start log writer: {e}")))?;
             let _ = inner.writer.set(handle.thread().clone());
         }
+        if inner.opts.active_expiry {
+            let weak = Arc::downgrade(&inner);
+            thread::Builder::new()
+                .name("expirer".into())
+                .spawn(move || expirer(weak, hints_rx))
+                .map_err(|e| StoreError::WriteFailed(format!("cannot start expirer: {e}")))?;
+        }
         if inner.opts.fsync == FsyncPolicy::EverySec {
             let weak = Arc::downgrade(&inner);
             thread::Builder::new()
@@ -551,6 +688,51 @@ impl Store {
                 .map_err(|e| StoreError::WriteFailed(format!("cannot start fsync thread: {e}")))?;
         }
         Ok(Store { inner })
+    }
+
+    /// The store's clock (Unix ms): what "now" means for expiry.
+    pub fn now_ms(&self) -> u64 {
+        self.inner.opts.clock.now_ms()
+    }
+
+    /// Tells the expirer that a reader found `key` expired (lazy expiry). Never blocks: if
+    /// the expirer is behind, the hint is dropped and its own sweep finds the key.
+    pub fn note_expired(&self, key: &[u8]) {
+        let _ = self.inner.expiry_hints.try_send(key.to_vec());
+    }
+
+    /// One expiry cycle, as the leader runs it: logs the deletion of keys whose deadline
+    /// has passed (at most [`EXPIRE_BATCH`] per entry, for at most [`EXPIRE_CYCLE`]), and
+    /// of `hinted` keys still expired. Returns how many keys were deleted. The background
+    /// expirer calls this ten times a second; tests call it directly under a fake clock.
+    pub fn expire_due(&self, hinted: &[Vec<u8>]) -> Result<usize, StoreError> {
+        let started = std::time::Instant::now();
+        let mut deleted = 0;
+        let mut hinted = hinted;
+        loop {
+            let now = self.now_ms();
+            let keys = self.read(|db| {
+                let mut keys = db.due(now, EXPIRE_BATCH);
+                keys.extend(hinted.iter().filter(|k| db.is_expired(k, now)).cloned());
+                keys
+            });
+            hinted = &[];
+            if keys.is_empty() {
+                return Ok(deleted);
+            }
+            let full = keys.len() >= EXPIRE_BATCH;
+            let mut args = Vec::with_capacity(keys.len() + 1);
+            args.push(b"EXPIRED".to_vec());
+            args.extend(keys);
+            if let Some(OpResult::Int(n)) = self.write(vec![Op::Cmd { args }])?.first() {
+                deleted += *n as usize;
+            }
+            // Bounded work per cycle: a million keys expiring at once are deleted over
+            // many cycles, never in one long pause.
+            if !full || started.elapsed() >= EXPIRE_CYCLE {
+                return Ok(deleted);
+            }
+        }
     }
 
     /// What recovery found when the store was opened.
@@ -573,7 +755,7 @@ impl Store {
 
     /// The value of `key`, or `None` if missing or expired.
     pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        let now = now_ms();
+        let now = self.now_ms();
         self.read(|db| db.get(key, now).map(|i| i.value.to_vec()))
     }
 
@@ -670,7 +852,7 @@ impl Store {
             done(self.write_direct(ops));
             return;
         }
-        let ts_ms = now_ms();
+        let ts_ms = self.now_ms();
         let epoch = self.inner.epoch.load(Ordering::Relaxed);
         {
             let mut q = self.inner.queue.lock();
@@ -708,7 +890,7 @@ impl Store {
             q.next_index += ops.len() as u64;
             (first, std::mem::take(&mut q.buf))
         };
-        let ts_ms = now_ms();
+        let ts_ms = self.now_ms();
         let epoch = inner.epoch.load(Ordering::Relaxed);
         let entries: Vec<Entry> = ops
             .into_iter()
@@ -981,6 +1163,33 @@ fn log_writer(inner: Weak<Inner>) {
     }
 }
 
+/// Keys deleted per EXPIRED log entry.
+pub const EXPIRE_BATCH: usize = 256;
+/// Longest an expiry cycle may run before yielding to the next tick.
+pub const EXPIRE_CYCLE: Duration = Duration::from_millis(25);
+
+/// The active expirer: ten times a second (or sooner when readers report expired keys),
+/// run [`Store::expire_due`]. Exits when the store is dropped (the hint channel closes).
+fn expirer(inner: Weak<Inner>, hints: crossbeam_channel::Receiver<Vec<u8>>) {
+    let tick = crossbeam_channel::tick(Duration::from_millis(100));
+    loop {
+        let mut hinted = Vec::new();
+        crossbeam_channel::select! {
+            recv(hints) -> k => match k {
+                Ok(k) => hinted.push(k),
+                Err(_) => return,
+            },
+            recv(tick) -> _ => {}
+        }
+        hinted.extend(hints.try_iter().take(EXPIRE_BATCH));
+        let Some(inner) = inner.upgrade() else { return };
+        let store = Store { inner };
+        if let Err(e) = store.expire_due(&hinted) {
+            log::warn!("active expiry: {e}");
+        }
+    }
+}
+
 /// The `everysec` syncer: once a second, fsync the current segment if it has new writes.
 fn everysec(inner: Weak<Inner>) {
     loop {
@@ -1245,6 +1454,7 @@ mod tests {
             segment_size: 4096,
             compact_min_bytes: 16 * 1024,
             compact_percentage: 100,
+            ..Options::default()
         };
         let s = Store::open(dir.path(), o.clone()).unwrap();
         // Overwrite 10 keys many times: the log grows, the data does not.
@@ -1273,5 +1483,103 @@ mod tests {
             );
         }
         assert_eq!(s.len(), 11);
+    }
+
+    /// Expiry under a fake clock: keys vanish for readers at their deadline, the expiry
+    /// cycle logs their deletion, and a restart neither resurrects them nor expires a key
+    /// whose deadline was later removed.
+    #[test]
+    fn expiry_under_a_fake_clock() {
+        use std::sync::atomic::AtomicU64;
+        let dir = tempfile::tempdir().unwrap();
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let clock = {
+            let now = now.clone();
+            Clock::new(move || now.load(Ordering::SeqCst))
+        };
+        let o = Options {
+            fsync: FsyncPolicy::No,
+            clock,
+            active_expiry: false,
+            ..Options::default()
+        };
+        let s = Store::open(dir.path(), o.clone()).unwrap();
+        let set = |k: &str, at: u64| Op::Set {
+            key: k.into(),
+            value: b"v".to_vec(),
+            expiry: if at == 0 {
+                Expiry::Never
+            } else {
+                Expiry::At(at)
+            },
+            condition: Condition::Always,
+            get: false,
+        };
+        s.write(vec![set("a", 1_000_100), set("b", 1_000_200), set("c", 0)])
+            .unwrap();
+        // b's deadline is removed again: replay must not expire it.
+        s.write(vec![Op::Cmd {
+            args: vec![b"PERSIST".to_vec(), b"b".to_vec()],
+        }])
+        .unwrap();
+        assert_eq!(s.expire_due(&[]).unwrap(), 0);
+        now.store(1_000_100, Ordering::SeqCst);
+        assert_eq!(s.get(b"a"), None, "expired at its deadline for readers");
+        assert_eq!(s.len(), 3, "but still in memory until the expirer runs");
+        now.store(1_000_500, Ordering::SeqCst);
+        assert_eq!(s.expire_due(&[]).unwrap(), 1);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.read(|db| db.expired_keys), 1);
+        drop(s);
+        let s = Store::open(dir.path(), o).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.get(b"a"), None);
+        assert!(s.get(b"b").is_some());
+        assert!(s.get(b"c").is_some());
+    }
+
+    /// Many keys due at once are deleted in bounded batches (one log entry per
+    /// EXPIRE_BATCH keys), never by one entry or one pause proportional to their number.
+    #[test]
+    fn expiry_is_batched() {
+        use std::sync::atomic::AtomicU64;
+        let dir = tempfile::tempdir().unwrap();
+        let now = Arc::new(AtomicU64::new(5_000));
+        let clock = {
+            let now = now.clone();
+            Clock::new(move || now.load(Ordering::SeqCst))
+        };
+        let o = Options {
+            fsync: FsyncPolicy::No,
+            clock,
+            active_expiry: false,
+            ..Options::default()
+        };
+        let s = Store::open(dir.path(), o).unwrap();
+        let n = EXPIRE_BATCH * 3 + 7;
+        let ops: Vec<Op> = (0..n)
+            .map(|i| Op::Set {
+                key: format!("k{i}").into_bytes(),
+                value: b"v".to_vec(),
+                expiry: Expiry::At(6_000),
+                condition: Condition::Always,
+                get: false,
+            })
+            .collect();
+        s.write(ops).unwrap();
+        let before = s.log_info().last_index;
+        now.store(7_000, Ordering::SeqCst);
+        let mut deleted = 0;
+        while deleted < n {
+            let d = s.expire_due(&[]).unwrap();
+            assert!(d > 0);
+            deleted += d;
+        }
+        assert_eq!(s.len(), 0);
+        assert_eq!(
+            s.log_info().last_index - before,
+            4,
+            "ceil(n / EXPIRE_BATCH) entries"
+        );
     }
 }

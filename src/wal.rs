@@ -137,6 +137,13 @@ pub enum Op {
         key: Vec<u8>,
         delta: i64,
     },
+    /// Any other write, as a canonical command (name first, upper case): relative times
+    /// already made absolute, options normalised, so that applying it is deterministic
+    /// (`src/exec.rs`). Like Redis's append-only file, this lets a new command reach the
+    /// log without a new record type.
+    Cmd {
+        args: Vec<Vec<u8>>,
+    },
 }
 
 /// One log record.
@@ -286,6 +293,13 @@ fn encode_op(op: &Op, p: &mut Vec<u8>) {
             put_bytes(p, key);
             put_u64(p, *delta as u64);
         }
+        Op::Cmd { args } => {
+            p.push(5);
+            put_u32(p, args.len() as u32);
+            for a in args {
+                put_bytes(p, a);
+            }
+        }
     }
 }
 
@@ -402,6 +416,17 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
             key: r.bytes()?,
             delta: r.u64()? as i64,
         },
+        5 => {
+            let n = r.count()?;
+            if n == 0 {
+                return Err("empty command record".into());
+            }
+            let mut args = Vec::with_capacity(n);
+            for _ in 0..n {
+                args.push(r.bytes()?);
+            }
+            Op::Cmd { args }
+        }
         x => return Err(format!("unknown operation code {x}")),
     };
     r.done()?;
@@ -1085,6 +1110,9 @@ mod tests {
             Op::IncrBy {
                 key: b"n".to_vec(),
                 delta: i64::MIN,
+            },
+            Op::Cmd {
+                args: vec![b"PEXPIREAT".to_vec(), b"k".to_vec(), b"123".to_vec()],
             },
         ]
     }

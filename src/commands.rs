@@ -81,10 +81,12 @@ macro_rules! cmd {
 /// Every command, sorted by name.
 #[rustfmt::skip]
 pub static COMMANDS: &[CommandSpec] = &[
+    cmd!("append", 3, W, true, 1, 1, 1, "key value", "Appends a string to a key's value; returns the new length."),
     cmd!("auth", -2, AUTHF, false, 0, 0, 0, "[username] password", "Authenticates the connection."),
     cmd!("client", -2, NS, false, 0, 0, 0, "ID|GETNAME|SETNAME name|INFO|LIST|SETINFO …", "Connection introspection and naming."),
     cmd!("command", -1, NS, false, 0, 0, 0, "[COUNT|DOCS|INFO|LIST [name …]]", "Describes the commands this server knows."),
     cmd!("config", -2, NS, false, 0, 0, 0, "GET parameter [parameter …]|SET|RESETSTAT", "Reads server settings."),
+    cmd!("copy", -3, W, true, 1, 2, 1, "source destination [DB destination-db] [REPLACE]", "Copies a key's value (and expiry) to another key."),
     cmd!("dbsize", 1, RF, false, 0, 0, 0, "", "Returns the number of keys."),
     cmd!("debug", -2, AUTHF, false, 0, 0, 0, "PANIC|SLEEP seconds", "Debugging aids; refused unless the server runs with --enable-debug-command."),
     cmd!("decr", 2, WF, true, 1, 1, 1, "key", "Decrements the integer value of a key by one."),
@@ -95,10 +97,17 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("expire", -3, WF, true, 1, 1, 1, "key seconds [NX|XX|GT|LT]", "Sets a key's time to live in seconds."),
     cmd!("expireat", -3, WF, true, 1, 1, 1, "key unix-time-seconds [NX|XX|GT|LT]", "Sets a key's expiry as a Unix time in seconds."),
     cmd!("expiretime", 2, RF, false, 1, 1, 1, "key", "Returns a key's expiry as a Unix time in seconds (-1 none, -2 no key)."),
+    cmd!("flushall", -1, W, true, 0, 0, 0, "[ASYNC|SYNC]", "Deletes every key."),
+    cmd!("flushdb", -1, W, true, 0, 0, 0, "[ASYNC|SYNC]", "Deletes every key of the (only) database."),
     cmd!("get", 2, RF, false, 1, 1, 1, "key", "Returns the value of a key, or nil."),
+    cmd!("getdel", 2, WF, true, 1, 1, 1, "key", "Returns a key's value and deletes the key."),
+    cmd!("getex", -2, WF, true, 1, 1, 1, "key [EX seconds|PX milliseconds|EXAT unix-time-seconds|PXAT unix-time-milliseconds|PERSIST]", "Returns a key's value and optionally changes its expiry."),
+    cmd!("getrange", 4, R, false, 1, 1, 1, "key start end", "Returns a substring of a value (negative offsets count from the end)."),
+    cmd!("getset", 3, WF, true, 1, 1, 1, "key value", "Sets a key and returns its old value."),
     cmd!("hello", -1, AUTHF, false, 0, 0, 0, "[protover [AUTH username password] [SETNAME name]]", "Handshakes with the server."),
     cmd!("incr", 2, WF, true, 1, 1, 1, "key", "Increments the integer value of a key by one."),
     cmd!("incrby", 3, WF, true, 1, 1, 1, "key increment", "Increments the integer value of a key by a number."),
+    cmd!("incrbyfloat", 3, WF, true, 1, 1, 1, "key increment", "Adds a floating-point number to a key's value."),
     cmd!("info", -1, NS, false, 0, 0, 0, "[section …]", "Returns server information and statistics."),
     cmd!("keys", 2, R, false, 0, 0, 0, "pattern", "Returns all keys matching a glob pattern."),
     cmd!("mget", -2, RF, false, 1, -1, 1, "key [key …]", "Returns the values of several keys."),
@@ -109,16 +118,24 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("pexpireat", -3, WF, true, 1, 1, 1, "key unix-time-milliseconds [NX|XX|GT|LT]", "Sets a key's expiry as a Unix time in milliseconds."),
     cmd!("pexpiretime", 2, RF, false, 1, 1, 1, "key", "Returns a key's expiry as a Unix time in milliseconds (-1 none, -2 no key)."),
     cmd!("ping", -1, F, false, 0, 0, 0, "[message]", "Returns PONG, or the message."),
+    cmd!("psetex", 4, W, true, 1, 1, 1, "key milliseconds value", "Sets a key with a time to live in milliseconds."),
     cmd!("pttl", 2, RF, false, 1, 1, 1, "key", "Returns a key's time to live in milliseconds (-1 none, -2 no key)."),
     cmd!("quit", -1, AUTHF, false, 0, 0, 0, "", "Closes the connection."),
+    cmd!("randomkey", 1, R, false, 0, 0, 0, "", "Returns a random key."),
     cmd!("readonly", 1, F, false, 0, 0, 0, "", "Allows reads from a follower on this connection."),
     cmd!("readwrite", 1, F, false, 0, 0, 0, "", "Ends READONLY on this connection."),
+    cmd!("rename", 3, W, true, 1, 2, 1, "key newkey", "Renames a key (overwriting newkey)."),
+    cmd!("renamenx", 3, WF, true, 1, 2, 1, "key newkey", "Renames a key only if newkey does not exist."),
     cmd!("scan", -2, R, false, 0, 0, 0, "cursor [MATCH pattern] [COUNT count] [TYPE type]", "Iterates over the keys."),
     cmd!("select", 2, NS, false, 0, 0, 0, "index", "Selects a database (only 0 exists)."),
     cmd!("set", -3, W, true, 1, 1, 1, "key value [NX|XX] [GET] [EX seconds|PX milliseconds|EXAT unix-time-seconds|PXAT unix-time-milliseconds|KEEPTTL]", "Sets the value of a key."),
+    cmd!("setex", 4, W, true, 1, 1, 1, "key seconds value", "Sets a key with a time to live in seconds."),
     cmd!("setnx", 3, WF, true, 1, 1, 1, "key value", "Sets a key only if it does not exist."),
+    cmd!("setrange", 4, W, true, 1, 1, 1, "key offset value", "Overwrites part of a value at an offset (zero-padding)."),
     cmd!("strlen", 2, RF, false, 1, 1, 1, "key", "Returns the length of a value."),
+    cmd!("substr", 4, R, false, 1, 1, 1, "key start end", "Same as GETRANGE."),
     cmd!("time", 1, F, false, 0, 0, 0, "", "Returns the server time."),
+    cmd!("touch", -2, RF, false, 1, -1, 1, "key [key …]", "Counts how many of the keys exist (no access times are kept)."),
     cmd!("ttl", 2, RF, false, 1, 1, 1, "key", "Returns a key's time to live in seconds (-1 none, -2 no key)."),
     cmd!("type", 2, RF, false, 1, 1, 1, "key", "Returns the type of a key."),
     cmd!("unlink", -2, WD, true, 1, -1, 1, "key [key …]", "Deletes keys (same as DEL here)."),
@@ -167,11 +184,10 @@ pub fn group(name: &str) -> &'static str {
         "debug" => "server",
         "auth" | "client" | "echo" | "hello" | "ping" | "quit" | "select" | "readonly"
         | "readwrite" => "connection",
-        "command" | "config" | "dbsize" | "info" | "time" => "server",
-        "del" | "exists" | "keys" | "scan" | "type" | "unlink" | "wait" | "expire" | "pexpire"
-        | "expireat" | "pexpireat" | "ttl" | "pttl" | "expiretime" | "pexpiretime" | "persist" => {
-            "generic"
-        }
+        "command" | "config" | "dbsize" | "info" | "time" | "flushall" | "flushdb" => "server",
+        "del" | "exists" | "keys" | "scan" | "type" | "unlink" | "wait" | "copy" | "rename"
+        | "renamenx" | "randomkey" | "touch" | "expire" | "pexpire" | "expireat" | "pexpireat"
+        | "ttl" | "pttl" | "expiretime" | "pexpiretime" | "persist" => "generic",
         _ => "string",
     }
 }
@@ -505,10 +521,7 @@ pub fn dispatch_spec(
             write_bulk(out, d.as_secs().to_string().as_bytes());
             write_bulk(out, d.subsec_micros().to_string().as_bytes());
         }
-        "select" => match std::str::from_utf8(&args[1])
-            .ok()
-            .and_then(|x| x.parse::<i64>().ok())
-        {
+        "select" => match parse_i64(&args[1]).and_then(|n| i32::try_from(n).ok()) {
             Some(0) => write_simple(out, "OK"),
             Some(_) => write_error(out, "ERR DB index is out of range"),
             None => write_error(out, ERR_NOT_INTEGER),
@@ -523,6 +536,13 @@ pub fn dispatch_spec(
         "command" => command(s, &args, out),
         "config" => config(ctx, s, &args, out),
         "debug" => debug(ctx, s, &args, out),
+        "append" | "getdel" | "getex" | "getrange" | "getset" | "incrbyfloat" | "psetex"
+        | "setex" | "setrange" | "substr" => {
+            return crate::strings::dispatch(ctx, s, spec.name, args, now, out);
+        }
+        "copy" | "flushall" | "flushdb" | "randomkey" | "rename" | "renamenx" | "touch" => {
+            return crate::keyspace::dispatch(ctx, s, spec.name, args, now, out);
+        }
         "expire" | "pexpire" | "expireat" | "pexpireat" => {
             match parse_expire(spec.name, &args, now) {
                 Ok(op) => return Dispatched::Write(op, Reply::Standard),
@@ -548,7 +568,7 @@ pub fn dispatch_spec(
                     // Rounded to the nearest second, as Redis does.
                     "ttl" => ((at - now + 500) / 1000) as i64,
                     "pttl" => (at - now) as i64,
-                    "expiretime" => (at / 1000) as i64,
+                    "expiretime" => ((at + 500) / 1000) as i64,
                     _ => at as i64,
                 },
             };
@@ -803,6 +823,20 @@ fn auth(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
         return;
     }
     let Some(pass) = &ctx.settings.requirepass else {
+        // Without a password the default user accepts any; only the one-argument form,
+        // which can only mean "the server's password", is an error (Redis 7).
+        if args.len() == 3 {
+            if args[1] == b"default" {
+                s.authenticated = true;
+                write_simple(out, "OK");
+            } else {
+                write_error(
+                    out,
+                    "WRONGPASS invalid username-password pair or user is disabled.",
+                );
+            }
+            return;
+        }
         write_error(
             out,
             "ERR AUTH <password> called without any password configured for the default user. \
@@ -939,13 +973,25 @@ fn debug(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 _ => write_error(out, "ERR value is not a valid float"),
             }
         }
-        _ => write_error(
+        _ => subcommand_error(out, "debug", &args[1], &["panic", "sleep"]),
+    }
+}
+
+/// Redis's two errors for a container command: a known subcommand with the wrong number
+/// of arguments, or an unknown one.
+fn subcommand_error(out: &mut Vec<u8>, cmd: &str, sub: &[u8], known: &[&str]) {
+    let lower = String::from_utf8_lossy(sub).to_ascii_lowercase();
+    if known.contains(&lower.as_str()) {
+        write_error(out, &err_args(&format!("{cmd}|{lower}")));
+    } else {
+        write_error(
             out,
             &format!(
-                "ERR unknown subcommand or wrong number of arguments for '{}'. Try DEBUG HELP.",
-                String::from_utf8_lossy(&args[1])
+                "ERR unknown subcommand '{}'. Try {} HELP.",
+                truncate(&String::from_utf8_lossy(sub)),
+                cmd.to_ascii_uppercase()
             ),
-        ),
+        );
     }
 }
 
@@ -1018,25 +1064,31 @@ fn client(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 text.push_str(&format!(
                     "id={id} addr={} laddr={}:{} fd=0 name={} age={age} idle=0 flags=N db=0 \
                      sub=0 psub=0 ssub=0 multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 \
-                     rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|list user=default \
+                     rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|{} user=default \
                      redir=-1 resp={} lib-name={} lib-ver={}\n",
                     c.addr,
                     ctx.settings.bind,
                     ctx.settings.port,
                     c.name,
-                    if *id == s.id && p == Proto::Resp3 { 3 } else { 2 },
+                    if sub == b"INFO" { "info" } else { "list" },
+                    if *id == s.id && p == Proto::Resp3 {
+                        3
+                    } else {
+                        2
+                    },
                     c.lib_name,
                     c.lib_ver
                 ));
             }
             write_verbatim(out, "txt", text.as_bytes(), p);
         }
-        _ => write_error(
+        _ => subcommand_error(
             out,
-            &format!(
-                "ERR unknown subcommand or wrong number of arguments for '{}'. Try CLIENT HELP.",
-                String::from_utf8_lossy(&args[1])
-            ),
+            "client",
+            &args[1],
+            &[
+                "id", "getname", "setname", "setinfo", "no-evict", "no-touch", "list", "info",
+            ],
         ),
     }
 }
@@ -1152,13 +1204,7 @@ fn config(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 String::from_utf8_lossy(&args[2])
             ),
         ),
-        _ => write_error(
-            out,
-            &format!(
-                "ERR unknown subcommand or wrong number of arguments for '{}'. Try CONFIG HELP.",
-                String::from_utf8_lossy(&args[1])
-            ),
-        ),
+        _ => subcommand_error(out, "config", &args[1], &["get", "set", "resetstat"]),
     }
 }
 

@@ -29,6 +29,10 @@ impl Db {
             b"EXPIRED" => self.exec_expired(&args[1..], now),
             b"PEXPIREAT" => self.exec_pexpireat(&args[1..], now),
             b"PERSIST" => self.exec_persist(&args[1..], now),
+            b"APPEND" | b"SETRANGE" | b"GETDEL" | b"GETEX" | b"INCRBYFLOAT" => {
+                self.exec_string(&args, now)
+            }
+            b"RENAME" | b"RENAMENX" | b"COPY" | b"FLUSHALL" => self.exec_keyspace(&args, now),
             _ => OpResult::Error("ERR unknown command in the log (written by a newer kvstore?)"),
         }
     }

@@ -13,12 +13,15 @@
 pub mod client;
 pub mod commands;
 pub mod exec;
+pub mod float;
 pub mod glob;
 pub mod info;
+pub mod keyspace;
 pub mod protocol;
 pub mod repl;
 pub mod server;
 pub mod store;
+pub mod strings;
 pub mod wal;
 
 pub use store::Store;

@@ -8,10 +8,14 @@
 #
 # Environment:
 #   KVSTORE_BIN   kvstore binary to use; skips `cargo build --release`
+#   KVSTORE_COMMIT  what to report as kvstore's commit (default: the repo's HEAD,
+#                 marked if the work tree has uncommitted changes)
 #   ROUNDS        runs per server and scenario, alternating kvstore/redis (3)
 #   N             requests per run, non-durable scenarios (200000)
 #   N_DURABLE     requests per run, durable scenario (20000)
-#   SCENARIOS     comma-separated subset, e.g. "SET -P16,SET durable" (all)
+#   SCENARIOS     comma-separated subset, e.g. "SET -P16,SET durable" (all):
+#                 SET -P1, GET -P1, SET -P16, GET -P16, SET EX -P1, INCR -P1,
+#                 SET durable
 #   BENCH_TMPDIR  where the data dirs go (default $TMPDIR or /tmp; if that is
 #                 tmpfs, target/ in the repo, so that fsync means something)
 #
@@ -164,16 +168,44 @@ start_redis() {
 
 # --- measuring ----------------------------------------------------------------
 # bench PORT TEST N PIPELINE -> prints requests per second
+# TEST is a redis-benchmark test name (-t set, get, incr, ...) or a whole command
+# with spaces ("SET key:__rand_int__ val EX 60"), run as redis-benchmark's
+# trailing command; -r makes it replace __rand_int__.
 bench() {
-    local port=$1 test=$2 n=$3 pipeline=$4 out rps
+    local port=$1 test=$2 n=$3 pipeline=$4 out rps title what=()
+    if [[ $test == *' '* ]]; then
+        read -r -a what <<<"$test" # the command's words (none may contain spaces)
+        title=$test                # redis-benchmark names the run by its command line
+    else
+        what=(-t "$test")
+        title=${test^^}
+    fi
     out=$(redis-benchmark -h 127.0.0.1 -p "$port" -c "$CLIENTS" -n "$n" -r "$KEYSPACE" \
-        -d "$DATASIZE" -t "$test" -P "$pipeline" --csv 2>&1) \
+        -d "$DATASIZE" -P "$pipeline" --csv "${what[@]}" 2>&1) \
         || { log "redis-benchmark failed on port $port:"; log "$out"; exit 1; }
     # CSV: "test","rps",... (a header line first on redis >= 7)
-    rps=$(awk -F'"' -v t="${test^^}" '$2 == t { print $4; exit }' <<<"$out")
+    rps=$(awk -F'"' -v t="$title" '$2 == t { print $4; exit }' <<<"$out")
     [[ $rps =~ ^[0-9]+(\.[0-9]+)?$ ]] \
-        || { log "no requests/s for ${test^^} in redis-benchmark output:"; log "$out"; exit 1; }
+        || { log "no requests/s for '$title' in redis-benchmark output:"; log "$out"; exit 1; }
     printf '%s\n' "$rps"
+}
+
+# probe PORT TEST REGEX: sends TEST once with redis-cli (__rand_int__ -> "probe";
+# a -t name -> its command) and fails unless the reply matches REGEX. redis-benchmark
+# counts error replies as requests, so a server answering -ERR would look fast.
+probe() {
+    local port=$1 test=$2 re=$3 cmd=() reply
+    case $test in
+    *' '*) read -r -a cmd <<<"${test//__rand_int__/probe}" ;;
+    set) cmd=(SET key:probe xxx) ;;
+    get) cmd=(GET key:probe) ;;
+    incr) cmd=(INCR counter:probe) ;;
+    *) die "no probe command for -t $test" ;;
+    esac
+    reply=$(redis-cli -h 127.0.0.1 -p "$port" "${cmd[@]}" 2>&1) || true
+    [[ $reply =~ $re ]] \
+        || die "port $port answered '${cmd[*]}' with '$reply' (expected /$re/): not benchmarking an error"
+    redis-cli -h 127.0.0.1 -p "$port" DEL "${cmd[1]}" >/dev/null 2>&1 || true
 }
 
 prefill() { # every key of the keyspace gets a value before GET runs (untimed)
@@ -185,28 +217,37 @@ median() {
         if (NR % 2) printf "%.0f", v[(NR + 1) / 2]; else printf "%.0f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-# name | test | pipeline | durable|volatile
+# name | test (-t name, or a command) | pipeline | durable|volatile | probe reply regex
 ALL_SCENARIOS=(
-    "SET -P1|set|1|volatile"
-    "GET -P1|get|1|volatile"
-    "SET -P16|set|16|volatile"
-    "GET -P16|get|16|volatile"
-    "SET durable|set|1|durable"
+    "SET -P1|set|1|volatile|^OK$"
+    "GET -P1|get|1|volatile|^$"
+    "SET -P16|set|16|volatile|^OK$"
+    "GET -P16|get|16|volatile|^$"
+    "SET EX -P1|SET key:__rand_int__ val EX 60|1|volatile|^OK$"
+    "INCR -P1|incr|1|volatile|^[0-9]+$"
+    "SET durable|set|1|durable|^OK$"
 )
 
-ROWS=()    # name|kv|redis|ratio|kv runs|redis runs|n
+what() { # how a TEST is given to redis-benchmark, for the log and the report
+    if [[ $1 == *' '* ]]; then printf '%s' "$1"; else printf -- '-t %s' "$1"; fi
+}
+
+ROWS=()    # name|kv|redis|ratio|kv runs|redis runs|n|redis-benchmark arguments
 START_TS=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
 log "kvstore: $KVSTORE_BIN; data dirs under $TMPBASE ($FSTYPE); rounds: $ROUNDS"
 for spec in "${ALL_SCENARIOS[@]}"; do
-    IFS='|' read -r name test pipeline mode <<<"$spec"
+    IFS='|' read -r name test pipeline mode probe_re <<<"$spec"
     if [[ -n ${SCENARIOS:-} && ",$SCENARIOS," != *",$name,"* ]]; then continue; fi
     n=$N
     fsync=no
     if [[ $mode == durable ]]; then n=$N_DURABLE; fsync=always; fi
 
-    log "== $name: -c $CLIENTS -n $n -r $KEYSPACE -d $DATASIZE -t $test -P $pipeline (kvstore --fsync $fsync)"
+    args="-c $CLIENTS -n $n -r $KEYSPACE -d $DATASIZE -P $pipeline $(what "$test")"
+    log "== $name: $args (kvstore --fsync $fsync)"
     start_kvstore "$fsync"
     start_redis "$mode"
+    probe "$KV_PORT" "$test" "$probe_re"
+    probe "$RD_PORT" "$test" "$probe_re"
     if [[ $test == get ]]; then
         log "   prefilling $KEYSPACE keys"
         prefill "$KV_PORT"
@@ -230,7 +271,7 @@ for spec in "${ALL_SCENARIOS[@]}"; do
     kv_med=$(median "${kv_runs[@]}")
     rd_med=$(median "${rd_runs[@]}")
     ratio=$(awk -v a="$kv_med" -v b="$rd_med" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-    ROWS+=("$name|$kv_med|$rd_med|$ratio|${kv_runs[*]}|${rd_runs[*]}|$n")
+    ROWS+=("$name|$kv_med|$rd_med|$ratio|${kv_runs[*]}|${rd_runs[*]}|$n|$args")
 done
 [[ ${#ROWS[@]} -gt 0 ]] || die "no scenario selected (SCENARIOS='${SCENARIOS:-}')"
 
@@ -243,9 +284,13 @@ for row in "${ROWS[@]}"; do
 done
 log ""
 
-commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ $commit != unknown && -n $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
-    commit="$commit (with uncommitted changes)"
+if [[ -n ${KVSTORE_COMMIT:-} ]]; then
+    commit=$KVSTORE_COMMIT
+else
+    commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [[ $commit != unknown && -n $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
+        commit="$commit (with uncommitted changes)"
+    fi
 fi
 {
     echo "### kvstore vs redis-server: throughput"
@@ -259,16 +304,16 @@ fi
     echo
     echo "Median of $ROUNDS alternating runs each (kvstore, redis, kvstore, redis, ...), after one"
     echo "untimed warm-up run each; fresh servers for every scenario."
-    echo "\`redis-benchmark -h 127.0.0.1 -c $CLIENTS -r $KEYSPACE -d $DATASIZE -t set|get -P 1|16 --csv\`,"
-    echo "\`-n $N\` (\`-n $N_DURABLE\` durable); GET runs on a prefilled keyspace."
+    echo "\`redis-benchmark -h 127.0.0.1 --csv\` with the arguments below; GET runs on a"
+    echo "prefilled keyspace."
     echo "Non-durable: \`kvstore --fsync no\` vs \`redis-server --save '' --appendonly no\`."
     echo "Durable: \`kvstore --fsync always\` vs \`redis-server --appendonly yes --appendfsync always\`."
     echo
     echo "Runs (requests/s):"
     echo
     for row in "${ROWS[@]}"; do
-        IFS='|' read -r name _ _ _ kvr rdr n <<<"$row"
-        echo "- $name (-n $n): kvstore ${kvr// /, }; redis ${rdr// /, }"
+        IFS='|' read -r name _ _ _ kvr rdr n args <<<"$row"
+        echo "- $name (\`$args\`): kvstore ${kvr// /, }; redis ${rdr// /, }"
     done
     echo
     echo "- command: \`$COMMAND_LINE\`"

@@ -453,14 +453,15 @@ fn hex_value(b: u8) -> Option<u8> {
 }
 
 /// Splits an inline command line into arguments the way Redis's
-/// `sdssplitargs` does; `None` on unbalanced quotes.
+/// `sdssplitargs` does; `None` on unbalanced quotes. The client splits what a user
+/// types with the same function, as redis-cli does.
 ///
 /// Redis hands the line over as a C string, so it ends at the first NUL
 /// byte: the slice is cut there, and reading past its end yields 0, which
 /// keeps every rule below a transcription of the C one. Quotes can start in
 /// the middle of a word (`a"b c"` is the single argument `ab c`), and a
 /// closing quote must be followed by a space or the end of the line.
-fn split_inline(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+pub fn split_inline(line: &[u8]) -> Option<Vec<Vec<u8>>> {
     let line = match line.iter().position(|&b| b == 0) {
         Some(nul) => &line[..nul],
         None => line,

@@ -359,11 +359,7 @@ mod tests {
                 Op::Set {
                     key: k.into(),
                     value: v.into(),
-                    expiry: if at == 0 {
-                        Expiry::Never
-                    } else {
-                        Expiry::At(at)
-                    },
+                    expiry: Expiry::from_deadline(at),
                     condition: Condition::Always,
                     get: false,
                 },

@@ -593,40 +593,38 @@ impl Connection {
 
 /// `send(MSG_DONTWAIT)`: Some(n) bytes sent, None if the socket buffer is full.
 fn send_nonblocking(s: &TcpStream, buf: &[u8]) -> io::Result<Option<usize>> {
-    loop {
+    nonblocking(|| {
         // SAFETY: buf is a valid slice for its length; the fd is owned by `s`.
-        let n = unsafe {
+        unsafe {
             libc::send(
                 s.as_raw_fd(),
                 buf.as_ptr().cast(),
                 buf.len(),
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
-        };
-        if n >= 0 {
-            return Ok(Some(n as usize));
         }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::WouldBlock => return Ok(None),
-            io::ErrorKind::Interrupted => continue,
-            _ => return Err(e),
-        }
-    }
+    })
 }
 
 /// `recv(MSG_DONTWAIT)`: Some(n) bytes read (0 = end of input), None if nothing waits.
 fn recv_nonblocking(s: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    loop {
+    nonblocking(|| {
         // SAFETY: buf is a valid, writable slice for its length.
-        let n = unsafe {
+        unsafe {
             libc::recv(
                 s.as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 libc::MSG_DONTWAIT,
             )
-        };
+        }
+    })
+}
+
+/// Runs a non-blocking socket call: Some(bytes), None for EAGAIN, retried on EINTR.
+fn nonblocking(mut call: impl FnMut() -> isize) -> io::Result<Option<usize>> {
+    loop {
+        let n = call();
         if n >= 0 {
             return Ok(Some(n as usize));
         }

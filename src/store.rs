@@ -1507,11 +1507,7 @@ mod tests {
         let set = |k: &str, at: u64| Op::Set {
             key: k.into(),
             value: b"v".to_vec(),
-            expiry: if at == 0 {
-                Expiry::Never
-            } else {
-                Expiry::At(at)
-            },
+            expiry: Expiry::from_deadline(at),
             condition: Condition::Always,
             get: false,
         };

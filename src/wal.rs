@@ -101,6 +101,17 @@ pub enum Expiry {
     Keep,
 }
 
+impl Expiry {
+    /// `At(unix_ms)`, or `Never` for 0 (how items and snapshots store "no deadline").
+    pub fn from_deadline(unix_ms: u64) -> Expiry {
+        if unix_ms == 0 {
+            Expiry::Never
+        } else {
+            Expiry::At(unix_ms)
+        }
+    }
+}
+
 /// A condition on whether the key exists, checked when the entry is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Condition {

@@ -19,10 +19,10 @@
 //! out like that. An `f64` holds about 16 significant digits, so no way of printing an
 //! `f64` reproduces those digits; measured against redis-server 7.0.15, every `f64`
 //! formatting tried (shortest round-trip, `%.17f`, 15 or 16 significant digits, "shortest
-//! within n ulps") differed from Redis on 30-50% of simple sums.
+//! within n ulps") differed from Redis on about half of such sums or more.
 //!
 //! So the arithmetic here is done on a small software model of the x87 format
-//! ([`Ld`]): decimal and hexadecimal input are rounded to it exactly as glibc's
+//! (`Ld`): decimal and hexadecimal input are rounded to it exactly as glibc's
 //! `strtold` does (round to nearest, ties to even, with subnormals), addition rounds
 //! exactly as the FPU does, and `%.17Lf` is produced from the exact binary value with
 //! glibc's ties-to-even rounding. The text is therefore byte-for-byte Redis's. The
@@ -40,9 +40,9 @@
 //!   Redis would print for `(long double)v`: `format_float_human(0.1)` is
 //!   `0.10000000000000001`, because `0.1_f64` is not one tenth. It is not used by
 //!   [`incr_by_float`], whose text comes from the exact extended result.
-//! - Redis built where `long double` is not x87 extended (aarch64 has 128-bit quad,
-//!   MSVC and some ARM 32-bit builds have plain double) prints different digits; this
-//!   module matches x86-64 Linux builds, the common case.
+//! - Redis built where `long double` is not x87 extended (aarch64 Linux: 128-bit quad;
+//!   32-bit ARM: plain double) prints different digits; this module matches x86-64
+//!   builds with glibc, the common case (and the one it was compared with).
 //! - NaN and infinity never reach the formatter through `INCRBYFLOAT`; for a direct
 //!   [`format_float_human`] call they print as `nan`, `inf` and `-inf`.
 
@@ -704,7 +704,8 @@ pub fn incr_by_float(current: Option<&[u8]>, incr: &[u8]) -> Result<(f64, Vec<u8
 /// as `0`; no exponent, ever. `inf`, `-inf` and `nan` for those.
 ///
 /// Note `0.1_f64` prints as `0.10000000000000001`: it is what Redis prints for that
-/// binary value, not for the decimal one-tenth (which `incr_by_float` keeps exactly).
+/// binary value, not for the text `0.1`, which [`incr_by_float`] parses straight to long
+/// double (and prints back as `0.1`).
 pub fn format_float_human(v: f64) -> Vec<u8> {
     if v.is_nan() {
         return b"nan".to_vec();
@@ -1133,7 +1134,7 @@ mod tests {
 
     #[test]
     fn long_inputs_use_every_digit() {
-        // A tie only decided by the 60th digit.
+        // A tie, broken only by the 61st digit.
         let half_ulp = "18446744073709551617"; // 2^64 + 1: a tie, rounds to 2^64
         assert_eq!(incr(None, half_ulp).as_deref(), Ok("18446744073709551616"));
         let above = format!("{half_ulp}.{}1", "0".repeat(40));

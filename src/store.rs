@@ -459,22 +459,31 @@ impl Db {
                 }
             }
             Op::IncrBy { key, delta } => {
+                // The hot path of counters: one lookup. The deadline is kept, so the
+                // expiry index is untouched unless the key had expired.
+                if let Some(item) = self.map.get_mut(&key[..])
+                    && !item.expired(now)
+                {
+                    let Some(cur) = parse_i64(&item.value) else {
+                        return OpResult::Error(ERR_NOT_INTEGER);
+                    };
+                    let Some(new) = cur.checked_add(delta) else {
+                        return OpResult::Error(ERR_OVERFLOW);
+                    };
+                    let text = new.to_string().into_bytes().into_boxed_slice();
+                    let old_len = std::mem::replace(&mut item.value, text).len();
+                    let new_len = item.value.len();
+                    self.live_bytes = self.live_bytes + new_len as u64 - old_len as u64;
+                    return OpResult::Int(new);
+                }
+                // A missing (or expired) key counts as 0.
                 self.purge_expired(&key, now);
-                let (cur, expire_at) = match self.map.get(&key[..]) {
-                    None => (0, 0),
-                    Some(i) => match parse_i64(&i.value) {
-                        Some(n) => (n, i.expire_at),
-                        None => return OpResult::Error(ERR_NOT_INTEGER),
-                    },
-                };
-                let Some(new) = cur.checked_add(delta) else {
-                    return OpResult::Error(ERR_OVERFLOW);
-                };
+                let new = delta;
                 self.insert(
                     key.into_boxed_slice(),
                     Item {
                         value: new.to_string().into_bytes().into_boxed_slice(),
-                        expire_at,
+                        expire_at: 0,
                     },
                 );
                 OpResult::Int(new)

@@ -161,11 +161,33 @@ pub fn markdown_table() -> String {
     out
 }
 
-/// Looks a command up by name, case-insensitively.
+/// A command name (up to 16 bytes) packed into an integer, lower-cased: looking a name up
+/// per request then compares integers, not strings.
+fn pack_name(name: &[u8]) -> Option<u128> {
+    // A NUL would be indistinguishable from the padding.
+    if name.len() > 16 || name.contains(&0) {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    for (d, s) in b.iter_mut().zip(name) {
+        *d = s.to_ascii_lowercase();
+    }
+    Some(u128::from_be_bytes(b))
+}
+
+/// Looks a command up by name, case-insensitively. It runs for every request, so the
+/// sorted table is binary-searched by packed name (see [`pack_name`]).
 pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
-    COMMANDS
-        .iter()
-        .find(|c| c.name.as_bytes().eq_ignore_ascii_case(name))
+    static PACKED: std::sync::OnceLock<Vec<u128>> = std::sync::OnceLock::new();
+    let packed = PACKED.get_or_init(|| {
+        COMMANDS
+            .iter()
+            .map(|c| pack_name(c.name.as_bytes()).unwrap_or(u128::MAX))
+            .collect()
+    });
+    let key = pack_name(name)?;
+    // Big-endian packing keeps the table's alphabetical order.
+    packed.binary_search(&key).ok().map(|i| &COMMANDS[i])
 }
 
 /// True if `argc` (name included) satisfies the command's arity.
@@ -1248,6 +1270,19 @@ mod tests {
         for c in COMMANDS {
             assert_eq!(c.write, c.flags.contains(&"write"), "{}", c.name);
         }
+    }
+
+    #[test]
+    fn every_command_is_found_by_packed_name() {
+        for c in COMMANDS {
+            assert!(c.name.len() <= 16, "{} is too long to pack", c.name);
+            let upper = c.name.to_ascii_uppercase();
+            assert_eq!(lookup(upper.as_bytes()).map(|x| x.name), Some(c.name));
+        }
+        assert!(lookup(b"").is_none());
+        assert!(lookup(b"getx").is_none());
+        assert!(lookup(b"get\0").is_none());
+        assert!(lookup(b"a-name-longer-than-sixteen").is_none());
     }
 
     #[test]

@@ -626,8 +626,36 @@ pub struct Snapshot {
     pub items: Vec<SnapshotItem>,
 }
 
-/// Decodes a snapshot file, refusing anything short of a whole, checksummed image.
+/// What a snapshot yields as it is decoded: its header once, then every key.
+#[derive(Debug)]
+pub enum SnapshotPart {
+    Header { index: u64, epoch: u64, count: u64 },
+    Item(SnapshotItem),
+}
+
+/// Decodes a snapshot file into memory, refusing anything short of a whole, checksummed
+/// image.
 pub fn decode_snapshot(path: &Path, buf: &[u8]) -> Result<Snapshot, WalError> {
+    let mut snap = Snapshot::default();
+    decode_snapshot_with(path, buf, |part| match part {
+        SnapshotPart::Header { index, epoch, .. } => {
+            snap.index = index;
+            snap.epoch = epoch;
+        }
+        SnapshotPart::Item(it) => snap.items.push(it),
+    })?;
+    Ok(snap)
+}
+
+/// Decodes a snapshot, handing each part to `on_part` as it goes (recovery inserts keys
+/// straight into the map instead of building a second copy of the data set first).
+/// Damage anywhere is an error, possibly after some parts were handed over: the caller
+/// must then discard what it built.
+pub fn decode_snapshot_with(
+    path: &Path,
+    buf: &[u8],
+    mut on_part: impl FnMut(SnapshotPart),
+) -> Result<(), WalError> {
     let corrupt = |offset: usize, reason: String| WalError::Corrupt {
         path: path.to_path_buf(),
         offset: offset as u64,
@@ -637,8 +665,8 @@ pub fn decode_snapshot(path: &Path, buf: &[u8]) -> Result<Snapshot, WalError> {
         return Err(corrupt(0, "not a kvstore snapshot (bad header)".into()));
     }
     let mut pos = 8;
-    let mut snap = Snapshot::default();
     let mut expected = None;
+    let mut seen = 0u64;
     loop {
         let (payload, n) = match read_frame(&buf[pos..]) {
             FrameRead::Frame(p, n) => (p, n),
@@ -651,12 +679,16 @@ pub fn decode_snapshot(path: &Path, buf: &[u8]) -> Result<Snapshot, WalError> {
         };
         let res: Result<bool, String> = (|| match r.u8()? {
             b'M' if expected.is_none() => {
-                snap.index = r.u64()?;
-                snap.epoch = r.u64()?;
+                let index = r.u64()?;
+                let epoch = r.u64()?;
                 let count = r.u64()?;
-                expected = Some(count);
-                snap.items.reserve(count.min(1 << 24) as usize);
                 r.done()?;
+                expected = Some(count);
+                on_part(SnapshotPart::Header {
+                    index,
+                    epoch,
+                    count,
+                });
                 Ok(false)
             }
             b'K' if expected.is_some() => {
@@ -664,21 +696,20 @@ pub fn decode_snapshot(path: &Path, buf: &[u8]) -> Result<Snapshot, WalError> {
                 let key = r.bytes()?;
                 let value = r.bytes()?;
                 r.done()?;
-                snap.items.push(SnapshotItem {
+                seen += 1;
+                on_part(SnapshotPart::Item(SnapshotItem {
                     key,
                     value,
                     expire_at_ms: (exp != 0).then_some(exp),
-                });
+                }));
                 Ok(false)
             }
             b'E' if expected.is_some() => {
                 let count = r.u64()?;
                 r.done()?;
-                if Some(count) != expected || count != snap.items.len() as u64 {
+                if Some(count) != expected || count != seen {
                     return Err(format!(
-                        "snapshot holds {} keys, its header says {:?}",
-                        snap.items.len(),
-                        expected
+                        "snapshot holds {seen} keys, its header says {expected:?}"
                     ));
                 }
                 Ok(true)
@@ -693,7 +724,7 @@ pub fn decode_snapshot(path: &Path, buf: &[u8]) -> Result<Snapshot, WalError> {
                         "bytes after the end of the snapshot".into(),
                     ));
                 }
-                return Ok(snap);
+                return Ok(());
             }
             Ok(false) => pos += n,
             Err(why) => return Err(corrupt(pos, why)),
@@ -762,18 +793,24 @@ struct Scan {
 /// Nothing is modified; the caller decides whether to truncate a torn tail.
 fn scan(
     listing: &Listing,
-    mut on_snapshot: impl FnMut(Snapshot),
+    mut on_snapshot: impl FnMut(SnapshotPart),
     mut apply: impl FnMut(Entry),
 ) -> Result<Scan, WalError> {
     let mut report = RecoveryReport::default();
     let mut next = 1u64;
     if let Some((_, path)) = listing.snapshots.last() {
-        let snap = decode_snapshot(path, &read_file(path)?)?;
-        report.snapshot_index = Some(snap.index);
-        report.last_index = snap.index;
-        report.last_epoch = snap.epoch;
-        next = snap.index + 1;
-        on_snapshot(snap);
+        let mut header = (0, 0);
+        decode_snapshot_with(path, &read_file(path)?, |part| {
+            if let SnapshotPart::Header { index, epoch, .. } = &part {
+                header = (*index, *epoch);
+            }
+            on_snapshot(part);
+        })?;
+        let (index, epoch) = header;
+        report.snapshot_index = Some(index);
+        report.last_index = index;
+        report.last_epoch = epoch;
+        next = index + 1;
     }
     let mut cut = None;
     let mut log_bytes = 0;
@@ -863,7 +900,7 @@ impl Wal {
     pub fn open(
         dir: &Path,
         opts: WalOptions,
-        on_snapshot: impl FnMut(Snapshot),
+        on_snapshot: impl FnMut(SnapshotPart),
         apply: impl FnMut(Entry),
     ) -> Result<(Wal, RecoveryReport), WalError> {
         fs::create_dir_all(dir).map_err(|e| WalError::io(dir, e))?;
@@ -1359,11 +1396,20 @@ mod tests {
         let l = list_dir(dir.path()).unwrap();
         assert_eq!(l.snapshots.len(), 1);
         assert!(l.segments.iter().all(|(f, _)| *f > 10));
-        let mut snap_seen = None;
+        let mut snap_seen = Vec::new();
         let mut got = Vec::new();
-        let (w, rep) =
-            Wal::open(dir.path(), opts, |s| snap_seen = Some(s), |e| got.push(e)).unwrap();
-        assert_eq!(snap_seen.unwrap().items.len(), 1);
+        let (w, rep) = Wal::open(dir.path(), opts, |p| snap_seen.push(p), |e| got.push(e)).unwrap();
+        assert!(matches!(
+            snap_seen[..],
+            [
+                SnapshotPart::Header {
+                    index: 10,
+                    count: 1,
+                    ..
+                },
+                SnapshotPart::Item(_)
+            ]
+        ));
         assert_eq!(got, entries[10..]);
         assert_eq!(rep.snapshot_index, Some(10));
         assert_eq!(w.last_index(), 20);

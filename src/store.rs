@@ -278,12 +278,13 @@ impl Db {
 
     /// Adds a key from a snapshot. Its keys are distinct, so this skips the checks an
     /// overwrite needs: loading is one hash insert per key (plus the deadline index).
-    fn load(&mut self, it: SnapshotItem) {
+    /// Its deadline goes to `deadlines`, from which the caller builds the index at once.
+    fn load(&mut self, it: SnapshotItem, deadlines: &mut Vec<(u64, Box<[u8]>)>) {
         let key = it.key.into_boxed_slice();
         let expire_at = it.expire_at_ms.unwrap_or(0);
         self.live_bytes += (key.len() + it.value.len()) as u64 + ITEM_OVERHEAD;
         if expire_at != 0 {
-            self.expires.insert((expire_at, key.clone()));
+            deadlines.push((expire_at, key.clone()));
         }
         self.map.insert(
             key,
@@ -643,6 +644,7 @@ impl Store {
     /// ```
     pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store, StoreError> {
         let dir = dir.as_ref().to_path_buf();
+        let mut deadlines = Vec::new();
         // Both replay callbacks need the map; RefCell lets them share it.
         let db = std::cell::RefCell::new(Db::default());
         let wal_opts = WalOptions {
@@ -659,7 +661,13 @@ impl Store {
                         db.applied = index;
                         db.map.reserve(count.min(1 << 28) as usize);
                     }
-                    SnapshotPart::Item(it) => db.load(it),
+                    SnapshotPart::Item(it) => db.load(it, &mut deadlines),
+                    // Built in one go from sorted entries: a snapshot lists keys in hash
+                    // order, and inserting their deadlines one by one in that random
+                    // order costs more than loading the keys themselves.
+                    SnapshotPart::End => {
+                        db.expires = std::mem::take(&mut deadlines).into_iter().collect();
+                    }
                 }
             },
             |e| {

@@ -629,8 +629,14 @@ pub struct Snapshot {
 /// What a snapshot yields as it is decoded: its header once, then every key.
 #[derive(Debug)]
 pub enum SnapshotPart {
-    Header { index: u64, epoch: u64, count: u64 },
+    Header {
+        index: u64,
+        epoch: u64,
+        count: u64,
+    },
     Item(SnapshotItem),
+    /// The last part: every key was handed over and the snapshot checked whole.
+    End,
 }
 
 /// Decodes a snapshot file into memory, refusing anything short of a whole, checksummed
@@ -643,6 +649,7 @@ pub fn decode_snapshot(path: &Path, buf: &[u8]) -> Result<Snapshot, WalError> {
             snap.epoch = epoch;
         }
         SnapshotPart::Item(it) => snap.items.push(it),
+        SnapshotPart::End => {}
     })?;
     Ok(snap)
 }
@@ -724,6 +731,7 @@ pub fn decode_snapshot_with(
                         "bytes after the end of the snapshot".into(),
                     ));
                 }
+                on_part(SnapshotPart::End);
                 return Ok(());
             }
             Ok(false) => pos += n,
@@ -1407,7 +1415,8 @@ mod tests {
                     count: 1,
                     ..
                 },
-                SnapshotPart::Item(_)
+                SnapshotPart::Item(_),
+                SnapshotPart::End
             ]
         ));
         assert_eq!(got, entries[10..]);

@@ -47,10 +47,11 @@
 //! expired ones is somewhat more likely to be chosen; Redis's pick is not uniform either.
 
 use crate::commands::{Context, Dispatched, Reply, Session};
+use crate::keymap::KeyMap;
 use crate::protocol::{write_bulk, write_error, write_integer, write_null};
-use crate::store::{Db, Item, OpResult, parse_i64};
+use crate::store::{Db, OpResult, parse_i64};
 use crate::wal::Op;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -295,7 +296,7 @@ impl Db {
 
 /// Drops a flushed key space, on a background thread if it is large (inline if a thread
 /// cannot be started).
-fn free_later(map: HashMap<Box<[u8]>, Item>, expires: BTreeSet<(u64, Box<[u8]>)>) {
+fn free_later(map: KeyMap, expires: BTreeSet<(u64, u64)>) {
     if map.len() < LAZYFREE_MIN_KEYS {
         return;
     }
@@ -310,6 +311,7 @@ mod tests {
     use crate::commands::Settings;
     use crate::protocol::Value;
     use crate::repl::execute;
+    use crate::store::Item;
     use crate::store::{Clock, Options, Store};
     use crate::wal::{Condition, Entry, Expiry, FsyncPolicy};
     use std::collections::HashSet;
@@ -710,7 +712,7 @@ mod tests {
         // Both expired sources were removed by the entries that met them; `e` (expired
         // too, never touched by a write) waits for the expirer.
         let left = ctx.store.read(|db| {
-            let mut k: Vec<Vec<u8>> = db.map.keys().map(|k| k.to_vec()).collect();
+            let mut k: Vec<Vec<u8>> = db.map.iter().map(|(k, _)| k.to_vec()).collect();
             k.sort();
             (k, db.expired_keys, db.expiring())
         });

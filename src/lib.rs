@@ -16,6 +16,7 @@ pub mod exec;
 pub mod float;
 pub mod glob;
 pub mod info;
+pub mod keymap;
 pub mod keyspace;
 pub mod protocol;
 pub mod repl;

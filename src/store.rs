@@ -39,12 +39,13 @@
 //! snapshot of the copy and deletes the segments it covers. The copy is a pause
 //! proportional to the key count (Redis forks instead); the write of the snapshot is not.
 
+use crate::keymap::{KeyMap, Slot};
 use crate::wal::{
     self, Condition, Entry, Expiry, FsyncPolicy, Op, RecoveryReport, SnapshotItem, SnapshotPart,
     Wal, WalError, WalOptions,
 };
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -182,10 +183,11 @@ const ITEM_OVERHEAD: u64 = 48;
 /// The key space and the state machine that log entries drive.
 #[derive(Debug, Default)]
 pub struct Db {
-    pub(crate) map: HashMap<Box<[u8]>, Item>,
-    /// Every key with an expiry, ordered by deadline, so the active expirer finds the
-    /// expired ones without scanning (and without a pause that grows with the key count).
-    pub(crate) expires: BTreeSet<(u64, Box<[u8]>)>,
+    pub(crate) map: KeyMap,
+    /// Every key with an expiry as (deadline, key hash), ordered by deadline, so the
+    /// active expirer finds the expired ones without scanning (and without a pause that
+    /// grows with the key count); 16 bytes a key, no copy of it ([`KeyMap`]).
+    pub(crate) expires: BTreeSet<(u64, u64)>,
     /// Approximate live bytes (keys, values, overhead).
     pub(crate) live_bytes: u64,
     /// Index of the last applied entry.
@@ -196,12 +198,6 @@ pub struct Db {
 
 pub const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 pub const ERR_OVERFLOW: &str = "ERR increment or decrement would overflow";
-
-/// What replacing a value of `old` bytes by one of `new_len` bytes adds to the live bytes
-/// (wrapping: the caller adds it, so a shrink subtracts).
-fn value_len_delta(old: &[u8], new_len: u64) -> u64 {
-    new_len.wrapping_sub(old.len() as u64)
-}
 
 fn item_cost(k: &[u8], v: &[u8]) -> u64 {
     (k.len() + v.len()) as u64 + ITEM_OVERHEAD
@@ -248,8 +244,9 @@ impl Db {
         self.expires
             .iter()
             .take_while(|(at, _)| *at <= now)
+            .filter_map(|&(at, h)| self.map.find_by_hash(h, |_, i| i.expire_at == at))
             .take(max)
-            .map(|(_, k)| k.to_vec())
+            .map(|(k, _)| k.to_vec())
             .collect()
     }
 
@@ -263,9 +260,12 @@ impl Db {
         let new_at = item.expire_at;
         let old_at = self.map.get(&key[..]).map_or(0, |o| o.expire_at);
         if old_at != new_at {
-            self.forget_expiry(old_at, &key);
+            let h = self.map.hash(&key);
+            if old_at != 0 {
+                self.expires.remove(&(old_at, h));
+            }
             if new_at != 0 {
-                self.expires.insert((new_at, key.clone()));
+                self.expires.insert((new_at, h));
             }
         }
         self.live_bytes += key_len + item.value.len() as u64 + ITEM_OVERHEAD;
@@ -279,12 +279,12 @@ impl Db {
     /// Adds a key from a snapshot. Its keys are distinct, so this skips the checks an
     /// overwrite needs: loading is one hash insert per key (plus the deadline index).
     /// Its deadline goes to `deadlines`, from which the caller builds the index at once.
-    fn load(&mut self, it: SnapshotItem, deadlines: &mut Vec<(u64, Box<[u8]>)>) {
+    fn load(&mut self, it: SnapshotItem, deadlines: &mut Vec<(u64, u64)>) {
         let key = it.key.into_boxed_slice();
         let expire_at = it.expire_at_ms.unwrap_or(0);
         self.live_bytes += (key.len() + it.value.len()) as u64 + ITEM_OVERHEAD;
         if expire_at != 0 {
-            deadlines.push((expire_at, key.clone()));
+            deadlines.push((expire_at, self.map.hash(&key)));
         }
         self.map.insert(
             key,
@@ -307,7 +307,7 @@ impl Db {
     /// Drops `key`'s entry from the expiry index (after its deadline changed or it went).
     pub(crate) fn forget_expiry(&mut self, at: u64, key: &[u8]) {
         if at != 0 {
-            self.expires.remove(&(at, Box::<[u8]>::from(key)));
+            self.expires.remove(&(at, self.map.hash(key)));
         }
     }
 
@@ -322,7 +322,7 @@ impl Db {
         }
         self.forget_expiry(old, key);
         if at != 0 {
-            self.expires.insert((at, key.into()));
+            self.expires.insert((at, self.map.hash(key)));
         }
     }
 
@@ -345,13 +345,13 @@ impl Db {
         get: bool,
         now: u64,
     ) -> OpResult {
-        use std::collections::hash_map::Entry as Slot;
         let value = value.into_boxed_slice();
+        let new_len = value.len() as u64;
         let key_len = key.len() as u64;
-        let new_cost = item_cost(&key, &value);
-        let slot = self.map.entry(key.into_boxed_slice());
+        let h = self.map.hash(&key);
+        let slot = self.map.slot(&key);
         let live = match &slot {
-            Slot::Occupied(o) if !o.get().expired(now) => Some(o.get()),
+            Slot::Occupied(o) if !o.get().1.expired(now) => Some(&o.get().1),
             _ => None,
         };
         let ok = match condition {
@@ -371,54 +371,46 @@ impl Db {
         };
         // A deadline already past deletes the key, as in Redis.
         let delete = ok && expire_at != 0 && expire_at <= now;
-        // The expiry index changes only for keys that have or get a deadline; the common
+        // The deadline index changes only for keys that have or get a deadline; the common
         // SET of a key without one touches nothing but the map.
-        let mut index_out: Option<(u64, Box<[u8]>)> = None;
-        let mut index_in: Option<(u64, Box<[u8]>)> = None;
+        let mut index_out = 0;
+        let mut index_in = 0;
         match slot {
             Slot::Occupied(mut o) => {
-                let dead = o.get().expired(now);
-                let old_at = o.get().expire_at;
+                let dead = o.get().1.expired(now);
+                let old_at = o.get().1.expire_at;
                 if delete || (dead && !ok) {
-                    if old_at != 0 {
-                        index_out = Some((old_at, o.key().clone()));
-                    }
-                    let gone = o.remove();
+                    index_out = old_at;
+                    let ((_, gone), _) = o.remove();
                     self.live_bytes -= key_len + gone.value.len() as u64 + ITEM_OVERHEAD;
                     if dead {
                         self.expired_keys += 1;
                     }
                 } else if ok {
                     if old_at != expire_at {
-                        if old_at != 0 {
-                            index_out = Some((old_at, o.key().clone()));
-                        }
-                        if expire_at != 0 {
-                            index_in = Some((expire_at, o.key().clone()));
-                        }
+                        index_out = old_at;
+                        index_in = expire_at;
                     }
-                    let prev = o.insert(Item { value, expire_at });
-                    self.live_bytes = self.live_bytes.wrapping_add(value_len_delta(
-                        &prev.value,
-                        new_cost - key_len - ITEM_OVERHEAD,
-                    ));
+                    let prev = std::mem::replace(&mut o.get_mut().1, Item { value, expire_at });
+                    // Plus the new value, minus the old (wrapping: a shrink subtracts).
+                    self.live_bytes = self
+                        .live_bytes
+                        .wrapping_add(new_len.wrapping_sub(prev.value.len() as u64));
                 }
             }
             Slot::Vacant(v) => {
                 if ok && !delete {
-                    if expire_at != 0 {
-                        index_in = Some((expire_at, v.key().clone()));
-                    }
-                    v.insert(Item { value, expire_at });
-                    self.live_bytes += new_cost;
+                    index_in = expire_at;
+                    self.live_bytes += key_len + new_len + ITEM_OVERHEAD;
+                    v.insert((key.into_boxed_slice(), Item { value, expire_at }));
                 }
             }
         }
-        if let Some(e) = index_out {
-            self.expires.remove(&e);
+        if index_out != 0 {
+            self.expires.remove(&(index_out, h));
         }
-        if let Some(e) = index_in {
-            self.expires.insert(e);
+        if index_in != 0 {
+            self.expires.insert((index_in, h));
         }
         match (get, ok) {
             (true, _) => OpResult::Old(old),

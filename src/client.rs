@@ -456,6 +456,36 @@ impl Default for ClientOptions {
     }
 }
 
+/// Splits `kvstore client [HOST] [PORT] [COMMAND…]`: the first word is a host (and the
+/// second, if it is a number, its port) unless it is a command name; a lone number first
+/// is a port. So `kvstore client SET k 7` runs a command, and `kvstore client db1 7001
+/// GET k` runs one on another server.
+pub fn split_target(mut args: Vec<String>) -> (Option<String>, Option<u16>, Vec<String>) {
+    let is_command = |w: &str| {
+        crate::commands::lookup(w.as_bytes()).is_some()
+            || ["help", "exit", "quit"].contains(&w.to_ascii_lowercase().as_str())
+    };
+    match args.first() {
+        None => (None, None, args),
+        Some(w) if is_command(w) => (None, None, args),
+        Some(w) if w.parse::<u16>().is_ok() => {
+            let port = args.remove(0).parse().ok();
+            (None, port, args)
+        }
+        Some(_) => {
+            let host = args.remove(0);
+            let port = match args.first().and_then(|p| p.parse::<u16>().ok()) {
+                Some(p) => {
+                    args.remove(0);
+                    Some(p)
+                }
+                None => None,
+            };
+            (Some(host), port, args)
+        }
+    }
+}
+
 /// Runs the client and returns the process exit code.
 ///
 /// With a non-empty `command`, sends it once, prints the reply (TTY-style or raw,
@@ -937,6 +967,46 @@ impl Highlighter for ReplHelper {
 impl Validator for ReplHelper {}
 
 impl Helper for ReplHelper {}
+
+#[cfg(test)]
+mod target_tests {
+    use super::split_target;
+
+    fn split(line: &str) -> (Option<String>, Option<u16>, Vec<String>) {
+        split_target(line.split_whitespace().map(String::from).collect())
+    }
+
+    #[test]
+    fn host_port_and_command_are_told_apart() {
+        assert_eq!(split(""), (None, None, vec![]));
+        assert_eq!(
+            split("SET greeting 7001"),
+            (
+                None,
+                None,
+                vec!["SET".into(), "greeting".into(), "7001".into()]
+            )
+        );
+        assert_eq!(split("get k").2, vec!["get".to_string(), "k".into()]);
+        assert_eq!(
+            split("10.0.0.5 7001"),
+            (Some("10.0.0.5".into()), Some(7001), vec![])
+        );
+        assert_eq!(
+            split("db1 7001 GET k"),
+            (
+                Some("db1".into()),
+                Some(7001),
+                vec!["GET".into(), "k".into()]
+            )
+        );
+        assert_eq!(
+            split("db1 GET k"),
+            (Some("db1".into()), None, vec!["GET".into(), "k".into()])
+        );
+        assert_eq!(split("7002 PING"), (None, Some(7002), vec!["PING".into()]));
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -91,16 +91,30 @@ struct ServerArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  kvstore client                      prompt, 127.0.0.1:7379\n  \
+                  kvstore client 10.0.0.5 7001        prompt, another server\n  \
+                  kvstore client SET greeting hello   one command, then exit\n  \
+                  kvstore client 10.0.0.5 7001 GET k  one command on another server\n\n\
+                  The first word is taken as HOST (and the second as PORT) unless it is a \
+                  command name."
+)]
 struct ClientArgs {
-    /// Server host.
-    #[arg(env = "KVSTORE_HOST", default_value = "127.0.0.1")]
+    /// [HOST] [PORT] [COMMAND…]: the server (default 127.0.0.1 and 7379, or
+    /// KVSTORE_HOST / KVSTORE_PORT), then a command to run once (e.g. `SET k v`);
+    /// without a command, an interactive prompt starts.
+    #[arg(
+        value_name = "HOST PORT COMMAND",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    args: Vec<String>,
+    /// Server host, when not given as the first word.
+    #[arg(long, env = "KVSTORE_HOST", default_value = "127.0.0.1")]
     host: String,
-    /// Server port.
-    #[arg(env = "KVSTORE_PORT", default_value_t = DEFAULT_PORT)]
+    /// Server port, when not given as the second word.
+    #[arg(long, env = "KVSTORE_PORT", default_value_t = DEFAULT_PORT)]
     port: u16,
-    /// A command to run once (e.g. `SET k v`); without one, an interactive prompt starts.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<String>,
     /// Password to AUTH with after connecting.
     #[arg(short = 'a', long, env = "KVSTORE_PASSWORD", hide_env_values = true)]
     password: Option<String>,
@@ -151,9 +165,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Server(a) => run_server(a),
         Command::Client(a) => {
+            let (host, port, command) = client::split_target(a.args);
             let opts = ClientOptions {
-                host: a.host,
-                port: a.port,
+                host: host.unwrap_or(a.host),
+                port: port.unwrap_or(a.port),
                 password: a.password,
                 raw: if a.raw {
                     Some(true)
@@ -164,7 +179,7 @@ fn main() -> ExitCode {
                 },
                 ..ClientOptions::default()
             };
-            ExitCode::from(client::run(opts, a.command).clamp(0, 255) as u8)
+            ExitCode::from(client::run(opts, command).clamp(0, 255) as u8)
         }
         Command::Repl(a) => {
             let opts = Options {

@@ -1,0 +1,101 @@
+//! The command line as a user types it: `kvstore client` one-shot forms and exit codes,
+//! and `kvstore repl` on a data directory that a server then serves.
+
+mod common;
+
+use common::{DataDir, KVSTORE_BIN, Server};
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn kvstore(args: &[&str], envs: &[(&str, &str)], stdin: &str) -> Output {
+    let mut cmd = Command::new(KVSTORE_BIN);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVSTORE_")) {
+        cmd.env_remove(k);
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start kvstore");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for kvstore")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn client_one_shot_forms_and_exit_codes() {
+    let server = Server::start(&["--fsync", "no"]);
+    let port = server.port.to_string();
+    let set = kvstore(
+        &[
+            "client",
+            "127.0.0.1",
+            &port,
+            "SET",
+            "greeting",
+            "hello world",
+        ],
+        &[],
+        "",
+    );
+    assert!(set.status.success(), "{set:?}");
+    assert_eq!(stdout(&set), "OK\n");
+    // A command name first: host and port come from the environment.
+    let get = kvstore(
+        &["client", "GET", "greeting"],
+        &[("KVSTORE_PORT", &port)],
+        "",
+    );
+    assert_eq!(stdout(&get), "hello world\n");
+    // A number as the command's argument is not mistaken for a port.
+    let incr = kvstore(&["client", "--port", &port, "INCRBY", "n", "7001"], &[], "");
+    assert_eq!(stdout(&incr), "7001\n");
+    // An error reply exits 1; so does an unreachable server, with a clear message.
+    let bad = kvstore(&["client", "127.0.0.1", &port, "NOPE"], &[], "");
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    let free = common::free_port().to_string();
+    let down = kvstore(&["client", "127.0.0.1", &free, "PING"], &[], "");
+    assert_eq!(down.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("Could not connect"),
+        "{down:?}"
+    );
+    // Commands on stdin, one per line, as in a script.
+    let piped = kvstore(
+        &["client", "127.0.0.1", &port],
+        &[],
+        "SET k 1\nINCR k\nGET k\n",
+    );
+    assert_eq!(stdout(&piped), "OK\n2\n2\n");
+}
+
+#[test]
+fn repl_writes_a_data_dir_that_a_server_serves() {
+    let dir = DataDir::new();
+    let path = dir.path().to_str().expect("utf-8 temp path");
+    let out = kvstore(
+        &["repl", "--data-dir", path],
+        &[],
+        "SET k \"a b\"\nEXPIRE k 1000\nINCR n\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let server = Server::start_in(&dir, &["--fsync", "no"]);
+    let mut c = server.conn();
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).expect("GET");
+    assert_eq!(v, "a b");
+    let ttl: i64 = redis::cmd("TTL").arg("k").query(&mut c).expect("TTL");
+    assert!(ttl > 0 && ttl <= 1000, "TTL {ttl}");
+    let n: String = redis::cmd("GET").arg("n").query(&mut c).expect("GET n");
+    assert_eq!(n, "1");
+}

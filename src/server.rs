@@ -50,6 +50,8 @@ pub const MAX_OUTPUT: usize = 1 << 30;
 /// Close a connection whose unparsed input exceeds this (Redis's client-query-buffer-limit).
 pub const MAX_QUERY_BUFFER: usize = 1 << 30;
 const READ_CHUNK: usize = 16 * 1024;
+/// Write batches one connection may have submitted and not yet answered.
+const MAX_INFLIGHT_BATCHES: usize = 64;
 
 /// Everything needed to start a server.
 #[derive(Debug, Clone)]
@@ -580,6 +582,11 @@ impl Connection {
     fn submit(&mut self) {
         if self.pending.is_empty() {
             return;
+        }
+        // Backpressure: a client streaming writes faster than the log commits them waits
+        // here (and stops reading) instead of queueing without bound.
+        if self.shared.outbox.lock().inflight >= MAX_INFLIGHT_BATCHES {
+            self.wait_for_inflight();
         }
         let (ops, hows): (Vec<Op>, Vec<Reply>) = self.pending.drain(..).unzip();
         let proto = self.session.proto;

@@ -1509,14 +1509,9 @@ mod tests {
         assert_eq!(s.len(), 11);
     }
 
-    /// Expiry under a fake clock: keys vanish for readers at their deadline, the expiry
-    /// cycle logs their deletion, and a restart neither resurrects them nor expires a key
-    /// whose deadline was later removed.
-    #[test]
-    fn expiry_under_a_fake_clock() {
-        use std::sync::atomic::AtomicU64;
-        let dir = tempfile::tempdir().unwrap();
-        let now = Arc::new(AtomicU64::new(1_000_000));
+    /// Options with a clock the test sets (Unix ms) and no background expirer.
+    fn fake_clock_options(start: u64) -> (Arc<AtomicU64>, Options) {
+        let now = Arc::new(AtomicU64::new(start));
         let clock = {
             let now = now.clone();
             Clock::new(move || now.load(Ordering::SeqCst))
@@ -1527,6 +1522,16 @@ mod tests {
             active_expiry: false,
             ..Options::default()
         };
+        (now, o)
+    }
+
+    /// Expiry under a fake clock: keys vanish for readers at their deadline, the expiry
+    /// cycle logs their deletion, and a restart neither resurrects them nor expires a key
+    /// whose deadline was later removed.
+    #[test]
+    fn expiry_under_a_fake_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (now, o) = fake_clock_options(1_000_000);
         let s = Store::open(dir.path(), o.clone()).unwrap();
         let set = |k: &str, at: u64| Op::Set {
             key: k.into(),
@@ -1562,19 +1567,8 @@ mod tests {
     /// EXPIRE_BATCH keys), never by one entry or one pause proportional to their number.
     #[test]
     fn expiry_is_batched() {
-        use std::sync::atomic::AtomicU64;
         let dir = tempfile::tempdir().unwrap();
-        let now = Arc::new(AtomicU64::new(5_000));
-        let clock = {
-            let now = now.clone();
-            Clock::new(move || now.load(Ordering::SeqCst))
-        };
-        let o = Options {
-            fsync: FsyncPolicy::No,
-            clock,
-            active_expiry: false,
-            ..Options::default()
-        };
+        let (now, o) = fake_clock_options(5_000);
         let s = Store::open(dir.path(), o).unwrap();
         let n = EXPIRE_BATCH * 3 + 7;
         let ops: Vec<Op> = (0..n)

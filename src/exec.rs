@@ -13,7 +13,8 @@
 
 use crate::store::{Db, OpResult};
 
-const ERR_BAD_RECORD: &str = "ERR malformed command in the log";
+/// The result of a logged command whose arguments do not parse (a damaged or foreign log).
+pub(crate) const ERR_BAD_RECORD: &str = "ERR malformed command in the log";
 
 fn parse_u64(b: &[u8]) -> Option<u64> {
     std::str::from_utf8(b).ok()?.parse().ok()

@@ -47,6 +47,7 @@
 //! expired ones is somewhat more likely to be chosen; Redis's pick is not uniform either.
 
 use crate::commands::{Context, Dispatched, Reply, Session};
+use crate::exec::ERR_BAD_RECORD;
 use crate::keymap::KeyMap;
 use crate::protocol::{write_bulk, write_error, write_integer, write_null};
 use crate::store::{Db, OpResult, parse_i64};
@@ -62,7 +63,6 @@ const ERR_INT_RANGE: &str =
 const ERR_DB_RANGE: &str = "ERR DB index is out of range";
 const ERR_SAME: &str = "ERR source and destination objects are the same";
 const ERR_NO_SUCH_KEY: &str = "ERR no such key";
-const ERR_BAD_RECORD: &str = "ERR malformed command in the log";
 
 /// Expired keys a read reports to the expirer at most per command.
 const MAX_HINTS: usize = 16;

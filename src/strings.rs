@@ -60,6 +60,7 @@
 //! applying must give the same answer on every node whatever its configuration.
 
 use crate::commands::{Context, Dispatched, Reply, Session};
+use crate::exec::ERR_BAD_RECORD;
 use crate::protocol::{write_bulk, write_error};
 use crate::store::{Db, ERR_NOT_INTEGER, Item, OpResult, parse_i64};
 use crate::wal::{Condition, Expiry, Op};
@@ -72,7 +73,6 @@ pub const MAX_STRING_LEN: usize = 512 << 20;
 const ERR_TOO_BIG: &str = "ERR string exceeds maximum allowed size (proto-max-bulk-len)";
 const ERR_OFFSET: &str = "ERR offset is out of range";
 const ERR_SYNTAX: &str = "ERR syntax error";
-const ERR_BAD_RECORD: &str = "ERR malformed command in the log";
 
 /// Executes one string-family request (see the module doc): answers reads into `out`,
 /// returns writes as log operations.

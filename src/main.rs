@@ -21,7 +21,7 @@ const DEFAULT_PORT: u16 = 7379;
     name = "kvstore",
     version,
     about = "A durable key-value store that speaks the Redis protocol",
-    long_about = "A durable key-value store that speaks the Redis protocol (RESP2 and inline \
+    long_about = "A durable key-value store that speaks the Redis protocol (RESP2, RESP3 and inline \
                   commands), so nc, redis-cli, redis-benchmark and Redis client libraries work \
                   with it unchanged.\n\nLogs go to stderr; set RUST_LOG (error, warn, info, \
                   debug, trace) to choose how much. Default: info."

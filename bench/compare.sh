@@ -32,78 +32,18 @@ KEYSPACE=100000 # -r
 DATASIZE=16     # -d
 CLIENTS=50      # -c
 START_DEADLINE=20 # seconds for a server to answer PING
+STOP_DEADLINE=5   # seconds for a server to exit after SIGTERM (then SIGKILL)
 COMMAND_LINE="ROUNDS=$ROUNDS N=$N N_DURABLE=$N_DURABLE${KVSTORE_BIN:+ KVSTORE_BIN=$KVSTORE_BIN}${KVSTORE_COMMIT:+ KVSTORE_COMMIT=$KVSTORE_COMMIT}${SCENARIOS:+ SCENARIOS=\"$SCENARIOS\"} $0${*:+ $*}"
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "compare.sh: $*"; exit 1; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
-for v in ROUNDS N N_DURABLE; do
-    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
-done
-
-# --- cleanup: every process we start and every temp dir we make ------------
-PIDS=()
-TMPDIRS=()
-cleanup() {
-    local rc=$? pid i
-    set +e
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null
-    done
-    for pid in "${PIDS[@]}"; do
-        for ((i = 0; i < 50; i++)); do # up to 5 s, then SIGKILL
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
-    for d in "${TMPDIRS[@]}"; do
-        rm -rf -- "$d"
-    done
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# --- tools --------------------------------------------------------------------
-if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
-    || ! command -v redis-cli >/dev/null; then
-    log "installing redis-server and redis-tools with apt-get"
-    SUDO=()
-    [[ $(id -u) -eq 0 ]] || SUDO=(sudo)
-    "${SUDO[@]}" apt-get update
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools
-fi
+check_positive ROUNDS N N_DURABLE
+trap_cleanup
+install_redis redis-server redis-benchmark redis-cli
 command -v python3 >/dev/null || die "python3 is needed to pick free ports"
-
-if [[ -z ${KVSTORE_BIN:-} ]]; then
-    log "building kvstore (cargo build --release)"
-    (cd "$REPO" && cargo build --release >&2)
-    KVSTORE_BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/kvstore
-fi
-[[ -x $KVSTORE_BIN ]] || die "kvstore binary not found or not executable: $KVSTORE_BIN"
-
-TMPBASE=${BENCH_TMPDIR:-${TMPDIR:-/tmp}}
-if [[ -z ${BENCH_TMPDIR:-} ]]; then
-    case $(stat -f -c %T "$TMPBASE" 2>/dev/null || echo unknown) in
-    tmpfs | ramfs)
-        mkdir -p "$REPO/target"
-        TMPBASE=$REPO/target
-        ;;
-    esac
-fi
-FSTYPE=$(stat -f -c %T "$TMPBASE" 2>/dev/null || echo unknown)
-
-new_tmpdir() { # sets TMPDIR_NEW (not via $(...): the array must grow here)
-    TMPDIR_NEW=$(mktemp -d "$TMPBASE/kvbench.XXXXXX")
-    TMPDIRS+=("$TMPDIR_NEW")
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
+build_kvstore
+choose_tmpbase
 
 # --- servers ------------------------------------------------------------------
 # start_server NAME LOGFILE CMD... ; sets STARTED_PID. Port must be in PORT.
@@ -129,22 +69,9 @@ start_server() {
     done
 }
 
-stop_server() { # stop_server PID: SIGTERM, wait (5 s), then SIGKILL
-    local pid=$1 i p keep=()
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-
 # start_kvstore FSYNC ; sets KV_PID KV_PORT
 start_kvstore() {
-    new_tmpdir
+    new_tmpdir kvbench
     PORT=$(free_port)
     mkdir -p "$TMPDIR_NEW/data"
     start_server kvstore "$TMPDIR_NEW/kvstore.log" \
@@ -157,7 +84,7 @@ start_kvstore() {
 start_redis() {
     local persistence=(--appendonly no)
     [[ $1 == durable ]] && persistence=(--appendonly yes --appendfsync always)
-    new_tmpdir
+    new_tmpdir kvbench
     PORT=$(free_port)
     start_server redis-server "$TMPDIR_NEW/redis.log" \
         redis-server --port "$PORT" --bind 127.0.0.1 --save '' "${persistence[@]}" \
@@ -210,11 +137,6 @@ probe() {
 
 prefill() { # every key of the keyspace gets a value before GET runs (untimed)
     bench "$1" set $((KEYSPACE * 5)) 32 >/dev/null
-}
-
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
-        if (NR % 2) printf "%.0f", v[(NR + 1) / 2]; else printf "%.0f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 # name | test (-t name, or a command) | pipeline | durable|volatile | probe reply regex
@@ -284,14 +206,6 @@ for row in "${ROWS[@]}"; do
 done
 log ""
 
-if [[ -n ${KVSTORE_COMMIT:-} ]]; then
-    commit=$KVSTORE_COMMIT
-else
-    commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    if [[ $commit != unknown && -n $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
-        commit="$commit (with uncommitted changes)"
-    fi
-fi
 {
     echo "### kvstore vs redis-server: throughput"
     echo
@@ -316,10 +230,5 @@ fi
         echo "- $name (\`$args\`): kvstore ${kvr// /, }; redis ${rdr// /, }"
     done
     echo
-    echo "- command: \`$COMMAND_LINE\`"
-    echo "- date: $START_TS"
-    echo "- nproc: $(nproc); $(uname -srm)"
-    echo "- $(redis-server --version)"
-    echo "- kvstore commit: $commit"
-    echo "- data dirs on: $FSTYPE"
+    report_footer
 }

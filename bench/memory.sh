@@ -48,6 +48,7 @@ VALUE_SIZE=${VALUE_SIZE:-32}
 TTL=${TTL:-3600}
 RESTARTS=${RESTARTS:-3}
 START_DEADLINE=20     # seconds for an empty server to answer PING
+STOP_DEADLINE=10      # seconds for a server to exit after SIGTERM (then SIGKILL)
 LOAD_DEADLINE=600     # seconds for one redis-cli --pipe load
 RESTART_DEADLINE=600  # seconds for a restarted server to answer PONG
 SETTLE_DEADLINE=30    # seconds for RSS to stop changing
@@ -56,76 +57,16 @@ SETTLE_TOLERANCE_KB=512
 BACKGROUND_DEADLINE=300 # seconds for a compaction / AOF rewrite to finish
 COMMAND_LINE="KEYS=$KEYS VALUE_SIZE=$VALUE_SIZE TTL=$TTL RESTARTS=$RESTARTS${KVSTORE_BIN:+ KVSTORE_BIN=$KVSTORE_BIN}${KVSTORE_COMMIT:+ KVSTORE_COMMIT=$KVSTORE_COMMIT} $0${*:+ $*}"
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "memory.sh: $*"; exit 1; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
-for v in KEYS VALUE_SIZE TTL RESTARTS; do
-    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
-done
-
-# --- cleanup: every process we start and every temp dir we make ------------
-PIDS=()
-TMPDIRS=()
-cleanup() {
-    local rc=$? pid i
-    set +e
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null
-    done
-    for pid in "${PIDS[@]}"; do
-        for ((i = 0; i < 50; i++)); do # up to 5 s, then SIGKILL
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
-    for d in "${TMPDIRS[@]}"; do
-        rm -rf -- "$d"
-    done
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# --- tools --------------------------------------------------------------------
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-    log "installing redis-server and redis-tools with apt-get"
-    SUDO=()
-    [[ $(id -u) -eq 0 ]] || SUDO=(sudo)
-    "${SUDO[@]}" apt-get update
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools
-fi
+check_positive KEYS VALUE_SIZE TTL RESTARTS
+trap_cleanup
+install_redis redis-server redis-cli
 command -v python3 >/dev/null || die "python3 is needed (free ports, load files, timing)"
 command -v timeout >/dev/null || die "timeout (coreutils) is needed"
-
-if [[ -z ${KVSTORE_BIN:-} ]]; then
-    log "building kvstore (cargo build --release)"
-    (cd "$REPO" && cargo build --release >&2)
-    KVSTORE_BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/kvstore
-fi
-[[ -x $KVSTORE_BIN ]] || die "kvstore binary not found or not executable: $KVSTORE_BIN"
-
-TMPBASE=${BENCH_TMPDIR:-${TMPDIR:-/tmp}}
-if [[ -z ${BENCH_TMPDIR:-} ]]; then
-    case $(stat -f -c %T "$TMPBASE" 2>/dev/null || echo unknown) in
-    tmpfs | ramfs)
-        mkdir -p "$REPO/target"
-        TMPBASE=$REPO/target
-        ;;
-    esac
-fi
-FSTYPE=$(stat -f -c %T "$TMPBASE" 2>/dev/null || echo unknown)
-
-new_tmpdir() { # sets TMPDIR_NEW (not via $(...): the array must grow here)
-    TMPDIR_NEW=$(mktemp -d "$TMPBASE/kvmem.XXXXXX")
-    TMPDIRS+=("$TMPDIR_NEW")
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
+build_kvstore
+choose_tmpbase
 
 cli() { # cli PORT ARGS... (redis-cli, 10 s at most)
     local port=$1
@@ -219,24 +160,6 @@ timed_start() {
     STARTED_MS=$(awk -v a="$t0" -v b="${line#pong }" 'BEGIN { printf "%.0f", (b - a) * 1000 }')
 }
 
-forget_pid() {
-    local p keep=()
-    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-
-stop_server() { # stop_server PID: SIGTERM, wait (10 s), then SIGKILL
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    forget_pid "$pid"
-}
-
 kill9() { # kill9 PID: SIGKILL and reap
     kill -KILL "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
@@ -322,10 +245,6 @@ wait_background() {
     done
 }
 
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
-        if (NR % 2) printf "%.0f", v[(NR + 1) / 2]; else printf "%.0f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 per_key() { awk -v k="$1" -v n="$KEYS" 'BEGIN { printf "%.0f", k * 1024 / n }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
@@ -340,7 +259,7 @@ files_of() { # a short listing "name (size B), ..." of the files under DIR
 # --- data sets ------------------------------------------------------------------
 START_TS=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
 log "kvstore: $KVSTORE_BIN; files under $TMPBASE ($FSTYPE); $KEYS keys, ${VALUE_SIZE}-byte values"
-new_tmpdir
+new_tmpdir kvmem
 DATA=$TMPDIR_NEW
 log "writing the load files (python3)"
 python3 - "$KEYS" "$VALUE_SIZE" "$TTL" "$DATA/ex.resp" "$DATA/plain.resp" <<'EOF'
@@ -370,13 +289,13 @@ MEM_ROWS=() # label|kv empty|kv loaded|rd empty|rd loaded|kv compactions
 for set in ex plain; do
     if [[ $set == ex ]]; then label="SET EX $TTL"; else label="SET"; fi
     log "== memory, $label: kvstore --fsync no vs redis-server --appendonly no"
-    new_tmpdir
+    new_tmpdir kvmem
     kv_dir=$TMPDIR_NEW
     kv_port=$(free_port)
     kvstore_cmd "$kv_port" "$kv_dir/data"
     timed_start kvstore "$kv_dir/kvstore.log" "$kv_port" "$START_DEADLINE" "${KV_CMD[@]}"
     kv_pid=$STARTED_PID
-    new_tmpdir
+    new_tmpdir kvmem
     rd_dir=$TMPDIR_NEW
     rd_port=$(free_port)
     redis_cmd "$rd_port" "$rd_dir" --appendonly no
@@ -413,7 +332,7 @@ for mode in "log replay" defaults; do
         rd_extra=(--auto-aof-rewrite-percentage 0)
     fi
     log "== restart after kill -9 ($mode), data set SET EX $TTL"
-    new_tmpdir
+    new_tmpdir kvmem
     kv_dir=$TMPDIR_NEW
     kv_port=$(free_port)
     kvstore_cmd "$kv_port" "$kv_dir/data" "${kv_extra[@]}"
@@ -421,7 +340,7 @@ for mode in "log replay" defaults; do
     timed_start kvstore "$kv_dir/kvstore.log" "$kv_port" "$START_DEADLINE" "${kv_cmd[@]}"
     kv_pid=$STARTED_PID
     kv_empty_ms=$STARTED_MS
-    new_tmpdir
+    new_tmpdir kvmem
     rd_dir=$TMPDIR_NEW
     rd_port=$(free_port)
     redis_cmd "$rd_port" "$rd_dir" --appendonly yes --appendfsync everysec "${rd_extra[@]}"
@@ -473,14 +392,6 @@ for mode in "log replay" defaults; do
 done
 
 # --- report -------------------------------------------------------------------
-if [[ -n ${KVSTORE_COMMIT:-} ]]; then
-    commit=$KVSTORE_COMMIT
-else
-    commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    if [[ $commit != unknown && -n $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]]; then
-        commit="$commit (with uncommitted changes)"
-    fi
-fi
 keys_fmt=$(sed ':a; s/\B[0-9]\{3\}\>/,&/; ta' <<<"$KEYS") # 1000000 -> 1,000,000
 {
     echo "### kvstore vs redis-server: memory of $keys_fmt keys"
@@ -535,10 +446,5 @@ keys_fmt=$(sed ':a; s/\B[0-9]\{3\}\>/,&/; ta' <<<"$KEYS") # 1000000 -> 1,000,000
         echo "  - redis files: $rdf"
     done
     echo
-    echo "- command: \`$COMMAND_LINE\`"
-    echo "- date: $START_TS"
-    echo "- nproc: $(nproc); $(uname -srm)"
-    echo "- $(redis-server --version)"
-    echo "- kvstore commit: $commit"
-    echo "- data dirs on: $FSTYPE"
+    report_footer
 }

@@ -111,14 +111,20 @@ impl KeyMap {
         }
     }
 
-    /// The entry stored under `hash` for which `pred` holds.
+    /// The entry whose key hashes to `hash` and for which `pred` holds.
+    ///
+    /// The table only compares a few bits of the hash before calling its predicate, so
+    /// an entry with another hash can be offered too: the full hash is checked here, or
+    /// two keys with the same deadline could be mistaken for each other.
     pub fn find_by_hash(
         &self,
         hash: u64,
         mut pred: impl FnMut(&[u8], &Item) -> bool,
     ) -> Option<(&[u8], &Item)> {
         self.table
-            .find(hash, |(k, i)| pred(k, i))
+            .find(hash, |(k, i)| {
+                self.hasher.hash_one(&**k) == hash && pred(k, i)
+            })
             .map(|(k, i)| (&**k, i))
     }
 
@@ -147,6 +153,24 @@ mod tests {
         Item {
             value: v.as_bytes().into(),
             expire_at: at,
+        }
+    }
+
+    /// Many keys with one deadline: each hash finds its own key, never a neighbour whose
+    /// hash shares the few tag bits the table compares.
+    #[test]
+    fn find_by_hash_never_returns_a_neighbour() {
+        let mut m = KeyMap::default();
+        let n = 50_000;
+        for i in 0..n {
+            m.insert(format!("k{i}").into_bytes().into(), item("v", 42));
+        }
+        for i in 0..n {
+            let key = format!("k{i}").into_bytes();
+            let (found, _) = m
+                .find_by_hash(m.hash(&key), |_, it| it.expire_at == 42)
+                .expect("every key is found");
+            assert_eq!(found, &key[..], "key {i}");
         }
     }
 

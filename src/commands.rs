@@ -42,7 +42,6 @@ use crate::store::{ERR_NOT_INTEGER, OpResult, Store, parse_i64};
 use crate::wal::{Condition, Expiry, Op};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -760,7 +759,7 @@ fn parse_expire(name: &str, args: &[Vec<u8>], now: u64) -> Result<Op, String> {
     Ok(Op::Cmd { args: canonical })
 }
 
-/// SCAN: the cursor is a position in hash order (the keys' SipHash with fixed keys), so
+/// SCAN: the cursor is a position in hash order (the key space's SipHash), so
 /// a key present for the whole iteration is returned, and returned once, however the map
 /// grows or shrinks meanwhile. Each call is O(keys) (it has to find the next COUNT hashes
 /// above the cursor); keys with equal hashes are never split across calls.
@@ -803,34 +802,52 @@ fn scan(ctx: &Context, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
         }
         i += 2;
     }
-    let hash = |k: &[u8]| {
-        let mut h = std::hash::DefaultHasher::new();
-        k.hash(&mut h);
-        // Cursor 0 means "start" and "done"; keep real positions above it.
-        h.finish().max(1)
-    };
-    let mut found: Vec<(u64, Vec<u8>)> = ctx.store.read(|db| {
-        db.iter(now)
-            .filter_map(|(k, _)| {
-                let h = hash(k);
-                (h >= cursor).then(|| (h, k.to_vec()))
-            })
-            .collect()
+    // One pass under the lock keeps the `count + 1` smallest hashes at or above the
+    // cursor in a bounded heap: no key is copied but the ones returned.
+    let (found, next): (Vec<Vec<u8>>, u64) = ctx.store.read(|db| {
+        // Cursor 0 means "start" and "done"; real positions are above it.
+        let hash = |k: &[u8]| db.key_hash(k).max(1);
+        let mut heap: std::collections::BinaryHeap<(u64, &[u8])> =
+            std::collections::BinaryHeap::with_capacity(count + 2);
+        for (k, _) in db.iter(now) {
+            let h = hash(k);
+            if h < cursor {
+                continue;
+            }
+            if heap.len() <= count {
+                heap.push((h, k));
+            } else if heap.peek().is_some_and(|(top, _)| h < *top) {
+                heap.pop();
+                heap.push((h, k));
+            }
+        }
+        if heap.len() <= count {
+            return (heap.into_iter().map(|(_, k)| k.to_vec()).collect(), 0);
+        }
+        // The largest kept hash is where the next call starts; keys with that hash all go
+        // next time, so no key is split across calls...
+        let boundary = heap.peek().map_or(0, |(h, _)| *h);
+        let below: Vec<Vec<u8>> = heap
+            .into_iter()
+            .filter(|(h, _)| *h < boundary)
+            .map(|(_, k)| k.to_vec())
+            .collect();
+        if !below.is_empty() {
+            return (below, boundary);
+        }
+        // ...unless more than `count` keys share one hash: then they all go now.
+        let same: Vec<Vec<u8>> = db
+            .iter(now)
+            .filter(|(k, _)| hash(k) == boundary)
+            .map(|(k, _)| k.to_vec())
+            .collect();
+        (same, boundary.checked_add(1).unwrap_or(0))
     });
-    let next = if found.len() > count {
-        found.select_nth_unstable_by_key(count, |(h, _)| *h);
-        let boundary = found[count].0;
-        // Keep every key of the boundary hash out of this batch.
-        found.retain(|(h, _)| *h < boundary);
-        boundary
-    } else {
-        0
-    };
     let keep = |k: &[u8]| {
         pattern.is_none_or(|p| glob_match(p, k, false))
             && type_filter.as_deref().is_none_or(|t| t == b"string")
     };
-    let keys: Vec<&Vec<u8>> = found.iter().map(|(_, k)| k).filter(|k| keep(k)).collect();
+    let keys: Vec<&Vec<u8>> = found.iter().filter(|k| keep(k)).collect();
     write_array_len(out, 2);
     write_bulk(out, next.to_string().as_bytes());
     write_array_len(out, keys.len());

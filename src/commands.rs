@@ -542,9 +542,14 @@ pub fn dispatch_spec(
             write_bulk(out, d.as_secs().to_string().as_bytes());
             write_bulk(out, d.subsec_micros().to_string().as_bytes());
         }
-        "select" => match parse_i64(&args[1]).and_then(|n| i32::try_from(n).ok()) {
-            Some(0) => write_simple(out, "OK"),
-            Some(_) => write_error(out, "ERR DB index is out of range"),
+        "select" => match parse_i64(&args[1]).map(i32::try_from) {
+            Some(Ok(0)) => write_simple(out, "OK"),
+            Some(Ok(_)) => write_error(out, "ERR DB index is out of range"),
+            // Redis's wording for an index beyond 32 bits (getIntFromObjectOrReply).
+            Some(Err(_)) => write_error(
+                out,
+                "ERR value is out of range, value must between -2147483648 and 2147483647",
+            ),
             None => write_error(out, ERR_NOT_INTEGER),
         },
         "quit" => {

@@ -397,20 +397,10 @@ pub fn dispatch_spec(
     let now = ctx.store.now_ms();
     match spec.name {
         "get" => {
-            let hit = ctx.store.read(|db| match db.get(&args[1], now) {
-                Some(item) => {
-                    write_bulk(out, &item.value);
-                    true
-                }
-                None => {
-                    write_null(out, p);
-                    false
-                }
+            read_value(ctx, &args[1], now, |item| match item {
+                Some(item) => write_bulk(out, &item.value),
+                None => write_null(out, p),
             });
-            count_hit(ctx, hit);
-            if !hit && ctx.store.read(|db| db.is_expired(&args[1], now)) {
-                ctx.store.note_expired(&args[1]);
-            }
         }
         "set" => match parse_set(&mut args, now) {
             Ok(op) => return Dispatched::Write(op, Reply::Standard),
@@ -651,7 +641,27 @@ fn truncate(s: &str) -> String {
     s.chars().take(128).collect()
 }
 
-fn count_hit(ctx: &Context, hit: bool) {
+/// Looks `key` up for a reading command, under one lock: `f` sees the live item (or
+/// none), the keyspace hit/miss counters move, and a key found expired is handed to the
+/// expirer (lazy expiry) without a second lookup.
+pub(crate) fn read_value<R>(
+    ctx: &Context,
+    key: &[u8],
+    now: u64,
+    f: impl FnOnce(Option<&crate::store::Item>) -> R,
+) -> R {
+    let (r, hit, expired) = ctx.store.read(|db| match db.get(key, now) {
+        Some(item) => (f(Some(item)), true, false),
+        None => (f(None), false, db.is_expired(key, now)),
+    });
+    count_hit(ctx, hit);
+    if expired {
+        ctx.store.note_expired(key);
+    }
+    r
+}
+
+pub(crate) fn count_hit(ctx: &Context, hit: bool) {
     let c = if hit {
         &ctx.stats.keyspace_hits
     } else {

@@ -377,7 +377,7 @@ impl ConnShared {
 
 /// One client connection.
 struct Connection {
-    ctx: Arc<Context>,
+    /// What completions need too; the server context is `shared.ctx`.
     shared: Arc<ConnShared>,
     session: Session,
     stream: TcpStream,
@@ -408,7 +408,7 @@ impl Connection {
         // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
         let shared = Arc::new(ConnShared {
-            ctx: ctx.clone(),
+            ctx,
             outbox: Mutex::new(Outbox {
                 buf: Vec::with_capacity(16 * 1024),
                 ..Outbox::default()
@@ -418,7 +418,6 @@ impl Connection {
             owner: thread::current().id(),
         });
         Ok(Connection {
-            ctx,
             shared,
             session,
             stream,
@@ -435,7 +434,7 @@ impl Connection {
         loop {
             let (unsent, inflight) = {
                 let mut ob = self.shared.outbox.lock();
-                if ob.unsent() > 0 && ob.send(&self.stream, &self.ctx).is_err() {
+                if ob.unsent() > 0 && ob.send(&self.stream, &self.shared.ctx).is_err() {
                     return;
                 }
                 (ob.unsent(), ob.inflight)
@@ -502,7 +501,8 @@ impl Connection {
             self.consumed = 0;
         }
         self.input.extend_from_slice(&self.chunk[..n]);
-        self.ctx
+        self.shared
+            .ctx
             .stats
             .net_input_bytes
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -533,7 +533,7 @@ impl Connection {
 
     /// Executes every whole request buffered, submitting writes in batches.
     fn process(&mut self) {
-        let ctx = self.ctx.clone();
+        let ctx = self.shared.ctx.clone();
         while !self.session.close {
             if self.shared.outbox.lock().unsent() >= OUTPUT_PAUSE {
                 break;
@@ -592,7 +592,8 @@ impl Connection {
         let proto = self.session.proto;
         self.shared.outbox.lock().inflight += 1;
         let shared = self.shared.clone();
-        self.ctx
+        self.shared
+            .ctx
             .store
             .submit(ops, Box::new(move |res| shared.complete(res, hows, proto)));
     }

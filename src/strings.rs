@@ -64,7 +64,6 @@ use crate::exec::ERR_BAD_RECORD;
 use crate::protocol::{write_bulk, write_error};
 use crate::store::{Db, ERR_NOT_INTEGER, Item, OpResult, parse_i64};
 use crate::wal::{Condition, Expiry, Op};
-use std::sync::atomic::Ordering;
 
 /// The longest string APPEND and SETRANGE may build (Redis's default
 /// `proto-max-bulk-len`).
@@ -251,25 +250,10 @@ fn getrange(ctx: &Context, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
         write_error(out, ERR_NOT_INTEGER);
         return;
     };
-    let hit = ctx.store.read(|db| match db.get(&args[1], now) {
-        Some(item) => {
-            write_bulk(out, substring(&item.value, start, end));
-            true
-        }
-        None => {
-            write_bulk(out, b"");
-            false
-        }
+    crate::commands::read_value(ctx, &args[1], now, |item| match item {
+        Some(item) => write_bulk(out, substring(&item.value, start, end)),
+        None => write_bulk(out, b""),
     });
-    let counter = if hit {
-        &ctx.stats.keyspace_hits
-    } else {
-        &ctx.stats.keyspace_misses
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
-    if !hit && ctx.store.read(|db| db.is_expired(&args[1], now)) {
-        ctx.store.note_expired(&args[1]);
-    }
 }
 
 /// GETRANGE's arithmetic as Redis 7 does it: negative offsets count from the end, both
@@ -460,6 +444,7 @@ mod tests {
     use crate::wal::{Entry, FsyncPolicy};
     use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::Ordering;
 
     // ---- apply level ------------------------------------------------------------------
 

@@ -344,6 +344,16 @@ pub enum Reply {
     SetNx,
 }
 
+/// The error reply for a write the store did not complete: `-ERR` when it was refused
+/// before it was logged (a promise that it was not applied), `-IOERR … write outcome
+/// unknown` when the log failed under it.
+pub fn store_error_reply(e: &crate::store::StoreError) -> String {
+    match e {
+        crate::store::StoreError::TooLarge(_) => format!("ERR {e}"),
+        _ => format!("IOERR {e}"),
+    }
+}
+
 fn err_args(name: &str) -> String {
     format!("ERR wrong number of arguments for '{name}' command")
 }

@@ -302,9 +302,10 @@ fn check_log(a: CheckLogArgs) -> ExitCode {
             println!("{e}");
             if matches!(e, wal::WalError::Corrupt { .. }) {
                 println!(
-                    "This is not a torn write: the bytes after the damage hold valid records, \
-                     so truncating would lose acknowledged writes. Restore the directory from a \
-                     replica or a backup, or move the damaged file aside knowing what it held."
+                    "This is not a torn write (bytes written after the last fsync): the damage \
+                     is in data that was on disk, or part of the log is missing, so --repair \
+                     will not truncate it. Restore the directory from a replica or a backup, or \
+                     move the damaged file aside knowing what it held."
                 );
             }
             ExitCode::from(2)

@@ -24,7 +24,7 @@ pub fn execute(ctx: &Context, session: &mut Session, args: Vec<Vec<u8>>) -> Valu
                     commands::render_result(r, how, session.proto, &mut out);
                 }
             }
-            Err(e) => write_error(&mut out, &format!("IOERR {e}")),
+            Err(e) => write_error(&mut out, &commands::store_error_reply(&e)),
         },
     }
     match protocol::parse_value(&out) {

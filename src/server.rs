@@ -353,7 +353,7 @@ impl ConnShared {
                 }
             }
             Err(e) => {
-                let msg = format!("IOERR {e}");
+                let msg = commands::store_error_reply(&e);
                 for _ in hows {
                     write_error(&mut ob.buf, &msg);
                 }

@@ -25,6 +25,19 @@
 //!
 //! [`Store::write`] is the blocking form of `submit` for library users and the repl.
 //!
+//! # When the log fails
+//!
+//! A write whose entry would be larger than the log accepts ([`wal::MAX_ENTRY`], say a
+//! transaction of several huge values) is refused before anything of its submission is
+//! logged ([`StoreError::TooLarge`]: not applied, and never will be). A failed append or
+//! fsync, under any policy (the `everysec` fsync runs on the *log upkeep* thread), makes
+//! every later write fail with [`StoreError::WriteFailed`] ("write outcome unknown") until
+//! a restart recovers from what is on disk: after a failed fsync the kernel may have
+//! dropped the dirty pages, so nothing more may be acknowledged. A panic in the log writer
+//! does the same instead of leaving writers waiting forever. The upkeep thread also
+//! records, once a second, how far the log is known to be on disk (`meta`), so that a log
+//! later found shorter is refused rather than replayed short (see `wal.rs`).
+//!
 //! # Time and expiry
 //!
 //! Each entry carries the leader's clock (`ts_ms`) from when it was queued. `apply` uses
@@ -41,8 +54,8 @@
 
 use crate::keymap::{KeyMap, Slot};
 use crate::wal::{
-    self, Condition, Entry, Expiry, FsyncPolicy, Op, RecoveryReport, SnapshotItem, SnapshotPart,
-    Wal, WalError, WalOptions,
+    self, BatchBuf, Condition, Entry, Expiry, FsyncPolicy, Op, RecoveryReport, SnapshotItem,
+    SnapshotPart, Wal, WalError, WalOptions,
 };
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
@@ -124,6 +137,8 @@ pub enum StoreError {
     /// A write to the log failed. The writes in that batch may or may not be on disk, and
     /// the store refuses further writes until it is restarted and recovers from the log.
     WriteFailed(String),
+    /// The writes were refused before they were logged: nothing of them was applied.
+    TooLarge(wal::EntryTooLarge),
 }
 
 impl fmt::Display for StoreError {
@@ -135,6 +150,7 @@ impl fmt::Display for StoreError {
                 "log write failed ({why}): write outcome unknown, and this node refuses \
                  writes until it is restarted"
             ),
+            StoreError::TooLarge(e) => write!(f, "{e}; nothing was written"),
         }
     }
 }
@@ -585,7 +601,7 @@ impl Drop for Deliveries {
 #[derive(Default)]
 struct Queue {
     next_index: u64,
-    buf: Vec<u8>,
+    buf: BatchBuf,
     entries: Vec<Entry>,
     /// Each submitter and how many of `entries` are its.
     waiters: Vec<(Done, usize)>,
@@ -615,6 +631,13 @@ struct Inner {
     expiry_hints: crossbeam_channel::Sender<Vec<u8>>,
     stats: Stats,
     recovery: RecoveryReport,
+    /// The meta file's contents as last written (the lock orders writers of the file).
+    meta: Mutex<wal::Meta>,
+    /// Tests: make the next background fsync fail, or the next flush panic.
+    #[cfg(test)]
+    fail_next_sync: AtomicBool,
+    #[cfg(test)]
+    panic_next_flush: AtomicBool,
 }
 
 /// A durable, thread-safe key-value store. Cloning is cheap (shared handle).
@@ -693,7 +716,12 @@ impl Store {
             writer: std::sync::OnceLock::new(),
             expiry_hints: hints_tx,
             stats: Stats::default(),
+            meta: Mutex::new(recovery.meta),
             recovery,
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
+            #[cfg(test)]
+            panic_next_flush: AtomicBool::new(false),
         });
         if inner.opts.fsync == FsyncPolicy::Always {
             let weak = Arc::downgrade(&inner);
@@ -710,14 +738,18 @@ impl Store {
                 .spawn(move || expirer(weak, hints_rx))
                 .map_err(|e| StoreError::WriteFailed(format!("cannot start expirer: {e}")))?;
         }
-        if inner.opts.fsync == FsyncPolicy::EverySec {
+        {
             let weak = Arc::downgrade(&inner);
             thread::Builder::new()
-                .name("fsync-everysec".into())
-                .spawn(move || everysec(weak))
+                .name("log-upkeep".into())
+                .spawn(move || log_upkeep(weak))
                 .map_err(|e| StoreError::WriteFailed(format!("cannot start fsync thread: {e}")))?;
         }
-        Ok(Store { inner })
+        let store = Store { inner };
+        // Everything recovered is on disk (recovery fsync'd the last segment): record it,
+        // so that this much of the log is known to exist from now on.
+        store.persist_meta()?;
+        Ok(store)
     }
 
     /// The store's clock (Unix ms): what "now" means for expiry.
@@ -884,21 +916,41 @@ impl Store {
         }
         let ts_ms = self.now_ms();
         let epoch = self.inner.epoch.load(Ordering::Relaxed);
-        {
-            let mut q = self.inner.queue.lock();
+        let mut done = Some(done);
+        let refused = {
+            let mut guard = self.inner.queue.lock();
+            let q = &mut *guard;
             let n = ops.len();
-            for op in ops {
+            let mark = q.buf.mark();
+            let first = q.next_index;
+            let mut refused = None;
+            for (i, op) in ops.into_iter().enumerate() {
                 let entry = Entry {
-                    index: q.next_index,
+                    index: first + i as u64,
                     epoch,
                     ts_ms,
                     op,
                 };
-                q.next_index += 1;
-                wal::encode_entry(&entry, &mut q.buf);
+                if let Err(e) = q.buf.push(&entry) {
+                    // Refused before anything of this submission was logged.
+                    q.buf.rollback(mark);
+                    q.entries.truncate(q.entries.len() - i);
+                    refused = Some(e);
+                    break;
+                }
                 q.entries.push(entry);
             }
-            q.waiters.push((done, n));
+            if refused.is_none()
+                && let Some(done) = done.take()
+            {
+                q.next_index = first + n as u64;
+                q.waiters.push((done, n));
+            }
+            refused
+        };
+        if let (Some(e), Some(done)) = (refused, done) {
+            done(Err(StoreError::TooLarge(e)));
+            return;
         }
         if let Some(w) = self.inner.writer.get() {
             w.unpark();
@@ -916,9 +968,7 @@ impl Store {
         }
         let (first, mut buf) = {
             let mut q = inner.queue.lock();
-            let first = q.next_index;
-            q.next_index += ops.len() as u64;
-            (first, std::mem::take(&mut q.buf))
+            (q.next_index, std::mem::take(&mut q.buf))
         };
         let ts_ms = self.now_ms();
         let epoch = inner.epoch.load(Ordering::Relaxed);
@@ -934,11 +984,15 @@ impl Store {
             .collect();
         buf.clear();
         for e in &entries {
-            wal::encode_entry(e, &mut buf);
+            if let Err(e) = buf.push(e) {
+                buf.clear();
+                inner.queue.lock().buf = buf;
+                return Err(StoreError::TooLarge(e));
+            }
         }
-        let last = first + entries.len() as u64 - 1;
-        let res = wal.append(&buf, last);
-        buf.clear();
+        // The writer lock is held, so nobody else takes indexes meanwhile.
+        inner.queue.lock().next_index = first + entries.len() as u64;
+        let res = wal.append(&mut buf);
         inner.queue.lock().buf = buf;
         if let Err(e) = res {
             let why = e.to_string();
@@ -981,6 +1035,16 @@ impl Store {
     /// Writes, syncs and applies everything queued. Called with the writer held.
     fn flush(&self, wal: &mut Wal) -> Deliveries {
         let inner = &*self.inner;
+        #[cfg(test)]
+        if inner.panic_next_flush.swap(false, Ordering::Relaxed) {
+            let _deliveries = Deliveries(
+                std::mem::take(&mut inner.queue.lock().waiters)
+                    .into_iter()
+                    .map(|(d, n)| (d, n, None))
+                    .collect(),
+            );
+            panic!("injected panic in the log writer");
+        }
         let (buf, entries, waiters) = {
             let mut q = inner.queue.lock();
             if q.entries.is_empty() {
@@ -995,11 +1059,11 @@ impl Store {
         };
         // From here on every waiter gets an answer, even if this thread panics.
         let mut deliveries = Deliveries(waiters.into_iter().map(|(d, n)| (d, n, None)).collect());
-        let last = entries.last().map_or(0, |e| e.index);
+        let mut buf = buf;
         let started = std::time::Instant::now();
         let res = match inner.failed.get() {
             Some(why) => Err(why.clone()),
-            None => wal.append(&buf, last).map_err(|e| e.to_string()),
+            None => wal.append(&mut buf).map_err(|e| e.to_string()),
         };
         inner
             .last_fsync_nanos
@@ -1041,7 +1105,6 @@ impl Store {
         }
         // Give the buffer's capacity back to the queue, so the next batch does not grow a
         // new one from nothing.
-        let mut buf = buf;
         buf.clear();
         let mut q = inner.queue.lock();
         if q.buf.is_empty() && q.buf.capacity() < buf.capacity() {
@@ -1132,14 +1195,69 @@ impl Store {
         Ok(())
     }
 
-    /// fsyncs the log now, whatever the policy (shutdown calls this).
+    /// fsyncs the log now, whatever the policy, and records the commit index (shutdown
+    /// calls this).
     pub fn sync(&self) -> Result<(), StoreError> {
         let mut wal = self.inner.wal.lock();
         let deliveries = self.flush(&mut wal);
         let r = wal.sync().map_err(StoreError::from);
         drop(wal);
         drop(deliveries);
-        r
+        r?;
+        self.persist_meta().map_err(StoreError::from)
+    }
+
+    /// The `everysec` fsync, outside the writer lock so appends go on meanwhile.
+    fn background_sync(&self) {
+        let inner = &*self.inner;
+        if inner.opts.fsync != FsyncPolicy::EverySec || inner.failed.get().is_some() {
+            return;
+        }
+        let Some(handle) = inner.wal.lock().take_sync_handle() else {
+            return;
+        };
+        #[cfg(test)]
+        let injected = inner.fail_next_sync.swap(false, Ordering::Relaxed);
+        #[cfg(not(test))]
+        let injected = false;
+        let res = if injected {
+            Err(std::io::Error::other("injected fsync failure"))
+        } else {
+            handle.file.sync_data()
+        };
+        match res {
+            Ok(()) => {
+                inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                inner.wal.lock().synced(&handle);
+            }
+            Err(e) => {
+                let why = format!("background fsync failed: {e}");
+                log::error!("{}", StoreError::WriteFailed(why.clone()));
+                // Set under the writer lock, so no write that starts after this sees the
+                // log as healthy.
+                let mut wal = inner.wal.lock();
+                wal.sync_failed();
+                let _ = inner.failed.set(why);
+            }
+        }
+    }
+
+    /// Writes the meta file if the log's durable end moved since it was last written.
+    fn persist_meta(&self) -> Result<(), WalError> {
+        let inner = &*self.inner;
+        let durable = inner.wal.lock().durable_index();
+        let mut written = inner.meta.lock();
+        if durable <= written.commit_index {
+            return Ok(());
+        }
+        let meta = wal::Meta {
+            commit_index: durable,
+            epoch: inner.epoch.load(Ordering::Relaxed),
+            ..*written
+        };
+        wal::write_meta(&inner.dir, &meta)?;
+        *written = meta;
+        Ok(())
     }
 
     /// Blocks until no compaction runs (tests and shutdown).
@@ -1185,11 +1303,22 @@ fn log_writer(inner: Weak<Inner>) {
             continue;
         }
         let store = Store { inner };
-        store.linger();
-        let mut wal = store.inner.wal.lock();
-        let deliveries = store.flush(&mut wal);
-        drop(wal);
-        drop(deliveries);
+        let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.linger();
+            let mut wal = store.inner.wal.lock();
+            let deliveries = store.flush(&mut wal);
+            drop(wal);
+            drop(deliveries);
+        }));
+        if flushed.is_err() {
+            // The batch's submitters were told by `Deliveries`; whether its entries reached
+            // the disk is unknown, so no later write may be acknowledged either. Failing
+            // them (rather than letting this thread die) keeps every later writer from
+            // waiting forever.
+            let why = "the log writer failed unexpectedly (a bug: see the log)".to_string();
+            log::error!("{}", StoreError::WriteFailed(why.clone()));
+            let _ = store.inner.failed.set(why);
+        }
     }
 }
 
@@ -1220,19 +1349,20 @@ fn expirer(inner: Weak<Inner>, hints: crossbeam_channel::Receiver<Vec<u8>>) {
     }
 }
 
-/// The `everysec` syncer: once a second, fsync the current segment if it has new writes.
-fn everysec(inner: Weak<Inner>) {
+/// The log's once-a-second upkeep: under `everysec`, fsync the current segment if it has
+/// new writes (a failure stops writes, exactly as a failed fsync under `always` does:
+/// the kernel may have dropped the dirty pages, so what was acknowledged is in doubt and
+/// nothing more may be acknowledged); under every policy, record in the meta file how far
+/// the log is known to be on disk, so that a log later found to end before that point
+/// (a segment cut short or removed) is refused rather than silently replayed short.
+fn log_upkeep(inner: Weak<Inner>) {
     loop {
         thread::sleep(Duration::from_secs(1));
         let Some(inner) = inner.upgrade() else { return };
-        let file = inner.wal.lock().take_sync_handle();
-        if let Some(f) = file {
-            match f.sync_data() {
-                Ok(()) => {
-                    inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => log::error!("background fsync failed: {e}"),
-            }
+        let store = Store { inner };
+        store.background_sync();
+        if let Err(e) = store.persist_meta() {
+            log::warn!("cannot record the commit index: {e}");
         }
     }
 }
@@ -1441,6 +1571,119 @@ mod tests {
         assert_eq!(s.get(b"b").as_deref(), Some(&b"2"[..]));
         assert_eq!(s.get(b"n").as_deref(), Some(&b"3"[..]));
         assert_eq!(s.recovery().last_index, 4);
+    }
+
+    #[test]
+    fn a_failed_background_fsync_stops_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(
+            dir.path(),
+            Options {
+                fsync: FsyncPolicy::EverySec,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        s.set(b"a", b"1").unwrap();
+        s.inner.fail_next_sync.store(true, Ordering::Relaxed);
+        s.background_sync();
+        // The write acknowledged before is in doubt; nothing more is acknowledged.
+        let err = s.set(b"b", b"2").unwrap_err();
+        assert!(matches!(err, StoreError::WriteFailed(_)), "{err}");
+        assert!(err.to_string().contains("write outcome unknown"), "{err}");
+        assert!(s.log_info().write_error.is_some());
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.submit(
+            vec![Op::Del {
+                keys: vec![b"a".to_vec()],
+            }],
+            Box::new(move |r| tx.send(r.is_err()).unwrap()),
+        );
+        assert!(rx.recv().unwrap());
+        assert_eq!(s.get(b"a").as_deref(), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn a_panic_in_the_log_writer_fails_writes_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Options::default()).unwrap();
+        s.set(b"a", b"1").unwrap();
+        s.inner.panic_next_flush.store(true, Ordering::Relaxed);
+        // The write in the panicking batch, and every later one, gets an answer.
+        assert!(s.set(b"b", b"2").is_err());
+        for _ in 0..3 {
+            let err = s.set(b"c", b"3").unwrap_err();
+            assert!(err.to_string().contains("log writer failed"), "{err}");
+        }
+        assert_eq!(s.get(b"a").as_deref(), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn a_transaction_too_large_for_the_log_is_refused_before_logging() {
+        let dir = tempfile::tempdir().unwrap();
+        for fsync in [FsyncPolicy::Always, FsyncPolicy::No] {
+            let s = Store::open(
+                dir.path(),
+                Options {
+                    fsync,
+                    ..Options::default()
+                },
+            )
+            .unwrap();
+            let before = s.log_info().last_index;
+            // Three values of 360 MiB in one entry (MSET, or a transaction): over 1 GiB.
+            let v = vec![b'x'; 360 << 20];
+            let pairs = (0..3).map(|i| (vec![b'k', i], v.clone())).collect();
+            let err = s
+                .write(vec![
+                    Op::Set {
+                        key: b"small".to_vec(),
+                        value: b"1".to_vec(),
+                        expiry: Expiry::Never,
+                        condition: Condition::Always,
+                        get: false,
+                    },
+                    Op::MSet {
+                        pairs,
+                        only_if_none_exist: false,
+                    },
+                ])
+                .unwrap_err();
+            assert!(matches!(err, StoreError::TooLarge(_)), "{err}");
+            assert!(err.to_string().contains("too large for the log"), "{err}");
+            // Nothing of the submission was logged or applied, and the store goes on.
+            assert_eq!(s.get(b"small"), None);
+            assert_eq!(s.log_info().last_index, before);
+            s.set(b"after", b"ok").unwrap();
+            drop(s);
+            let s = Store::open(dir.path(), opts()).unwrap();
+            assert_eq!(s.get(b"after").as_deref(), Some(&b"ok"[..]));
+            assert_eq!(s.get(b"small"), None);
+        }
+    }
+
+    #[test]
+    fn a_log_cut_after_shutdown_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), opts()).unwrap();
+            s.set(b"a", b"1").unwrap();
+            s.set(b"b", b"2").unwrap();
+            s.sync().unwrap();
+        }
+        let seg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "log"))
+            .unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(16)
+            .unwrap();
+        let err = Store::open(dir.path(), opts()).unwrap_err();
+        assert!(err.to_string().contains("was committed"), "{err}");
     }
 
     #[test]

@@ -1,58 +1,108 @@
-//! The write-ahead log: record codec, segment files, snapshots, recovery and repair.
+//! The write-ahead log: record codec, segment files, snapshots, the meta file, the data
+//! directory's lock, recovery and repair.
 //!
 //! Every write becomes an [`Entry`] (log index, epoch, the leader's clock, an [`Op`]) and is
 //! appended to the current segment file before the map changes. Data enters as entries
-//! encoded by [`encode_entry`] (the caller batches many into one buffer for group commit) and
-//! leaves through [`Wal::open`], which replays the newest snapshot and then every later
-//! entry, in index order, through a callback.
+//! pushed into a [`BatchBuf`] (the store's group commit encodes many writers' entries into
+//! one) and written by [`Wal::append`]; it leaves through [`Wal::open`], which replays the
+//! newest snapshot and then every later entry, in index order, through a callback.
 //!
-//! # On-disk format
+//! # On-disk format (version 2)
 //!
 //! The data directory holds `snapshot-<index>.snap` files (a full image of the map at a log
-//! index) and `wal-<first index>.log` segments. Every file starts with an 8-byte header
-//! naming its kind and format version, then a sequence of frames:
+//! index), `wal-<first index>.log` segments, `meta` ([`Meta`]: the commit index, and for
+//! the cluster the epoch and vote) and `LOCK` ([`DirLock`]). A segment is a 16-byte header
+//! (`KVLOG\0\0\x02` and a random per-segment salt) followed by batches, one per append (a
+//! group commit, or a writer's own commit under `everysec`/`no`):
 //!
 //! ```text
-//! frame   := MAGIC (0xB7) | len: u32 LE | crc32(len bytes ++ payload): u32 LE | payload
+//! batch   := 0xB8 | len: u32 LE | crc32(salt ++ len ++ body): u32 LE | body
+//! body    := synced: u64 LE | count: u32 LE | record * count
+//! record  := len: u32 LE | entry
 //! entry   := version u8 | index u64 | epoch u64 | ts_ms u64 | op
 //! ```
 //!
-//! The leading magic byte means a frame is never all zeros, so the zero-filled tail that a
-//! power cut can leave reads as a torn write, not as records. The CRC covers the length too,
-//! so a flipped length is caught. `epoch` is carried from the first version so the cluster
-//! can use the same format; `ts_ms` is the leader's wall clock when it accepted the write,
-//! which lets expiry be decided deterministically on replay (see `store.rs`).
+//! `synced` is how far this segment had been fsync'd when the batch was written. The unit
+//! of atomicity on disk is what one fsync covers, and a batch is never split across
+//! fsyncs, so the checksum over a whole batch and that offset are what let recovery tell a
+//! torn write from damage (below). The leading magic byte means a batch is never all
+//! zeros, so the zero-filled tail a power cut can leave reads as torn, not as records. The
+//! salt keeps a client's value, however crafted, from ever passing for a batch. Snapshots
+//! and `meta` are written whole and atomically, as frames `0xB7 | len | crc32 | payload`.
+//!
+//! # Limits
+//!
+//! [`MAX_ENTRY`] and [`MAX_BATCH`] bound what the writer writes and what the reader
+//! accepts, in one place ([`Limits`]), so whatever the log accepts it reads back: an entry
+//! over the limit is refused by [`BatchBuf::push`] before anything is written (the store
+//! answers that write with an error and logs nothing of it).
 //!
 //! # Damage
 //!
-//! A bad frame at the end of the last segment, with no valid frame after it, is a torn tail
-//! (a write cut short by a crash): recovery truncates it and logs a warning. A bad frame
-//! followed by valid frames, damage in an older segment, a gap in the indexes, or a bad
-//! snapshot is corruption: [`Wal::open`] refuses with [`WalError::Corrupt`], which names the
-//! file and byte offset and points to `kvstore check-log`.
+//! Recovery reads every batch. A bad batch (cut short, wrong magic, checksum mismatch) in
+//! the last segment is a *torn tail* when no later valid batch records that the log was
+//! fsync'd past it: the bytes were written after the last completed fsync, whatever order
+//! their pages reached the disk in, so no acknowledged write under `--fsync always` is
+//! there; recovery truncates them and logs a warning. Everything else is corruption, and
+//! [`Wal::open`] refuses with [`WalError::Corrupt`], which names the file, the byte offset
+//! and the cause, and points to `kvstore check-log`:
+//! - a bad batch that a later batch proves was fsync'd, or one in a segment that is not the
+//!   last (a segment is fsync'd before the next begins);
+//! - a batch that passed its checksum but holds a record that does not decode;
+//! - indexes that are not consecutive: a gap between segments, or a duplicate or backward
+//!   index that no snapshot covers (two writers on one directory would leave that);
+//! - a bad segment or snapshot header, or a damaged snapshot;
+//! - a missing end: the segment that follows the newest snapshot is gone (compaction
+//!   starts it before writing the snapshot), or the log ends before the commit index in
+//!   `meta` (recorded at startup, at shutdown and once a second).
+//!
+//! What cannot be detected: the end of the log cut back or removed after the last time
+//! `meta` recorded the commit index (up to a second of writes, or everything after a clean
+//! shutdown if `meta` is removed with it), and a whole data directory replaced by an
+//! older copy.
 //!
 //! # Files appear atomically
 //!
-//! New segments and snapshots are written under a `.tmp` name, fsync'd, renamed, and then
-//! the directory is fsync'd, so a crash leaves either the whole file or none (stray `.tmp`
-//! files are removed at startup).
+//! New segments, snapshots and `meta` are written under a `.tmp` name, fsync'd, renamed,
+//! and then the directory is fsync'd, so a crash leaves either the whole file or none
+//! (stray `.tmp` files are removed at startup, and a failed write removes its own at once).
 
 use byteorder::{ByteOrder, LittleEndian};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// First byte of every frame.
+/// First byte of every snapshot and meta frame.
 pub const MAGIC: u8 = 0xB7;
+/// First byte of every batch in a segment.
+pub const BATCH_MAGIC: u8 = 0xB8;
 /// Frame header: magic, length, crc.
 pub const FRAME_HEADER: usize = 9;
-/// Largest payload a frame may claim (one 512 MiB value plus its key and headers fits).
-pub const MAX_FRAME: usize = 1 << 30;
-const SEGMENT_HEADER: &[u8; 8] = b"KVLOG\x00\x00\x01";
-const SNAPSHOT_HEADER: &[u8; 8] = b"KVSNP\x00\x00\x01";
-const ENTRY_VERSION: u8 = 1;
+/// Batch header: the frame header, then the fsync'd offset (u64) and the record count (u32).
+pub const BATCH_HEADER: usize = FRAME_HEADER + 12;
+/// Largest entry the log accepts, and so reads back. The server refuses any request over
+/// its 1 GiB input limit (Redis's `client-query-buffer-limit`); such a request encodes to
+/// fewer bytes than it took on the wire (RESP spends at least 5 bytes framing each
+/// argument, the log 4) plus a fixed header, so one command always fits. What does not
+/// is a transaction of several large commands: `Store::submit` refuses it before it is
+/// logged.
+pub const MAX_ENTRY: usize = (1 << 30) + (1 << 20);
+/// Largest batch body, and largest snapshot or meta frame (a snapshot record holds a key
+/// and a value, each of which may be up to an entry's size). Fits the u32 length.
+pub const MAX_BATCH: usize = 2 * MAX_ENTRY;
+// A batch always has room for one entry at the limit, and its length fits the u32.
+const _: () = assert!(MAX_BATCH >= MAX_ENTRY + BATCH_HEADER - FRAME_HEADER + 4);
+const _: () = assert!(MAX_BATCH <= u32::MAX as usize);
+const SEGMENT_MAGIC: &[u8; 8] = b"KVLOG\x00\x00\x02";
+/// Segment header: magic and format version, then the segment's salt (u64).
+const SEGMENT_HEADER_LEN: usize = 16;
+const SNAPSHOT_HEADER: &[u8; 8] = b"KVSNP\x00\x00\x02";
+const META_HEADER: &[u8; 8] = b"KVMETA\x00\x01";
+const ENTRY_VERSION: u8 = 2;
 
 /// When the log is fsync'd (`--fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +230,11 @@ pub enum WalError {
         offset: u64,
         reason: String,
     },
+    /// Another process has the data directory open.
+    Locked {
+        dir: PathBuf,
+        pid: Option<u32>,
+    },
 }
 
 impl WalError {
@@ -199,14 +254,35 @@ impl fmt::Display for WalError {
                 path,
                 offset,
                 reason,
-            } => write!(
-                f,
-                "log corrupted in {} at byte offset {offset}: {reason}; valid records follow the \
-                 damage, so this is not a torn write. Refusing to start: inspect it with \
-                 `kvstore check-log {}`",
-                path.display(),
-                path.parent().unwrap_or(Path::new(".")).display()
-            ),
+            } => {
+                let dir = if path.is_dir() {
+                    path.as_path()
+                } else {
+                    path.parent().unwrap_or(Path::new("."))
+                };
+                write!(
+                    f,
+                    "log corrupted in {} at byte offset {offset}: {reason}. Refusing to \
+                     start: inspect it with `kvstore check-log {}`",
+                    path.display(),
+                    dir.display()
+                )
+            }
+            WalError::Locked { dir, pid } => {
+                write!(
+                    f,
+                    "data directory {} is in use by another kvstore process",
+                    dir.display()
+                )?;
+                match pid {
+                    Some(pid) => write!(f, " (pid {pid})"),
+                    None => Ok(()),
+                }?;
+                f.write_str(
+                    ": one directory serves one node at a time (give each node its own \
+                     --data-dir)",
+                )
+            }
         }
     }
 }
@@ -227,7 +303,7 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// Appends one frame holding `payload_fn`'s output to `out`.
+/// Appends one frame holding `payload_fn`'s output to `out` (snapshots and the meta file).
 fn frame(out: &mut Vec<u8>, payload_fn: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     out.extend_from_slice(&[MAGIC, 0, 0, 0, 0, 0, 0, 0, 0]);
@@ -241,15 +317,22 @@ fn frame(out: &mut Vec<u8>, payload_fn: impl FnOnce(&mut Vec<u8>)) {
     LittleEndian::write_u32(&mut out[start + 5..start + 9], crc);
 }
 
-/// Appends the frame of `entry` to `out`.
+/// Appends `entry` as a record (`len | payload`) to `out`, as it sits inside a batch.
 pub fn encode_entry(entry: &Entry, out: &mut Vec<u8>) {
-    frame(out, |p| {
-        p.push(ENTRY_VERSION);
-        put_u64(p, entry.index);
-        put_u64(p, entry.epoch);
-        put_u64(p, entry.ts_ms);
-        encode_op(&entry.op, p);
-    })
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    encode_payload(entry, out);
+    let len = (out.len() - start - 4) as u32;
+    LittleEndian::write_u32(&mut out[start..start + 4], len);
+}
+
+/// The bytes of one entry (what a record's length counts and `decode_entry` reads).
+pub fn encode_payload(entry: &Entry, p: &mut Vec<u8>) {
+    p.push(ENTRY_VERSION);
+    put_u64(p, entry.index);
+    put_u64(p, entry.epoch);
+    put_u64(p, entry.ts_ms);
+    encode_op(&entry.op, p);
 }
 
 fn encode_op(op: &Op, p: &mut Vec<u8>) {
@@ -472,7 +555,7 @@ pub fn read_frame(buf: &[u8]) -> FrameRead<'_> {
         return FrameRead::Truncated;
     }
     let len = LittleEndian::read_u32(&buf[1..5]) as usize;
-    if len == 0 || len > MAX_FRAME {
+    if len == 0 || len > MAX_BATCH {
         return FrameRead::Invalid("impossible record length");
     }
     if buf.len() < FRAME_HEADER + len {
@@ -488,22 +571,273 @@ pub fn read_frame(buf: &[u8]) -> FrameRead<'_> {
     FrameRead::Frame(payload, FRAME_HEADER + len)
 }
 
-/// Finds the first offset after `from` where a whole, valid entry frame with an index above
-/// `min_index` starts. Used to tell a torn tail (nothing valid follows) from corruption.
-fn next_valid_entry(buf: &[u8], from: usize, min_index: u64) -> Option<usize> {
-    let mut pos = from;
-    while pos < buf.len() {
-        let rel = buf[pos..].iter().position(|&b| b == MAGIC)?;
-        pos += rel;
-        if let FrameRead::Frame(payload, _) = read_frame(&buf[pos..])
-            && let Ok(e) = decode_entry(payload)
-            && e.index > min_index
-        {
-            return Some(pos);
-        }
-        pos += 1;
+/// The size limits of the log, shared by the writer ([`BatchBuf::push`] refuses an entry
+/// over `max_entry`, and starts a new batch before one would pass `max_batch`) and the
+/// reader (which treats a larger length as damage). One place, so that whatever the log
+/// accepts it can read back. Tests use small limits to hit the boundaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest entry payload.
+    pub max_entry: usize,
+    /// Largest batch body (and largest snapshot or meta frame).
+    pub max_batch: usize,
+}
+
+impl Limits {
+    /// The limits every log is written and read with.
+    pub const DEFAULT: Limits = Limits {
+        max_entry: MAX_ENTRY,
+        max_batch: MAX_BATCH,
+    };
+}
+
+/// An entry that the log refuses to hold (over [`Limits::max_entry`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryTooLarge {
+    pub bytes: usize,
+    pub limit: usize,
+}
+
+impl fmt::Display for EntryTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the write is too large for the log ({} bytes encoded, the limit is {})",
+            self.bytes, self.limit
+        )
     }
-    None
+}
+
+/// Entries encoded for one append, grouped into batch frames that [`Wal::append`] seals
+/// (fills in the length, the fsync'd offset and the checksum) when it knows which segment
+/// they go to. The store encodes into it under its queue lock, which fixes log order.
+#[derive(Debug, Default)]
+pub struct BatchBuf {
+    buf: Vec<u8>,
+    /// Start offset in `buf` and record count of each batch; the last one is open.
+    batches: Vec<(usize, u32)>,
+    last_index: u64,
+    limits: Option<Limits>,
+}
+
+/// A point to [`BatchBuf::rollback`] to.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    len: usize,
+    batches: usize,
+    last_count: u32,
+    last_index: u64,
+}
+
+impl BatchBuf {
+    /// A buffer with other limits than the default (tests).
+    pub fn with_limits(limits: Limits) -> BatchBuf {
+        BatchBuf {
+            limits: Some(limits),
+            ..BatchBuf::default()
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits.unwrap_or(Limits::DEFAULT)
+    }
+
+    fn open_batch(&mut self) {
+        self.batches.push((self.buf.len(), 0));
+        self.buf.extend_from_slice(&[0; BATCH_HEADER]);
+    }
+
+    /// Encodes `entry` at the end of the open batch (or of a new one, if it would make the
+    /// batch too large). Refuses, leaving the buffer as it was, an entry over the limit.
+    pub fn push(&mut self, entry: &Entry) -> Result<(), EntryTooLarge> {
+        let limits = self.limits();
+        let mark = self.mark();
+        if self.batches.is_empty() {
+            self.open_batch();
+        }
+        let rec = self.buf.len();
+        encode_entry(entry, &mut self.buf);
+        let payload = self.buf.len() - rec - 4;
+        if payload > limits.max_entry {
+            self.rollback(mark);
+            return Err(EntryTooLarge {
+                bytes: payload,
+                limit: limits.max_entry,
+            });
+        }
+        let (start, count) = *self.batches.last().unwrap_or(&(0, 0));
+        if count > 0 && self.buf.len() - start - FRAME_HEADER > limits.max_batch {
+            let record = self.buf.split_off(rec);
+            self.open_batch();
+            self.buf.extend_from_slice(&record);
+        }
+        if let Some(last) = self.batches.last_mut() {
+            last.1 += 1;
+        }
+        self.last_index = entry.index;
+        Ok(())
+    }
+
+    /// Where the buffer is now.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            len: self.buf.len(),
+            batches: self.batches.len(),
+            last_count: self.batches.last().map_or(0, |b| b.1),
+            last_index: self.last_index,
+        }
+    }
+
+    /// Forgets every entry pushed since `m`.
+    pub fn rollback(&mut self, m: Mark) {
+        self.buf.truncate(m.len);
+        self.batches.truncate(m.batches);
+        if let Some(last) = self.batches.last_mut() {
+            last.1 = m.last_count;
+        }
+        self.last_index = m.last_index;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Bytes encoded so far (headers included).
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Bytes the buffer can hold without growing.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Index of the last entry pushed.
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+
+    /// Empties the buffer, keeping its capacity.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.batches.clear();
+    }
+
+    /// Fills in every batch header: `synced` is the segment offset up to which the log was
+    /// fsync'd before these bytes were written, `salt` the segment's.
+    fn seal(&mut self, synced: u64, salt: u64) -> &[u8] {
+        for i in 0..self.batches.len() {
+            let (start, count) = self.batches[i];
+            let end = self.batches.get(i + 1).map_or(self.buf.len(), |b| b.0);
+            let b = &mut self.buf[start..end];
+            b[0] = BATCH_MAGIC;
+            LittleEndian::write_u32(&mut b[1..5], (end - start - FRAME_HEADER) as u32);
+            LittleEndian::write_u64(&mut b[9..17], synced);
+            LittleEndian::write_u32(&mut b[17..21], count);
+            let crc = batch_crc(salt, &b[1..5], &b[FRAME_HEADER..]);
+            LittleEndian::write_u32(&mut b[5..9], crc);
+        }
+        &self.buf
+    }
+}
+
+/// A batch's checksum: over the segment's salt, the length and the body. The salt (random
+/// per segment, never sent to clients) means a client cannot store a value whose bytes
+/// pass for a batch of this log, so nothing a client writes can make recovery mistake a
+/// torn tail for corruption, or the other way round.
+fn batch_crc(salt: u64, len: &[u8], body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&salt.to_le_bytes());
+    h.update(len);
+    h.update(body);
+    h.finalize()
+}
+
+/// The outcome of reading one batch at the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BatchRead<'a> {
+    /// A whole, checksummed batch: the offset the log was fsync'd to before it was
+    /// written, its record count, its records, and its total length.
+    Batch {
+        synced: u64,
+        count: u32,
+        records: &'a [u8],
+        len: usize,
+    },
+    /// The buffer ends inside the batch.
+    Truncated,
+    /// Not a valid batch: wrong magic, impossible length or checksum mismatch.
+    Invalid(&'static str),
+}
+
+/// Reads the batch at the front of `buf`, written to a segment with `salt`.
+pub fn read_batch(buf: &[u8], salt: u64, limits: Limits) -> BatchRead<'_> {
+    if buf.is_empty() {
+        return BatchRead::Truncated;
+    }
+    if buf[0] != BATCH_MAGIC {
+        return BatchRead::Invalid("bad magic byte");
+    }
+    if buf.len() < FRAME_HEADER {
+        return BatchRead::Truncated;
+    }
+    let len = LittleEndian::read_u32(&buf[1..5]) as usize;
+    if len < BATCH_HEADER - FRAME_HEADER || len > limits.max_batch {
+        return BatchRead::Invalid("impossible batch length");
+    }
+    if buf.len() < FRAME_HEADER + len {
+        return BatchRead::Truncated;
+    }
+    let body = &buf[FRAME_HEADER..FRAME_HEADER + len];
+    if batch_crc(salt, &buf[1..5], body) != LittleEndian::read_u32(&buf[5..9]) {
+        return BatchRead::Invalid("checksum mismatch");
+    }
+    BatchRead::Batch {
+        synced: LittleEndian::read_u64(&body[0..8]),
+        count: LittleEndian::read_u32(&body[8..12]),
+        records: &body[12..],
+        len: FRAME_HEADER + len,
+    }
+}
+
+/// Splits a batch's records into entry payloads; an error names the record and why.
+fn split_records(
+    mut records: &[u8],
+    count: u32,
+    limits: Limits,
+) -> impl Iterator<Item = Result<&[u8], String>> {
+    let mut left = count;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        if left == 0 {
+            if records.is_empty() {
+                return None;
+            }
+            failed = true;
+            return Some(Err(format!(
+                "{} bytes after the batch's {count} records",
+                records.len()
+            )));
+        }
+        let i = count - left;
+        left -= 1;
+        let fail = |why: String| Some(Err(format!("record {i} of the batch: {why}")));
+        if records.len() < 4 {
+            failed = true;
+            return fail("cut short".into());
+        }
+        let len = LittleEndian::read_u32(&records[..4]) as usize;
+        if len > limits.max_entry || len > records.len() - 4 {
+            failed = true;
+            return fail(format!("impossible length {len}"));
+        }
+        let payload = &records[4..4 + len];
+        records = &records[4 + len..];
+        Some(Ok(payload))
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -530,14 +864,24 @@ pub fn sync_dir(dir: &Path) -> Result<(), WalError> {
 }
 
 /// Writes `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync the directory.
+/// A failed attempt removes its temp file at once (a full disk must not stay full of them).
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), WalError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
-    let mut f = File::create(&tmp).map_err(|e| WalError::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| WalError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| WalError::io(&tmp, e))?;
-    drop(f);
-    fs::rename(&tmp, &dst).map_err(|e| WalError::io(&dst, e))?;
+    let written = File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .map_err(|e| WalError::io(&tmp, e));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if let Err(e) = fs::rename(&tmp, &dst) {
+        let _ = fs::remove_file(&tmp);
+        return Err(WalError::io(&dst, e));
+    }
     sync_dir(dir)
 }
 
@@ -576,6 +920,130 @@ fn read_file(path: &Path) -> Result<Vec<u8>, WalError> {
         .and_then(|mut f| f.read_to_end(&mut buf))
         .map_err(|e| WalError::io(path, e))?;
     Ok(buf)
+}
+
+/// A segment's salt: random, so that no client can predict it (see [`batch_crc`]). std
+/// has no random number generator, but its `RandomState` is seeded from the OS.
+fn new_salt() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// The file a data directory's lock is held on.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// An exclusive lock on a data directory, held for as long as this value lives (the
+/// store keeps it with its log). Two processes appending to one log would each
+/// acknowledge writes the other's recovery cannot see, so a second opener is refused,
+/// with the holder's pid. `flock` locks go away with the process, so a kill -9 never
+/// leaves a stale lock behind.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock on `dir`, or says who holds it. A holder in this same process is
+    /// usually a store being dropped while one of its background threads finishes, so
+    /// that case waits a little before giving up.
+    pub fn acquire(dir: &Path) -> Result<DirLock, WalError> {
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| WalError::io(&path, e))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is passed.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r == 0 {
+                break;
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(WalError::io(&path, err));
+            }
+            let mut text = String::new();
+            let _ = (&file).read_to_string(&mut text);
+            let _ = (&file).seek(io::SeekFrom::Start(0));
+            let pid = text.trim().parse::<u32>().ok();
+            if pid != Some(std::process::id()) || std::time::Instant::now() >= deadline {
+                return Err(WalError::Locked {
+                    dir: dir.to_path_buf(),
+                    pid,
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        file.set_len(0).map_err(|e| WalError::io(&path, e))?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())
+            .map_err(|e| WalError::io(&path, e))?;
+        Ok(DirLock { _file: file })
+    }
+}
+
+/// The state that safety rests on and that the log itself cannot show: the commit index
+/// (a log that ends before it lost acknowledged writes), and for the cluster the current
+/// epoch and whom this node accepted as coordinator in it. Kept in `meta`, replaced
+/// atomically.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub epoch: u64,
+    /// The node accepted as coordinator in `epoch` (0: none).
+    pub voted_for: u64,
+    /// Every entry up to here was committed (and, on this node, fsync'd).
+    pub commit_index: u64,
+}
+
+/// The file [`Meta`] lives in.
+pub const META_FILE: &str = "meta";
+
+/// Writes `meta` to `dir` durably (temp file, fsync, rename, fsync the directory).
+pub fn write_meta(dir: &Path, meta: &Meta) -> Result<(), WalError> {
+    let mut out = META_HEADER.to_vec();
+    frame(&mut out, |p| {
+        put_u64(p, meta.epoch);
+        put_u64(p, meta.voted_for);
+        put_u64(p, meta.commit_index);
+    });
+    write_atomically(dir, META_FILE, &out)
+}
+
+/// Reads `dir`'s meta file; none yet is the default. It is replaced atomically, so any
+/// damage is corruption.
+pub fn read_meta(dir: &Path) -> Result<Meta, WalError> {
+    let path = dir.join(META_FILE);
+    let buf = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Meta::default()),
+        Err(e) => return Err(WalError::io(&path, e)),
+    };
+    let corrupt = |reason: &str| WalError::Corrupt {
+        path: path.clone(),
+        offset: 0,
+        reason: reason.into(),
+    };
+    if buf.len() < 8 || buf[..8] != *META_HEADER {
+        return Err(corrupt("not a kvstore meta file (bad header)"));
+    }
+    match read_frame(&buf[8..]) {
+        FrameRead::Frame(p, n) if p.len() == 24 && 8 + n == buf.len() => Ok(Meta {
+            epoch: LittleEndian::read_u64(&p[0..8]),
+            voted_for: LittleEndian::read_u64(&p[8..16]),
+            commit_index: LittleEndian::read_u64(&p[16..24]),
+        }),
+        FrameRead::Invalid(why) => Err(corrupt(why)),
+        _ => Err(corrupt("meta record has the wrong size")),
+    }
 }
 
 /// One key of a snapshot.
@@ -769,6 +1237,8 @@ pub struct RecoveryReport {
     pub last_epoch: u64,
     /// (segment, offset, bytes dropped) if a torn tail was truncated.
     pub torn_tail: Option<(PathBuf, u64, u64)>,
+    /// What the meta file holds.
+    pub meta: Meta,
 }
 
 /// The append side of the log. Single-threaded: the store's group commit hands it to one
@@ -782,11 +1252,27 @@ pub struct Wal {
     file: Arc<File>,
     file_first_index: u64,
     file_len: u64,
+    file_salt: u64,
+    /// Bytes of the current segment known to be fsync'd: each batch records it, so that
+    /// recovery can tell damage in fsync'd data (corruption) from a torn tail.
+    synced_len: u64,
     /// Bytes in all segments (compaction compares this with the live data).
     log_bytes: u64,
     /// Index of the last entry written.
     last_index: u64,
+    /// Index of the last entry known to be fsync'd.
+    durable_index: u64,
     unsynced: bool,
+    _lock: DirLock,
+}
+
+/// What the `everysec` syncer fsyncs: a segment, and what was written to it when taken.
+#[derive(Debug)]
+pub struct SyncHandle {
+    pub file: Arc<File>,
+    first_index: u64,
+    len: u64,
+    last_index: u64,
 }
 
 /// A read-only scan of one data directory (recovery and `check-log`).
@@ -797,15 +1283,38 @@ struct Scan {
     log_bytes: u64,
 }
 
+/// Why a segment's batch at some offset cannot be a torn write: a later valid batch
+/// records that the log was fsync'd past it. Returns (offset of that batch, its claim).
+fn fsync_proof(buf: &[u8], damage: usize, salt: u64) -> Option<(usize, u64)> {
+    let mut pos = damage + 1;
+    while pos < buf.len() {
+        let rel = buf[pos..].iter().position(|&b| b == BATCH_MAGIC)?;
+        pos += rel;
+        if let BatchRead::Batch { synced, .. } = read_batch(&buf[pos..], salt, Limits::DEFAULT)
+            && synced > damage as u64
+            && synced <= pos as u64
+        {
+            return Some((pos, synced));
+        }
+        pos += 1;
+    }
+    None
+}
+
 /// Walks the directory: newest snapshot, then every segment, feeding `apply` in order.
 /// Nothing is modified; the caller decides whether to truncate a torn tail.
 fn scan(
+    dir: &Path,
     listing: &Listing,
     mut on_snapshot: impl FnMut(SnapshotPart),
     mut apply: impl FnMut(Entry),
 ) -> Result<Scan, WalError> {
-    let mut report = RecoveryReport::default();
+    let mut report = RecoveryReport {
+        meta: read_meta(dir)?,
+        ..RecoveryReport::default()
+    };
     let mut next = 1u64;
+    let mut snap_index = 0;
     if let Some((_, path)) = listing.snapshots.last() {
         let mut header = (0, 0);
         decode_snapshot_with(path, &read_file(path)?, |part| {
@@ -818,7 +1327,21 @@ fn scan(
         report.snapshot_index = Some(index);
         report.last_index = index;
         report.last_epoch = epoch;
+        snap_index = index;
         next = index + 1;
+        // Compaction starts the segment after the snapshot before writing it, so that
+        // segment exists unless someone removed it (and the writes in it).
+        if !listing.segments.iter().any(|(f, _)| *f == index + 1) {
+            return Err(WalError::Corrupt {
+                path: dir.join(segment_name(index + 1)),
+                offset: 0,
+                reason: format!(
+                    "the segment that follows snapshot {} is missing (the writes after \
+                     the snapshot are gone)",
+                    path.display()
+                ),
+            });
+        }
     }
     let mut cut = None;
     let mut log_bytes = 0;
@@ -832,34 +1355,83 @@ fn scan(
             offset: offset as u64,
             reason,
         };
-        if buf.len() < SEGMENT_HEADER.len() {
+        if buf.len() < SEGMENT_HEADER_LEN {
             // A segment is created whole (header included) under a temporary name, so a
             // short one can only be damage.
-            return Err(corrupt(0, "segment shorter than its header".into()));
+            return Err(corrupt(
+                0,
+                "bad header: segment shorter than its header".into(),
+            ));
         }
-        if &buf[..8] != SEGMENT_HEADER {
-            return Err(corrupt(0, "not a kvstore log segment (bad header)".into()));
+        if buf[..8] != *SEGMENT_MAGIC {
+            return Err(corrupt(
+                0,
+                if buf[..5] == SEGMENT_MAGIC[..5] {
+                    format!(
+                        "bad header: log format version {} is not {} (written by another \
+                         kvstore version)",
+                        buf[7], SEGMENT_MAGIC[7]
+                    )
+                } else {
+                    "bad header: not a kvstore log segment".into()
+                },
+            ));
         }
+        let salt = LittleEndian::read_u64(&buf[8..16]);
         if *first > next {
             return Err(corrupt(
                 0,
-                format!("log starts at index {first} but index {next} was expected"),
+                format!(
+                    "index gap: this segment starts at index {first} but the log before it \
+                     ends at {} (a segment is missing or was cut short)",
+                    next - 1
+                ),
             ));
         }
-        let mut pos = 8;
+        let mut seg_next = *first;
+        let mut pos = SEGMENT_HEADER_LEN;
         while pos < buf.len() {
-            let bad = match read_frame(&buf[pos..]) {
-                FrameRead::Frame(payload, n) => match decode_entry(payload) {
-                    Ok(e) => {
-                        if e.index < next {
-                            // Covered by the snapshot (compaction had not yet removed it).
-                            pos += n;
-                            continue;
-                        }
-                        if e.index != next {
+            let bad = match read_batch(&buf[pos..], salt, Limits::DEFAULT) {
+                BatchRead::Batch {
+                    synced,
+                    count,
+                    records,
+                    len,
+                } => {
+                    if synced > pos as u64 || synced < SEGMENT_HEADER_LEN as u64 {
+                        return Err(corrupt(
+                            pos,
+                            format!("bad batch: it claims the log was fsync'd to byte {synced}"),
+                        ));
+                    }
+                    for payload in split_records(records, count, Limits::DEFAULT) {
+                        let e = payload
+                            .and_then(decode_entry)
+                            .map_err(|why| corrupt(pos, format!("bad record: {why}")))?;
+                        if e.index != seg_next {
                             return Err(corrupt(
                                 pos,
-                                format!("record has index {} but {next} was expected", e.index),
+                                format!(
+                                    "index out of order: record has index {} but {seg_next} \
+                                     was expected",
+                                    e.index
+                                ),
+                            ));
+                        }
+                        seg_next += 1;
+                        if e.index < next {
+                            if e.index <= snap_index {
+                                // Covered by the snapshot (compaction had not yet removed
+                                // this segment).
+                                continue;
+                            }
+                            return Err(corrupt(
+                                pos,
+                                format!(
+                                    "duplicate index: record {} was already read from an \
+                                     earlier segment and no snapshot covers it",
+                                    e.index
+                                ),
                             ));
                         }
                         next += 1;
@@ -867,32 +1439,61 @@ fn scan(
                         report.last_epoch = e.epoch;
                         report.entries_replayed += 1;
                         apply(e);
-                        pos += n;
-                        continue;
                     }
-                    Err(why) => why,
-                },
-                FrameRead::Truncated => "record cut short".to_string(),
-                FrameRead::Invalid(why) => why.to_string(),
+                    pos += len;
+                    continue;
+                }
+                BatchRead::Truncated => "batch cut short".to_string(),
+                BatchRead::Invalid(why) => why.to_string(),
             };
-            // Damage at `pos`: a torn tail only if this is the last segment and nothing
-            // valid follows it.
+            // Damage at `pos`: a torn tail only if it is in the last segment and in bytes
+            // written after the last fsync that completed. Every later batch records how
+            // far the log had been fsync'd when it was written.
             if !last_segment {
                 return Err(corrupt(
                     pos,
-                    format!("{bad} (in a segment that is not the last)"),
+                    format!(
+                        "{bad} in a segment that is not the last (it was fsync'd before the \
+                         next one began)"
+                    ),
                 ));
             }
-            if let Some(at) = next_valid_entry(&buf, pos + 1, next.saturating_sub(1)) {
+            if let Some((at, synced)) = fsync_proof(&buf, pos, salt) {
                 return Err(corrupt(
                     pos,
-                    format!("{bad}; a valid record follows at offset {at}"),
+                    format!(
+                        "{bad}, in data that was fsync'd: the batch at offset {at} records \
+                         that the log was on disk up to byte {synced}"
+                    ),
                 ));
             }
             report.torn_tail = Some((path.clone(), pos as u64, (buf.len() - pos) as u64));
             cut = Some((path.clone(), pos as u64));
             break;
         }
+    }
+    if report.last_index < report.meta.commit_index {
+        let (path, offset) = match listing.segments.last() {
+            Some((_, p)) => {
+                let len = cut
+                    .as_ref()
+                    .map(|c| c.1)
+                    .unwrap_or_else(|| fs::metadata(p).map_or(0, |m| m.len()));
+                (p.clone(), len)
+            }
+            None => (dir.to_path_buf(), 0),
+        };
+        return Err(WalError::Corrupt {
+            path,
+            offset,
+            reason: format!(
+                "the log ends at index {} but {} records that index {} was committed: \
+                 acknowledged writes are missing (a segment was removed or cut short)",
+                report.last_index,
+                dir.join(META_FILE).display(),
+                report.meta.commit_index
+            ),
+        });
     }
     Ok(Scan {
         report,
@@ -902,9 +1503,9 @@ fn scan(
 }
 
 impl Wal {
-    /// Opens (creating if needed) the log in `dir`, replays it, and returns the writer.
-    /// `on_snapshot` receives the newest snapshot, then `apply` every later entry in index
-    /// order. A torn tail is truncated (with a warning); corruption is an error.
+    /// Opens (creating if needed) the log in `dir`, locks it, replays it, and returns the
+    /// writer. `on_snapshot` receives the newest snapshot, then `apply` every later entry
+    /// in index order. A torn tail is truncated (with a warning); corruption is an error.
     pub fn open(
         dir: &Path,
         opts: WalOptions,
@@ -912,67 +1513,87 @@ impl Wal {
         apply: impl FnMut(Entry),
     ) -> Result<(Wal, RecoveryReport), WalError> {
         fs::create_dir_all(dir).map_err(|e| WalError::io(dir, e))?;
+        let lock = DirLock::acquire(dir)?;
         let listing = list_dir(dir)?;
         for t in &listing.temps {
             log::warn!("removing leftover temporary file {}", t.display());
             fs::remove_file(t).map_err(|e| WalError::io(t, e))?;
         }
-        let scan = scan(&listing, on_snapshot, apply)?;
+        let scan = scan(dir, &listing, on_snapshot, apply)?;
         if let Some((path, offset)) = &scan.cut {
             let (_, _, dropped) = scan.report.torn_tail.clone().unwrap_or_default();
             log::warn!(
-                "torn write at the end of {} (byte offset {offset}, {dropped} bytes): \
-                 truncating it; every record before it is intact",
+                "torn write at the end of {} (byte offset {offset}, {dropped} bytes written \
+                 after the last fsync): truncating it; every record before it is intact",
                 path.display()
             );
             truncate(path, *offset)?;
         }
         let report = scan.report;
         let mut log_bytes = scan.log_bytes - report.torn_tail.as_ref().map_or(0, |t| t.2);
-        let (file, first, len) = match listing.segments.last() {
+        let (file, first, len, salt) = match listing.segments.last() {
             Some((first, path)) => {
                 let f = OpenOptions::new()
+                    .read(true)
                     .append(true)
                     .open(path)
                     .map_err(|e| WalError::io(path, e))?;
                 let len = f.metadata().map_err(|e| WalError::io(path, e))?.len();
-                (f, *first, len)
+                let mut header = [0u8; SEGMENT_HEADER_LEN];
+                f.read_exact_at(&mut header, 0)
+                    .map_err(|e| WalError::io(path, e))?;
+                (f, *first, len, LittleEndian::read_u64(&header[8..16]))
             }
             None => {
                 let first = report.last_index + 1;
-                let (f, len) = create_segment(dir, first)?;
+                let (f, len, salt) = create_segment(dir, first)?;
                 log_bytes += len;
-                (f, first, len)
+                (f, first, len, salt)
             }
         };
+        // Everything recovered is on disk now: a torn tail was truncated and fsync'd, and
+        // what a kill -9 left in the page cache is fsync'd here, so that the first batch
+        // written from now on may say so.
+        file.sync_data().map_err(|e| WalError::io(dir, e))?;
         let wal = Wal {
             dir: dir.to_path_buf(),
             opts,
             file: Arc::new(file),
             file_first_index: first,
             file_len: len,
+            file_salt: salt,
+            synced_len: len,
             log_bytes,
             last_index: report.last_index,
+            durable_index: report.last_index,
             unsynced: false,
+            _lock: lock,
         };
         Ok((wal, report))
     }
 
-    /// Appends already-encoded entries (`bytes`), whose last index is `last_index`, and
-    /// fsyncs if the policy is `always`. Rolls to a new segment first if this one is full.
-    pub fn append(&mut self, bytes: &[u8], last_index: u64) -> Result<(), WalError> {
-        if bytes.is_empty() {
+    /// Appends the entries of `batch` (sealing its batches for this segment) and fsyncs if
+    /// the policy is `always`. Rolls to a new segment first if this one is full. The
+    /// buffer is emptied either way.
+    pub fn append(&mut self, batch: &mut BatchBuf) -> Result<(), WalError> {
+        if batch.is_empty() {
             return Ok(());
         }
-        if self.file_len >= self.opts.segment_size {
-            self.roll(self.last_index + 1)?;
+        let last_index = batch.last_index();
+        if self.file_len >= self.opts.segment_size
+            && let Err(e) = self.roll(self.last_index + 1)
+        {
+            batch.clear();
+            return Err(e);
         }
         let path = self.current_path();
-        (&*self.file)
-            .write_all(bytes)
-            .map_err(|e| WalError::io(&path, e))?;
-        self.file_len += bytes.len() as u64;
-        self.log_bytes += bytes.len() as u64;
+        let bytes = batch.seal(self.synced_len, self.file_salt);
+        let n = bytes.len() as u64;
+        let written = (&*self.file).write_all(bytes);
+        batch.clear();
+        written.map_err(|e| WalError::io(&path, e))?;
+        self.file_len += n;
+        self.log_bytes += n;
         self.last_index = last_index;
         self.unsynced = true;
         if self.opts.fsync == FsyncPolicy::Always {
@@ -988,19 +1609,45 @@ impl Wal {
             let path = self.current_path();
             self.file.sync_data().map_err(|e| WalError::io(&path, e))?;
             self.unsynced = false;
+            self.synced_len = self.file_len;
+            self.durable_index = self.last_index;
         }
         Ok(())
     }
 
-    /// For the `everysec` syncer: the current segment if it has unsynced writes, marked as
-    /// synced. The caller fsyncs it without holding the writer, so appends go on meanwhile
-    /// (a roll fsyncs the old segment itself).
-    pub fn take_sync_handle(&mut self) -> Option<Arc<File>> {
-        std::mem::take(&mut self.unsynced).then(|| self.file.clone())
+    /// For the `everysec` syncer: the current segment if it has unsynced writes. The
+    /// caller fsyncs it without holding the writer, so appends go on meanwhile (a roll
+    /// fsyncs the old segment itself), then reports back with [`Wal::synced`].
+    pub fn take_sync_handle(&mut self) -> Option<SyncHandle> {
+        std::mem::take(&mut self.unsynced).then(|| SyncHandle {
+            file: self.file.clone(),
+            first_index: self.file_first_index,
+            len: self.file_len,
+            last_index: self.last_index,
+        })
+    }
+
+    /// Records that the fsync of `h` completed.
+    pub fn synced(&mut self, h: &SyncHandle) {
+        if h.first_index == self.file_first_index {
+            self.synced_len = self.synced_len.max(h.len);
+        }
+        self.durable_index = self.durable_index.max(h.last_index);
+    }
+
+    /// A failed background fsync: the bytes it covered are in doubt, so they must be
+    /// fsync'd again before anything may rely on them.
+    pub fn sync_failed(&mut self) {
+        self.unsynced = true;
     }
 
     pub fn last_index(&self) -> u64 {
         self.last_index
+    }
+
+    /// Index of the last entry known to be on disk.
+    pub fn durable_index(&self) -> u64 {
+        self.durable_index
     }
 
     /// Bytes in all segments.
@@ -1021,10 +1668,12 @@ impl Wal {
     pub fn roll(&mut self, first_index: u64) -> Result<(), WalError> {
         self.unsynced = true;
         self.sync()?;
-        let (f, len) = create_segment(&self.dir, first_index)?;
+        let (f, len, salt) = create_segment(&self.dir, first_index)?;
         self.file = Arc::new(f);
         self.file_first_index = first_index;
         self.file_len = len;
+        self.file_salt = salt;
+        self.synced_len = len;
         self.log_bytes += len;
         Ok(())
     }
@@ -1062,15 +1711,20 @@ impl Wal {
     }
 }
 
-fn create_segment(dir: &Path, first_index: u64) -> Result<(File, u64), WalError> {
+/// Creates segment `first_index` (header and a new salt) atomically; returns it open for
+/// appending, its length and its salt.
+fn create_segment(dir: &Path, first_index: u64) -> Result<(File, u64, u64), WalError> {
     let name = segment_name(first_index);
-    write_atomically(dir, &name, SEGMENT_HEADER)?;
+    let salt = new_salt();
+    let mut header = SEGMENT_MAGIC.to_vec();
+    header.extend_from_slice(&salt.to_le_bytes());
+    write_atomically(dir, &name, &header)?;
     let path = dir.join(&name);
     let f = OpenOptions::new()
         .append(true)
         .open(&path)
         .map_err(|e| WalError::io(&path, e))?;
-    Ok((f, SEGMENT_HEADER.len() as u64))
+    Ok((f, SEGMENT_HEADER_LEN as u64, salt))
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), WalError> {
@@ -1094,8 +1748,11 @@ pub struct CheckReport {
     pub log_bytes: u64,
 }
 
-/// Verifies a data directory without changing it (unless `repair`, which truncates a torn
-/// tail exactly as startup would). Corruption is returned as the error.
+/// Verifies a data directory without changing it, and without its lock, so a live
+/// directory can be checked (a segment being appended to may show a torn tail that is
+/// only a write in progress). `repair` takes the lock (refused while a server has the
+/// directory open) and truncates a torn tail exactly as startup would. Corruption is
+/// returned as the error.
 pub fn check(dir: &Path, repair: bool) -> Result<CheckReport, WalError> {
     if !dir.is_dir() {
         return Err(WalError::io(
@@ -1103,8 +1760,13 @@ pub fn check(dir: &Path, repair: bool) -> Result<CheckReport, WalError> {
             io::Error::new(io::ErrorKind::NotFound, "no such data directory"),
         ));
     }
+    let _lock = if repair {
+        Some(DirLock::acquire(dir)?)
+    } else {
+        None
+    };
     let listing = list_dir(dir)?;
-    let scan = scan(&listing, |_| {}, |_| {})?;
+    let scan = scan(dir, &listing, |_| {}, |_| {})?;
     if repair && let Some((path, offset)) = &scan.cut {
         truncate(path, *offset)?;
     }
@@ -1173,46 +1835,87 @@ mod tests {
         ]
     }
 
+    /// One sealed batch holding `entries`, as a fresh segment would get it.
+    fn batch_bytes(entries: &[Entry], salt: u64) -> Vec<u8> {
+        let mut b = BatchBuf::default();
+        for e in entries {
+            b.push(e).unwrap();
+        }
+        b.seal(SEGMENT_HEADER_LEN as u64, salt).to_vec()
+    }
+
+    fn payload(e: &Entry) -> Vec<u8> {
+        let mut p = Vec::new();
+        encode_payload(e, &mut p);
+        p
+    }
+
     #[test]
     fn every_op_round_trips() {
-        for (i, op) in all_ops().into_iter().enumerate() {
-            let e = Entry {
+        let entries: Vec<Entry> = all_ops()
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| Entry {
                 index: i as u64 + 1,
                 epoch: 7,
                 ts_ms: 123,
                 op,
-            };
-            let mut buf = Vec::new();
-            encode_entry(&e, &mut buf);
-            match read_frame(&buf) {
-                FrameRead::Frame(p, n) => {
-                    assert_eq!(n, buf.len());
-                    assert_eq!(decode_entry(p).unwrap(), e);
-                }
-                other => panic!("{other:?}"),
-            }
-            // Every strict prefix is truncated, never a frame or garbage.
-            for cut in 0..buf.len() {
-                assert_eq!(read_frame(&buf[..cut]), FrameRead::Truncated, "cut {cut}");
-            }
+            })
+            .collect();
+        for e in &entries {
+            assert_eq!(&decode_entry(&payload(e)).unwrap(), e);
         }
+        let buf = batch_bytes(&entries, 42);
+        let BatchRead::Batch {
+            synced,
+            count,
+            records,
+            len,
+        } = read_batch(&buf, 42, Limits::DEFAULT)
+        else {
+            panic!("not a batch")
+        };
+        assert_eq!(
+            (synced, count as usize, len),
+            (16, entries.len(), buf.len())
+        );
+        let got: Vec<Entry> = split_records(records, count, Limits::DEFAULT)
+            .map(|p| decode_entry(p.unwrap()).unwrap())
+            .collect();
+        assert_eq!(got, entries);
+        // Every strict prefix is truncated, never a batch or garbage.
+        for cut in 0..buf.len() {
+            assert_eq!(
+                read_batch(&buf[..cut], 42, Limits::DEFAULT),
+                BatchRead::Truncated,
+                "cut {cut}"
+            );
+        }
+        // Another segment's salt does not read it.
+        assert_eq!(
+            read_batch(&buf, 43, Limits::DEFAULT),
+            BatchRead::Invalid("checksum mismatch")
+        );
     }
 
     #[test]
     fn zeros_are_not_a_frame() {
         assert!(matches!(read_frame(&[0u8; 64]), FrameRead::Invalid(_)));
+        assert!(matches!(
+            read_batch(&[0u8; 64], 0, Limits::DEFAULT),
+            BatchRead::Invalid(_)
+        ));
     }
 
     #[test]
     fn every_flipped_bit_is_detected() {
-        let mut buf = Vec::new();
-        encode_entry(&set(1, "key", "value"), &mut buf);
+        let buf = batch_bytes(&[set(1, "key", "value"), set(2, "k", "v")], 7);
         for byte in 0..buf.len() {
             for bit in 0..8 {
                 let mut b = buf.clone();
                 b[byte] ^= 1 << bit;
                 assert!(
-                    !matches!(read_frame(&b), FrameRead::Frame(..)),
+                    !matches!(read_batch(&b, 7, Limits::DEFAULT), BatchRead::Batch { .. }),
                     "flip of byte {byte} bit {bit} went unnoticed"
                 );
             }
@@ -1227,15 +1930,81 @@ mod tests {
             ts_ms: 1,
             op: Op::Del { keys: vec![] },
         };
-        let mut buf = Vec::new();
-        encode_entry(&e, &mut buf);
-        let FrameRead::Frame(p, _) = read_frame(&buf) else {
-            panic!()
-        };
-        let mut p = p.to_vec();
+        let mut p = payload(&e);
         let n = p.len();
         p[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_entry(&p).is_err());
+        // A record length beyond the batch, or a count beyond its records.
+        let buf = batch_bytes(std::slice::from_ref(&e), 1);
+        let BatchRead::Batch { records, .. } = read_batch(&buf, 1, Limits::DEFAULT) else {
+            panic!()
+        };
+        assert!(split_records(records, 2, Limits::DEFAULT).any(|r| r.is_err()));
+        let mut bad = records.to_vec();
+        bad[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(split_records(&bad, 1, Limits::DEFAULT).any(|r| r.is_err()));
+    }
+
+    /// The writer and the reader share one limit: an entry of exactly `max_entry` bytes is
+    /// accepted and read back, one byte more is refused before anything is written.
+    #[test]
+    fn entry_limit_is_the_same_for_writer_and_reader() {
+        let base = payload(&set(1, "k", "")).len();
+        let limits = Limits {
+            max_entry: base + 100,
+            max_batch: 3 * (base + 100),
+        };
+        let at_limit = set(1, "k", &"v".repeat(100));
+        let over = set(3, "k", &"v".repeat(101));
+        assert_eq!(payload(&at_limit).len(), limits.max_entry);
+        let mut b = BatchBuf::with_limits(limits);
+        b.push(&at_limit).unwrap();
+        let before = b.len();
+        let err = b.push(&over).unwrap_err();
+        assert_eq!(err.limit, limits.max_entry);
+        assert_eq!(err.bytes, limits.max_entry + 1);
+        assert_eq!((b.len(), b.last_index()), (before, 1));
+        let buf = b.seal(16, 5).to_vec();
+        let BatchRead::Batch { records, count, .. } = read_batch(&buf, 5, limits) else {
+            panic!()
+        };
+        let got: Vec<Entry> = split_records(records, count, limits)
+            .map(|p| decode_entry(p.unwrap()).unwrap())
+            .collect();
+        assert_eq!(got, vec![at_limit.clone()]);
+        // The reader refuses what the writer would have refused.
+        let mut big = BatchBuf::with_limits(Limits {
+            max_entry: limits.max_entry + 1,
+            max_batch: limits.max_batch,
+        });
+        big.push(&over).unwrap();
+        let buf = big.seal(16, 5).to_vec();
+        let BatchRead::Batch { records, count, .. } = read_batch(&buf, 5, limits) else {
+            panic!()
+        };
+        assert!(split_records(records, count, limits).any(|r| r.is_err()));
+        // Batches split before they pass max_batch; each still reads back.
+        let mut b = BatchBuf::with_limits(limits);
+        for i in 1..=10 {
+            b.push(&set(i, "k", &"v".repeat(90))).unwrap();
+        }
+        let buf = b.seal(16, 5).to_vec();
+        let (mut pos, mut n) = (0, 0);
+        while pos < buf.len() {
+            let BatchRead::Batch {
+                records,
+                count,
+                len,
+                ..
+            } = read_batch(&buf[pos..], 5, limits)
+            else {
+                panic!("batch at {pos}")
+            };
+            assert!(len - FRAME_HEADER <= limits.max_batch);
+            n += split_records(records, count, limits).count();
+            pos += len;
+        }
+        assert_eq!(n, 10);
     }
 
     #[test]
@@ -1268,11 +2037,12 @@ mod tests {
         Ok((w, got))
     }
 
+    /// Appends each entry as its own batch (one append, one fsync under `always`).
     fn write_entries(w: &mut Wal, entries: &[Entry]) {
         for e in entries {
-            let mut buf = Vec::new();
-            encode_entry(e, &mut buf);
-            w.append(&buf, e.index).unwrap();
+            let mut b = BatchBuf::default();
+            b.push(e).unwrap();
+            w.append(&mut b).unwrap();
         }
     }
 
@@ -1294,18 +2064,22 @@ mod tests {
         assert_eq!(w.last_index(), 50);
     }
 
+    fn seg_len(dir: &Path) -> usize {
+        let l = list_dir(dir).unwrap();
+        fs::metadata(&l.segments.last().unwrap().1).unwrap().len() as usize
+    }
+
     #[test]
     fn torn_tail_at_every_offset_recovers_every_earlier_record() {
         let entries: Vec<Entry> = (1..=3).map(|i| set(i, "key", "some value")).collect();
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = open_collect(dir.path(), WalOptions::default()).unwrap();
-        write_entries(&mut w, &entries);
+        write_entries(&mut w, &entries[..2]);
+        let last_start = seg_len(dir.path());
+        write_entries(&mut w, &entries[2..]);
         drop(w);
         let seg = list_dir(dir.path()).unwrap().segments[0].1.clone();
         let whole = fs::read(&seg).unwrap();
-        let mut last = Vec::new();
-        encode_entry(&entries[2], &mut last);
-        let last_start = whole.len() - last.len();
         for cut in last_start..whole.len() {
             fs::write(&seg, &whole[..cut]).unwrap();
             let (mut w, got) = open_collect(dir.path(), WalOptions::default()).unwrap();
@@ -1332,24 +2106,141 @@ mod tests {
         assert_eq!(got.len(), 1);
     }
 
+    /// What a power cut can leave of the writes after the last fsync: the page cache
+    /// writes pages back in any order, so any subset of the 512-byte pages written since
+    /// may have reached the disk, and the others read as what was there before (zeros for
+    /// a file that grew, or whatever stale bytes the blocks held), or the file may end
+    /// early. Recovery must keep every fsync'd batch and never refuse.
+    fn power_cut_images(durable: &[u8], written: &[u8]) -> Vec<Vec<u8>> {
+        const PAGE: usize = 512;
+        let first_page = durable.len() / PAGE;
+        let pages = written.len().div_ceil(PAGE) - first_page;
+        assert!(pages <= 12, "too many pages to try every subset: {pages}");
+        let mut images = Vec::new();
+        for subset in 0u32..(1 << pages) {
+            for old in [0u8, 0xB8, 0x5A] {
+                let mut img = written.to_vec();
+                for p in 0..pages {
+                    if subset & (1 << p) == 0 {
+                        let start = ((first_page + p) * PAGE).max(durable.len());
+                        let end = ((first_page + p + 1) * PAGE).min(written.len());
+                        img[start..end].fill(old);
+                    }
+                }
+                images.push(img);
+            }
+            // The size update made it, but only up to the last page kept.
+            let keep = (0..pages).rev().find(|p| subset & (1 << p) != 0);
+            let end = keep.map_or(durable.len(), |p| {
+                ((first_page + p + 1) * PAGE).min(written.len())
+            });
+            let mut img = written[..end].to_vec();
+            for p in 0..pages {
+                if subset & (1 << p) == 0 {
+                    let start = ((first_page + p) * PAGE).max(durable.len());
+                    let stop = ((first_page + p + 1) * PAGE).min(img.len());
+                    if start < stop {
+                        img[start..stop].fill(0);
+                    }
+                }
+            }
+            images.push(img);
+        }
+        images
+    }
+
+    #[test]
+    fn power_cut_with_pages_out_of_order_is_a_torn_tail() {
+        // fsync always: three batches fsync'd, then one of ~3.5 KiB that was being written.
+        let entries: Vec<Entry> = (1..=3).map(|i| set(i, "key", "value")).collect();
+        let last: Vec<Entry> = (4..=10).map(|i| set(i, "k", &"x".repeat(500))).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = open_collect(dir.path(), WalOptions::default()).unwrap();
+        write_entries(&mut w, &entries);
+        let mut b = BatchBuf::default();
+        for e in &last {
+            b.push(e).unwrap();
+        }
+        w.append(&mut b).unwrap();
+        drop(w);
+        let seg = list_dir(dir.path()).unwrap().segments[0].1.clone();
+        let written = fs::read(&seg).unwrap();
+        // The last batch starts where the three fsync'd ones end.
+        let salt = LittleEndian::read_u64(&written[8..16]);
+        let mut durable = SEGMENT_HEADER_LEN;
+        for _ in 0..3 {
+            let BatchRead::Batch { len, .. } =
+                read_batch(&written[durable..], salt, Limits::DEFAULT)
+            else {
+                panic!("batch at {durable}")
+            };
+            durable += len;
+        }
+        let images = power_cut_images(&written[..durable], &written);
+        assert!(images.len() > 100);
+        for (n, img) in images.iter().enumerate() {
+            fs::write(&seg, img).unwrap();
+            let (_, got) = open_collect(dir.path(), WalOptions::default())
+                .unwrap_or_else(|e| panic!("image {n} refused: {e}"));
+            if got.len() == 10 {
+                assert_eq!(&got[3..], &last[..], "image {n}");
+            } else {
+                assert_eq!(got, entries, "image {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn power_cut_under_everysec_loses_only_unsynced_batches() {
+        // fsync no/everysec: several batches written since the last fsync; any of their
+        // pages may be missing. Whatever survives, the fsync'd prefix is kept.
+        let synced: Vec<Entry> = (1..=2).map(|i| set(i, "key", "value")).collect();
+        let unsynced: Vec<Entry> = (3..=8).map(|i| set(i, "k", &"y".repeat(300))).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            fsync: FsyncPolicy::No,
+            segment_size: 1 << 20,
+        };
+        let (mut w, _) = open_collect(dir.path(), opts.clone()).unwrap();
+        write_entries(&mut w, &synced);
+        w.sync().unwrap();
+        let durable = seg_len(dir.path());
+        write_entries(&mut w, &unsynced);
+        drop(w);
+        let seg = list_dir(dir.path()).unwrap().segments[0].1.clone();
+        let written = fs::read(&seg).unwrap();
+        for (n, img) in power_cut_images(&written[..durable], &written)
+            .iter()
+            .enumerate()
+        {
+            fs::write(&seg, img).unwrap();
+            let (_, got) = open_collect(dir.path(), opts.clone())
+                .unwrap_or_else(|e| panic!("image {n} refused: {e}"));
+            assert!(got.len() >= 2, "image {n} lost fsync'd entries");
+            let all: Vec<Entry> = synced.iter().chain(&unsynced).cloned().collect();
+            assert_eq!(got[..], all[..got.len()], "image {n}");
+        }
+    }
+
     #[test]
     fn flipped_byte_mid_log_is_refused_with_offset() {
         let entries: Vec<Entry> = (1..=5).map(|i| set(i, "key", "value")).collect();
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = open_collect(dir.path(), WalOptions::default()).unwrap();
-        write_entries(&mut w, &entries);
+        write_entries(&mut w, &entries[..1]);
+        let second = seg_len(dir.path());
+        write_entries(&mut w, &entries[1..]);
         drop(w);
         let seg = list_dir(dir.path()).unwrap().segments[0].1.clone();
         let mut bytes = fs::read(&seg).unwrap();
-        let mut one = Vec::new();
-        encode_entry(&entries[0], &mut one);
-        let second = 8 + one.len();
-        bytes[second + 20] ^= 0x40;
+        bytes[second + 30] ^= 0x40;
         fs::write(&seg, &bytes).unwrap();
         let err = open_collect(dir.path(), WalOptions::default()).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, WalError::Corrupt { offset, .. } if offset == second as u64));
         assert!(msg.contains(&format!("byte offset {second}")), "{msg}");
+        assert!(msg.contains("checksum mismatch"), "{msg}");
+        assert!(msg.contains("fsync'd"), "{msg}");
         assert!(msg.contains("check-log"), "{msg}");
         // Nothing was truncated.
         assert_eq!(fs::read(&seg).unwrap(), bytes);
@@ -1359,6 +2250,141 @@ mod tests {
             Err(WalError::Corrupt { .. })
         ));
         assert_eq!(fs::read(&seg).unwrap(), bytes);
+    }
+
+    /// Writes `entries` as batches straight into segment `first` (bypassing the writer's
+    /// checks), to build logs the writer never would.
+    fn raw_segment(dir: &Path, first: u64, entries: &[Entry]) {
+        let salt = 99u64;
+        let mut bytes = SEGMENT_MAGIC.to_vec();
+        bytes.extend_from_slice(&salt.to_le_bytes());
+        for e in entries {
+            let mut b = BatchBuf::default();
+            b.push(e).unwrap();
+            let synced = bytes.len() as u64;
+            bytes.extend_from_slice(b.seal(synced, salt));
+        }
+        fs::write(dir.join(segment_name(first)), bytes).unwrap();
+    }
+
+    #[test]
+    fn duplicate_or_backward_indexes_are_corruption() {
+        // Within a segment.
+        let dir = tempfile::tempdir().unwrap();
+        raw_segment(
+            dir.path(),
+            1,
+            &[set(1, "a", "1"), set(2, "b", "2"), set(2, "c", "3")],
+        );
+        let err = open_collect(dir.path(), WalOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("index out of order"), "{err}");
+        assert!(matches!(
+            check(dir.path(), false),
+            Err(WalError::Corrupt { .. })
+        ));
+        // Across segments, with no snapshot covering the repeat (two writers on one
+        // directory would leave this).
+        let dir = tempfile::tempdir().unwrap();
+        raw_segment(
+            dir.path(),
+            1,
+            &[set(1, "a", "1"), set(2, "b", "2"), set(3, "c", "3")],
+        );
+        raw_segment(dir.path(), 3, &[set(3, "d", "4"), set(4, "e", "5")]);
+        let err = open_collect(dir.path(), WalOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("duplicate index"), "{err}");
+        assert!(matches!(
+            check(dir.path(), false),
+            Err(WalError::Corrupt { .. })
+        ));
+        // Backward: a record below its segment's first index.
+        let dir = tempfile::tempdir().unwrap();
+        raw_segment(dir.path(), 1, &[set(1, "a", "1"), set(2, "b", "2")]);
+        raw_segment(dir.path(), 3, &[set(1, "d", "4")]);
+        assert!(open_collect(dir.path(), WalOptions::default()).is_err());
+    }
+
+    #[test]
+    fn missing_segment_after_a_snapshot_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            fsync: FsyncPolicy::Always,
+            segment_size: 1 << 20,
+        };
+        let (mut w, _) = open_collect(dir.path(), opts.clone()).unwrap();
+        let entries: Vec<Entry> = (1..=6).map(|i| set(i, &format!("k{i}"), "v")).collect();
+        write_entries(&mut w, &entries[..3]);
+        w.roll(4).unwrap();
+        let snap = encode_snapshot(3, 1, std::iter::once((&b"k"[..], &b"v"[..], None)));
+        Wal::write_snapshot_and_prune(dir.path(), 3, &snap).unwrap();
+        write_entries(&mut w, &entries[3..]);
+        drop(w);
+        fs::remove_file(dir.path().join(segment_name(4))).unwrap();
+        let err = open_collect(dir.path(), opts).unwrap_err();
+        assert!(err.to_string().contains("is missing"), "{err}");
+    }
+
+    #[test]
+    fn a_log_shorter_than_the_recorded_commit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = open_collect(dir.path(), WalOptions::default()).unwrap();
+        write_entries(&mut w, &[set(1, "a", "1"), set(2, "b", "2")]);
+        write_meta(
+            dir.path(),
+            &Meta {
+                commit_index: w.durable_index(),
+                ..Meta::default()
+            },
+        )
+        .unwrap();
+        drop(w);
+        // Cut to its header: every record is gone, and nothing in the segment shows it.
+        let seg = list_dir(dir.path()).unwrap().segments[0].1.clone();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(SEGMENT_HEADER_LEN as u64)
+            .unwrap();
+        let err = open_collect(dir.path(), WalOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("index 2 was committed"), "{err}");
+        assert!(matches!(
+            check(dir.path(), false),
+            Err(WalError::Corrupt { .. })
+        ));
+        // Deleted altogether: the same.
+        fs::remove_file(&seg).unwrap();
+        assert!(open_collect(dir.path(), WalOptions::default()).is_err());
+    }
+
+    #[test]
+    fn meta_round_trips_and_refuses_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_meta(dir.path()).unwrap(), Meta::default());
+        let m = Meta {
+            epoch: 3,
+            voted_for: 2,
+            commit_index: 99,
+        };
+        write_meta(dir.path(), &m).unwrap();
+        assert_eq!(read_meta(dir.path()).unwrap(), m);
+        let path = dir.path().join(META_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        assert!(read_meta(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_failed_atomic_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // Renaming over a non-empty directory fails after the temp file was written.
+        let blocker = dir.path().join("snapshot-00000000000000000001.snap");
+        fs::create_dir(&blocker).unwrap();
+        fs::write(blocker.join("x"), b"x").unwrap();
+        assert!(Wal::write_snapshot_and_prune(dir.path(), 1, b"data").is_err());
+        assert!(list_dir(dir.path()).unwrap().temps.is_empty());
     }
 
     #[test]

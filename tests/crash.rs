@@ -6,9 +6,10 @@
 //! The rule every test checks is the one DESIGN.md states for the log: a write whose reply
 //! said it succeeded is there after recovery, with its value; a write whose connection broke
 //! before the reply is *unknown* and may or may not be there, but if it is, it is whole.
-//! Damage at the very end of the last segment is a torn write (truncated with a warning);
-//! damage followed by valid records is corruption (refuse to start, name the file and byte
-//! offset, point to `check-log`).
+//! Damage in bytes written after the last completed fsync is a torn write (truncated with a
+//! warning); damage in data an fsync covered, a missing part of the log, or a log shorter
+//! than the commit index recorded in `meta` is corruption (refuse to start, name the file
+//! and byte offset, point to `check-log`).
 //!
 //! What these tests do *not* simulate: a power cut. A SIGKILL leaves the kernel's page cache
 //! alone, so everything the server had `write(2)`n reaches the disk eventually whatever
@@ -17,7 +18,8 @@
 //!
 //! The on-disk format these tests read and damage (see `src/wal.rs`): the data dir holds
 //! `wal-<first index, 20 digits>.log` segments and `snapshot-<index>.snap` files; a segment
-//! is an 8-byte header and then frames `0xB7 | len u32 LE | crc32 u32 LE | payload`.
+//! is a 16-byte header and then batches `0xB8 | len u32 LE | crc32 u32 LE | body`, one per
+//! group commit (with one client writing, one per SET).
 
 mod common;
 
@@ -34,10 +36,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// First byte of every frame.
-const MAGIC: u8 = 0xB7;
-/// Bytes before the first frame of a segment.
-const SEGMENT_HEADER: usize = 8;
+/// First byte of every batch (one group commit's records) in a segment.
+const MAGIC: u8 = 0xB8;
+/// Bytes before the first batch of a segment (magic, version, salt).
+const SEGMENT_HEADER: usize = 16;
 /// Magic, length, crc.
 const FRAME_HEADER: usize = 9;
 /// Client threads writing at once in the kill -9 tests.
@@ -765,6 +767,10 @@ fn pristine_small_keys(dir: &DataDir, n: usize) -> (Vec<(String, String)>, PathB
     let mut server = Server::start_in(dir, &["--fsync", "always"]);
     let pairs = write_small_keys(&server, n);
     terminate_ok(&mut server);
+    // These tests damage the last record as a crash while writing it would: such a
+    // record was never recorded as committed. The clean shutdown recorded it in `meta`,
+    // so remove that (a log shorter than `meta` says is refused, as it should be).
+    fs::remove_file(dir.path().join("meta")).expect("the shutdown recorded the commit index");
     let seg = newest_segment(dir.path());
     let bytes = read(&seg);
     let all = frames(&bytes);
@@ -1349,5 +1355,113 @@ fn everything_survives_restart_after_compaction_and_kill9() {
         "mixed workload: {ROUNDS} rounds of compaction then kill -9, {total_acks} acknowledged \
          writes; newest snapshot at index {}",
         newest_snapshot_index(dir.path())
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// One process per data directory
+
+/// A second server, or the repl, on a directory a running server has open is refused
+/// with the holder's pid, and nothing it could have written is lost; `check-log` still
+/// reads the live directory, `--repair` (which writes) is refused.
+#[test]
+fn a_data_directory_is_opened_by_one_process_at_a_time() {
+    let dir = DataDir::new();
+    let mut server = Server::start_in(&dir, &["--fsync", "always"]);
+    let pairs = write_small_keys(&server, 5);
+    let pid = format!("pid {}", server.pid());
+
+    let second = start_expecting_refusal(&dir, &["--fsync", "always"]);
+    assert!(!second.status.success(), "second server: {}", second.status);
+    for needle in ["in use by another kvstore process", pid.as_str()] {
+        assert!(
+            second.stderr.contains(needle),
+            "the refusal should mention {needle:?}; stderr:\n{}",
+            second.stderr
+        );
+    }
+    assert!(
+        second.stderr.contains(&dir.path().display().to_string()),
+        "the refusal should name the directory:\n{}",
+        second.stderr
+    );
+
+    let mut repl = kvstore_cmd();
+    repl.arg("repl").arg("--data-dir").arg(dir.path());
+    let repl = run_to_exit(repl, dir.root(), EXIT_DEADLINE, || None);
+    assert!(!repl.status.success(), "repl: {}", repl.output());
+    assert!(repl.output().contains(&pid), "repl: {}", repl.output());
+
+    let check = check_log(&dir, false);
+    assert_eq!(
+        code(&check),
+        0,
+        "check-log on a live dir\n{}",
+        check.output()
+    );
+    let repair = check_log(&dir, true);
+    assert_ne!(
+        code(&repair),
+        0,
+        "--repair on a live dir\n{}",
+        repair.output()
+    );
+    assert!(repair.output().contains(&pid), "{}", repair.output());
+
+    // The first server never noticed, and everything it acknowledged survives.
+    let mut conn = server.conn();
+    set(&mut conn, "after", "1");
+    drop(conn);
+    server.kill9();
+    let server = Server::start_in(&dir, &["--fsync", "always"]);
+    assert_prefix_present(&server, &pairs, 5, "after the refused openers");
+}
+
+/// The end of the log removed or cut short is refused, not replayed short: the segment
+/// after a snapshot missing, or the last segment cut to its header below the commit index
+/// recorded at shutdown.
+#[test]
+fn a_missing_end_of_the_log_is_refused() {
+    // Cut to its header after a clean shutdown.
+    let dir = DataDir::new();
+    let mut server = Server::start_in(&dir, &["--fsync", "always"]);
+    write_small_keys(&server, 10);
+    terminate_ok(&mut server);
+    let seg = newest_segment(dir.path());
+    truncate(&seg, SEGMENT_HEADER as u64);
+    let run = start_expecting_refusal(&dir, &["--fsync", "always"]);
+    assert!(
+        run.stderr.contains("was committed"),
+        "a log cut to its header:\n{}",
+        run.stderr
+    );
+    assert_eq!(code(&check_log(&dir, false)), 2);
+
+    // After a compaction, the newest segment deleted.
+    let dir = DataDir::new();
+    let args = [
+        "--fsync",
+        "always",
+        "--compact-min-size",
+        "1",
+        "--compact-percentage",
+        "1",
+    ];
+    let mut server = Server::start_in(&dir, &args);
+    write_small_keys(&server, 50);
+    assert!(
+        wait_for(WRITE_DEADLINE, || !snapshots(dir.path()).is_empty()),
+        "no compaction happened"
+    );
+    terminate_ok(&mut server);
+    let snap = newest_snapshot_index(dir.path());
+    let after = dir.path().join(format!("wal-{:020}.log", snap + 1));
+    assert!(after.exists(), "{} missing", after.display());
+    fs::remove_file(&after).unwrap();
+    let run = start_expecting_refusal(&dir, &args);
+    assert!(
+        run.stderr.contains("is missing") || run.stderr.contains("was committed"),
+        "the newest segment deleted:\n{}",
+        run.stderr
     );
 }

@@ -99,3 +99,41 @@ fn repl_writes_a_data_dir_that_a_server_serves() {
     let n: String = redis::cmd("GET").arg("n").query(&mut c).expect("GET n");
     assert_eq!(n, "1");
 }
+
+/// A node started from the repo without `--data-dir` keeps its data in
+/// `./kvstore-data-PORT`, and `.gitignore` keeps that directory out of git.
+#[test]
+fn default_data_dir_is_ignored_by_git() {
+    let cwd = DataDir::new();
+    let port = common::free_port();
+    let mut child = Command::new(KVSTORE_BIN)
+        .args(["server", &port.to_string(), "--fsync", "no"])
+        .current_dir(cwd.path())
+        .env_remove("KVSTORE_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start kvstore server");
+    let name = format!("kvstore-data-{port}");
+    let dir = cwd.path().join(&name);
+    let created = std::time::Instant::now() + common::START_DEADLINE;
+    while !dir.is_dir() && std::time::Instant::now() < created {
+        std::thread::sleep(common::POLL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(dir.is_dir(), "the server did not create ./{name}");
+
+    let gitignore = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.gitignore"))
+        .expect("read .gitignore");
+    // Only root-anchored directory patterns (`/name*/`) are considered: that is the
+    // form that ignores the directory at the top of the repo and nothing else.
+    let ignored = gitignore.lines().any(|line| {
+        line.trim()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_suffix('/'))
+            .is_some_and(|p| kvstore::glob::glob_match(p.as_bytes(), name.as_bytes(), false))
+    });
+    assert!(ignored, ".gitignore does not ignore /{name}/:\n{gitignore}");
+}

@@ -1,4 +1,5 @@
-//! The command-line client: `kvstore client [HOST] [PORT] [COMMAND…]`.
+//! The command-line client: `kvstore client [-h HOST] [-p PORT] [-a PASSWORD] [-n DB]
+//! [COMMAND…]` (the flags are parsed in `main.rs` into [`ClientOptions`]).
 //!
 //! It behaves like `redis-cli`, so that the two can be used interchangeably:
 //!
@@ -10,8 +11,10 @@
 //! - [`split_args`] splits a typed line with `redis-cli`'s quoting rules.
 //! - [`run`] is the whole program: one-shot mode when a command is given, otherwise a
 //!   rustyline REPL with history, command completion and argument hints taken from
-//!   [`crate::commands::COMMANDS`]. It authenticates after every connect, reconnects
-//!   once when a connection drops, and follows `-MOVED` redirects to the leader.
+//!   [`crate::commands::COMMANDS`]. After every connect it authenticates and selects
+//!   the database (`-n`, or the last `SELECT` typed), reconnects once when a connection
+//!   drops, and follows `-MOVED` redirects to the leader. As in redis-cli, every word
+//!   after the options is the command, known or not: nothing is guessed to be a host.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
@@ -440,11 +443,13 @@ pub struct ClientOptions {
     pub raw: Option<bool>,
     /// Bound on each TCP connect; `None` waits as long as the OS does.
     pub connect_timeout: Option<Duration>,
+    /// Database to `SELECT` after every connect (`-n`); 0, the default, sends nothing.
+    pub db: i64,
 }
 
 impl Default for ClientOptions {
     /// `127.0.0.1:7379`, no password, output style chosen by the terminal,
-    /// 5-second connect timeout.
+    /// 5-second connect timeout, database 0.
     fn default() -> Self {
         ClientOptions {
             host: "127.0.0.1".into(),
@@ -452,36 +457,7 @@ impl Default for ClientOptions {
             password: None,
             raw: None,
             connect_timeout: Some(Duration::from_secs(5)),
-        }
-    }
-}
-
-/// Splits `kvstore client [HOST] [PORT] [COMMAND…]`: the first word is a host (and the
-/// second, if it is a number, its port) unless it is a command name; a lone number first
-/// is a port. So `kvstore client SET k 7` runs a command, and `kvstore client db1 7001
-/// GET k` runs one on another server.
-pub fn split_target(mut args: Vec<String>) -> (Option<String>, Option<u16>, Vec<String>) {
-    let is_command = |w: &str| {
-        crate::commands::lookup(w.as_bytes()).is_some()
-            || ["help", "exit", "quit"].contains(&w.to_ascii_lowercase().as_str())
-    };
-    match args.first() {
-        None => (None, None, args),
-        Some(w) if is_command(w) => (None, None, args),
-        Some(w) if w.parse::<u16>().is_ok() => {
-            let port = args.remove(0).parse().ok();
-            (None, port, args)
-        }
-        Some(_) => {
-            let host = args.remove(0);
-            let port = match args.first().and_then(|p| p.parse::<u16>().ok()) {
-                Some(p) => {
-                    args.remove(0);
-                    Some(p)
-                }
-                None => None,
-            };
-            (Some(host), port, args)
+            db: 0,
         }
     }
 }
@@ -501,8 +477,15 @@ pub fn run(opts: ClientOptions, command: Vec<String>) -> i32 {
     let mut session = Session::new(&opts, false);
     let verbatim = prints_verbatim(&args);
     match session.execute(&args) {
-        Ok(reply) => {
+        // SHUTDOWN succeeded: the server closed the connection, as redis-cli expects.
+        Ok(None) => 0,
+        Ok(Some(reply)) => {
             print_reply(&reply, raw, verbatim);
+            if let Value::Error(e) = &reply
+                && let Some(hint) = host_hint(&args, e)
+            {
+                eprintln!("{hint}");
+            }
             i32::from(matches!(reply, Value::Error(_)))
         }
         Err(e) => {
@@ -510,6 +493,28 @@ pub fn run(opts: ClientOptions, command: Vec<String>) -> i32 {
             1
         }
     }
+}
+
+/// When a one-shot command starting with an address was unknown to the server, the
+/// user probably meant the old `kvstore client HOST PORT …` form: say how to write it.
+fn host_hint(args: &[Vec<u8>], error: &str) -> Option<String> {
+    if !error.starts_with("ERR unknown command") {
+        return None;
+    }
+    let first = std::str::from_utf8(args.first()?).ok()?;
+    if first.parse::<std::net::IpAddr>().is_err() && first != "localhost" {
+        return None;
+    }
+    let port = args
+        .get(1)
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .filter(|p| p.parse::<u16>().is_ok())
+        .map(|p| format!(" -p {p}"))
+        .unwrap_or_default();
+    Some(format!(
+        "(the command was sent as typed; to connect to {first}, use: kvstore client -h \
+         {first}{port} …)"
+    ))
 }
 
 /// Commands whose text replies redis-cli always prints verbatim, in either output
@@ -550,6 +555,9 @@ enum ClientError {
     Connect(io::Error),
     /// The connection failed while talking to it.
     Io(io::Error),
+    /// The server refused to SELECT the database asked for (`-n`): running the command
+    /// in another database instead would be worse than not running it.
+    Select { db: i64, error: String },
 }
 
 impl fmt::Display for ClientError {
@@ -557,6 +565,8 @@ impl fmt::Display for ClientError {
         match self {
             ClientError::Connect(e) => write!(f, "{e}"),
             ClientError::Io(e) => write!(f, "Error: {}", describe_io_error(e)),
+            // redis-cli's wording.
+            ClientError::Select { db, error } => write!(f, "SELECT {db} failed: {error}"),
         }
     }
 }
@@ -567,6 +577,9 @@ struct Session {
     host: String,
     port: u16,
     password: Option<String>,
+    /// The database to select after each connect: `-n`, then whatever `SELECT` last
+    /// succeeded (as redis-cli, so a reconnect lands in the same database).
+    db: i64,
     timeout: Option<Duration>,
     conn: Option<Connection>,
     /// Print `-> Redirected to …` notes (REPL only).
@@ -579,22 +592,24 @@ impl Session {
             host: opts.host.clone(),
             port: opts.port,
             password: opts.password.clone(),
+            db: opts.db,
             timeout: opts.connect_timeout,
             conn: None,
             interactive,
         }
     }
 
-    /// `host:port> ` when connected, else `not connected> ` (as redis-cli).
+    /// `host:port> ` (`host:port[db]> ` outside database 0) when connected, else
+    /// `not connected> ` (as redis-cli).
     fn prompt(&self) -> String {
-        if self.conn.is_some() {
-            format!("{}> ", fmt_addr(&self.host, self.port))
-        } else {
-            "not connected> ".into()
+        match (&self.conn, self.db) {
+            (None, _) => "not connected> ".into(),
+            (Some(_), 0) => format!("{}> ", fmt_addr(&self.host, self.port)),
+            (Some(_), db) => format!("{}[{db}]> ", fmt_addr(&self.host, self.port)),
         }
     }
 
-    /// (Re)connects to the current address and authenticates.
+    /// (Re)connects to the current address, authenticates and selects the database.
     fn connect(&mut self) -> Result<(), ClientError> {
         self.conn = None;
         let mut conn = Connection::connect(&self.host, self.port, self.timeout)
@@ -603,6 +618,17 @@ impl Session {
             let auth = [b"AUTH".to_vec(), password.as_bytes().to_vec()];
             match conn.request(&auth) {
                 Ok(Value::Error(e)) => eprintln!("AUTH failed: {e}"),
+                Ok(_) => {}
+                Err(e) => return Err(ClientError::Io(e)),
+            }
+        }
+        // A new connection starts in database 0, so only another one needs a SELECT.
+        if self.db != 0 {
+            let select = [b"SELECT".to_vec(), self.db.to_string().into_bytes()];
+            match conn.request(&select) {
+                Ok(Value::Error(error)) => {
+                    return Err(ClientError::Select { db: self.db, error });
+                }
                 Ok(_) => {}
                 Err(e) => return Err(ClientError::Io(e)),
             }
@@ -643,8 +669,45 @@ impl Session {
         }
     }
 
+    /// Sends a command, following up to [`MAX_REDIRECTS`] `-MOVED` replies, and
+    /// remembers a database that `SELECT` switched to. `Ok(None)`: the command was
+    /// `SHUTDOWN` and the server closed the connection, which is its success.
+    fn execute(&mut self, args: &[Vec<u8>]) -> Result<Option<Value>, ClientError> {
+        if is_command(args, "shutdown") {
+            return self.shutdown(args);
+        }
+        let reply = self.follow_redirects(args)?;
+        if is_command(args, "select")
+            && args.len() == 2
+            && reply == Value::Simple("OK".into())
+            && let Some(db) = std::str::from_utf8(&args[1])
+                .ok()
+                .and_then(|d| d.parse().ok())
+        {
+            self.db = db;
+        }
+        Ok(Some(reply))
+    }
+
+    /// `SHUTDOWN`: a reply is an error (the server stays up); the connection closing
+    /// is success. Never retried on a new connection, unlike other commands.
+    fn shutdown(&mut self, args: &[Vec<u8>]) -> Result<Option<Value>, ClientError> {
+        let result = self.conn()?.request(args);
+        match result {
+            Ok(reply) => Ok(Some(reply)),
+            Err(e) => {
+                self.conn = None;
+                if is_disconnect(&e) {
+                    Ok(None)
+                } else {
+                    Err(ClientError::Io(e))
+                }
+            }
+        }
+    }
+
     /// Sends a command, following up to [`MAX_REDIRECTS`] `-MOVED` replies.
-    fn execute(&mut self, args: &[Vec<u8>]) -> Result<Value, ClientError> {
+    fn follow_redirects(&mut self, args: &[Vec<u8>]) -> Result<Value, ClientError> {
         let mut hops = 0;
         loop {
             let reply = self.request(args)?;
@@ -666,6 +729,12 @@ impl Session {
             return Ok(reply);
         }
     }
+}
+
+/// Whether the command's name (`args[0]`) is `name`, in any case.
+fn is_command(args: &[Vec<u8>], name: &str) -> bool {
+    args.first()
+        .is_some_and(|a| a.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// Errors after which a connection that used to work is worth one reconnect.
@@ -798,7 +867,8 @@ fn run_repl(opts: &ClientOptions, raw: bool) -> i32 {
             _ => {}
         }
         match session.execute(&args) {
-            Ok(reply) => print_reply(&reply, raw, prints_verbatim(&args)),
+            Ok(Some(reply)) => print_reply(&reply, raw, prints_verbatim(&args)),
+            Ok(None) => {}
             Err(e) => eprintln!("{e}"),
         }
     }
@@ -967,46 +1037,6 @@ impl Highlighter for ReplHelper {
 impl Validator for ReplHelper {}
 
 impl Helper for ReplHelper {}
-
-#[cfg(test)]
-mod target_tests {
-    use super::split_target;
-
-    fn split(line: &str) -> (Option<String>, Option<u16>, Vec<String>) {
-        split_target(line.split_whitespace().map(String::from).collect())
-    }
-
-    #[test]
-    fn host_port_and_command_are_told_apart() {
-        assert_eq!(split(""), (None, None, vec![]));
-        assert_eq!(
-            split("SET greeting 7001"),
-            (
-                None,
-                None,
-                vec!["SET".into(), "greeting".into(), "7001".into()]
-            )
-        );
-        assert_eq!(split("get k").2, vec!["get".to_string(), "k".into()]);
-        assert_eq!(
-            split("10.0.0.5 7001"),
-            (Some("10.0.0.5".into()), Some(7001), vec![])
-        );
-        assert_eq!(
-            split("db1 7001 GET k"),
-            (
-                Some("db1".into()),
-                Some(7001),
-                vec!["GET".into(), "k".into()]
-            )
-        );
-        assert_eq!(
-            split("db1 GET k"),
-            (Some("db1".into()), None, vec!["GET".into(), "k".into()])
-        );
-        assert_eq!(split("7002 PING"), (None, Some(7002), vec!["PING".into()]));
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -1395,10 +1425,109 @@ mod tests {
         let mut session = session_for(port, Some("pw"));
         assert_eq!(
             session.execute(&args(&["SET", "k", "v"])).unwrap(),
-            Value::Simple("OK".into())
+            Some(Value::Simple("OK".into()))
         );
-        assert_eq!(session.execute(&args(&["GET", "k"])).unwrap(), bulk("v"));
+        assert_eq!(
+            session.execute(&args(&["GET", "k"])).unwrap(),
+            Some(bulk("v"))
+        );
         server.join().unwrap();
+    }
+
+    #[test]
+    fn session_selects_the_database_after_auth_and_every_reconnect() {
+        let (port, server) = fake_server(vec![
+            vec![
+                (encoded(&["AUTH", "pw"]), pieces(&["+OK\r\n"])),
+                (encoded(&["SELECT", "1"]), pieces(&["+OK\r\n"])),
+                (encoded(&["SET", "k", "v"]), pieces(&["+OK\r\n"])),
+                // A SELECT typed at the prompt is remembered...
+                (encoded(&["select", "2"]), pieces(&["+OK\r\n"])),
+                (encoded(&["GET", "k"]), None),
+            ],
+            // ...so the reconnect lands in database 2, not 1 or 0.
+            vec![
+                (encoded(&["AUTH", "pw"]), pieces(&["+OK\r\n"])),
+                (encoded(&["SELECT", "2"]), pieces(&["+OK\r\n"])),
+                (encoded(&["GET", "k"]), pieces(&["$1\r\nv\r\n"])),
+            ],
+        ]);
+        let opts = ClientOptions {
+            port,
+            password: Some("pw".into()),
+            db: 1,
+            ..ClientOptions::default()
+        };
+        let mut session = Session::new(&opts, false);
+        assert_eq!(
+            session.execute(&args(&["SET", "k", "v"])).unwrap(),
+            Some(Value::Simple("OK".into()))
+        );
+        assert_eq!(session.prompt(), format!("127.0.0.1:{port}[1]> "));
+        session.execute(&args(&["select", "2"])).unwrap();
+        assert_eq!(session.prompt(), format!("127.0.0.1:{port}[2]> "));
+        assert_eq!(
+            session.execute(&args(&["GET", "k"])).unwrap(),
+            Some(bulk("v"))
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_refused_select_runs_nothing() {
+        // The fake server fails the test if anything but SELECT arrives.
+        let (port, server) = fake_server(vec![vec![(
+            encoded(&["SELECT", "1"]),
+            pieces(&["-ERR DB index is out of range\r\n"]),
+        )]]);
+        let opts = ClientOptions {
+            port,
+            db: 1,
+            ..ClientOptions::default()
+        };
+        let mut session = Session::new(&opts, false);
+        let err = session.execute(&args(&["SET", "k", "v"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "SELECT 1 failed: ERR DB index is out of range"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn shutdown_closing_the_connection_is_success_and_never_retried() {
+        // One connection only: a retry would find nobody listening and fail.
+        let (port, server) = fake_server(vec![vec![(encoded(&["SHUTDOWN"]), None)]]);
+        let mut session = session_for(port, None);
+        session.conn().unwrap();
+        assert_eq!(session.execute(&args(&["SHUTDOWN"])).unwrap(), None);
+        assert_eq!(session.prompt(), "not connected> ");
+        server.join().unwrap();
+        // An error reply is shown: the server stays up.
+        let (port, server) = fake_server(vec![vec![(
+            encoded(&["shutdown", "save"]),
+            pieces(&["-ERR Errors trying to SHUTDOWN. Check logs.\r\n"]),
+        )]]);
+        let mut session = session_for(port, None);
+        assert_eq!(
+            session.execute(&args(&["shutdown", "save"])).unwrap(),
+            Some(Value::Error(
+                "ERR Errors trying to SHUTDOWN. Check logs.".into()
+            ))
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_address_as_command_gets_a_hint() {
+        let unknown = "ERR unknown command '10.0.0.5', with args beginning with: '7001' ";
+        let hint = host_hint(&args(&["10.0.0.5", "7001", "GET", "k"]), unknown).unwrap();
+        assert!(
+            hint.contains("kvstore client -h 10.0.0.5 -p 7001"),
+            "{hint}"
+        );
+        assert!(host_hint(&args(&["gte", "k"]), unknown).is_none());
+        assert!(host_hint(&args(&["127.0.0.1"]), "ERR other").is_none());
     }
 
     #[test]
@@ -1413,7 +1542,7 @@ mod tests {
         let mut session = session_for(follower, None);
         assert_eq!(
             session.execute(&args(&["SET", "k", "v"])).unwrap(),
-            Value::Simple("OK".into())
+            Some(Value::Simple("OK".into()))
         );
         assert_eq!(session.port, leader);
         assert_eq!(session.prompt(), format!("127.0.0.1:{leader}> "));
@@ -1438,7 +1567,7 @@ mod tests {
         });
         let mut session = session_for(port, None);
         let reply = session.execute(&args(&["GET", "k"])).unwrap();
-        assert!(matches!(reply, Value::Error(ref e) if e.starts_with("MOVED ")));
+        assert!(matches!(reply, Some(Value::Error(ref e)) if e.starts_with("MOVED ")));
         server.join().unwrap();
     }
 

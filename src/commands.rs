@@ -1,8 +1,9 @@
 //! Commands: the table of every command the server knows, and their execution.
 //!
 //! One table ([`COMMANDS`]) serves dispatch (arity checks), `COMMAND` (COUNT, INFO, DOCS,
-//! LIST), the client's completion and hints, and the README's command list, so they
-//! cannot disagree.
+//! LIST; DOCS's `arguments` are parsed from each row's synopsis by [`crate::docs`]), the
+//! client's completion and hints, and the README's command list, so they cannot
+//! disagree. The server commands (SAVE, SHUTDOWN, ROLE, …) live in [`crate::admin`].
 //!
 //! A request enters [`dispatch`] as its argument vector. Reads and connection commands
 //! answer at once, appending their reply to the connection's output buffer. A write is
@@ -52,6 +53,17 @@ const R: &[&str] = &["readonly"];
 const RF: &[&str] = &["readonly", "fast"];
 const F: &[&str] = &["fast"];
 const NS: &[&str] = &["noscript", "loading", "stale", "fast"];
+const ADMIN: &[&str] = &["admin", "noscript", "no_async_loading"];
+const ADMIN_NM: &[&str] = &["admin", "noscript", "no_async_loading", "no_multi"];
+const SHUT: &[&str] = &[
+    "admin",
+    "noscript",
+    "loading",
+    "stale",
+    "no_multi",
+    "allow_busy",
+];
+const LASTSAVE: &[&str] = &["loading", "stale", "fast"];
 const AUTHF: &[&str] = &[
     "noscript",
     "loading",
@@ -82,8 +94,10 @@ macro_rules! cmd {
 pub static COMMANDS: &[CommandSpec] = &[
     cmd!("append", 3, W, true, 1, 1, 1, "key value", "Appends a string to a key's value; returns the new length."),
     cmd!("auth", -2, AUTHF, false, 0, 0, 0, "[username] password", "Authenticates the connection."),
-    cmd!("client", -2, NS, false, 0, 0, 0, "ID|GETNAME|SETNAME name|INFO|LIST|SETINFO …", "Connection introspection and naming."),
-    cmd!("command", -1, NS, false, 0, 0, 0, "[COUNT|DOCS|INFO|LIST [name …]]", "Describes the commands this server knows."),
+    cmd!("bgrewriteaof", 1, ADMIN, false, 0, 0, 0, "", "Compacts the log now, in the background (as BGSAVE here)."),
+    cmd!("bgsave", -1, ADMIN, false, 0, 0, 0, "[SCHEDULE]", "Compacts the log now, in the background: a snapshot, then the log it covers is deleted."),
+    cmd!("client", -2, NS, false, 0, 0, 0, "ID|GETNAME|SETNAME name|INFO|LIST|SETINFO attribute value", "Connection introspection and naming."),
+    cmd!("command", -1, NS, false, 0, 0, 0, "[COUNT|DOCS [name [name …]]|INFO [name [name …]]|LIST]", "Describes the commands this server knows."),
     cmd!("config", -2, NS, false, 0, 0, 0, "GET parameter [parameter …]|SET|RESETSTAT", "Reads server settings."),
     cmd!("copy", -3, W, true, 1, 2, 1, "source destination [DB destination-db] [REPLACE]", "Copies a key's value (and expiry) to another key."),
     cmd!("dbsize", 1, RF, false, 0, 0, 0, "", "Returns the number of keys."),
@@ -107,8 +121,9 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("incr", 2, WF, true, 1, 1, 1, "key", "Increments the integer value of a key by one."),
     cmd!("incrby", 3, WF, true, 1, 1, 1, "key increment", "Increments the integer value of a key by a number."),
     cmd!("incrbyfloat", 3, WF, true, 1, 1, 1, "key increment", "Adds a floating-point number to a key's value."),
-    cmd!("info", -1, NS, false, 0, 0, 0, "[section …]", "Returns server information and statistics."),
+    cmd!("info", -1, NS, false, 0, 0, 0, "[section [section …]]", "Returns server information and statistics."),
     cmd!("keys", 2, R, false, 0, 0, 0, "pattern", "Returns all keys matching a glob pattern."),
+    cmd!("lastsave", 1, LASTSAVE, false, 0, 0, 0, "", "Returns the Unix time of the last successful compaction (or of startup)."),
     cmd!("mget", -2, RF, false, 1, -1, 1, "key [key …]", "Returns the values of several keys."),
     cmd!("mset", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys at once (atomically)."),
     cmd!("msetnx", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys only if none of them exists."),
@@ -125,12 +140,15 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("readwrite", 1, F, false, 0, 0, 0, "", "Ends READONLY on this connection."),
     cmd!("rename", 3, W, true, 1, 2, 1, "key newkey", "Renames a key (overwriting newkey)."),
     cmd!("renamenx", 3, WF, true, 1, 2, 1, "key newkey", "Renames a key only if newkey does not exist."),
+    cmd!("role", 1, NS, false, 0, 0, 0, "", "Returns the replication role: master, its log index, its replicas."),
+    cmd!("save", 1, ADMIN_NM, false, 0, 0, 0, "", "Compacts the log now and waits until the snapshot is written."),
     cmd!("scan", -2, R, false, 0, 0, 0, "cursor [MATCH pattern] [COUNT count] [TYPE type]", "Iterates over the keys."),
     cmd!("select", 2, NS, false, 0, 0, 0, "index", "Selects a database (only 0 exists)."),
     cmd!("set", -3, W, true, 1, 1, 1, "key value [NX|XX] [GET] [EX seconds|PX milliseconds|EXAT unix-time-seconds|PXAT unix-time-milliseconds|KEEPTTL]", "Sets the value of a key."),
     cmd!("setex", 4, W, true, 1, 1, 1, "key seconds value", "Sets a key with a time to live in seconds."),
     cmd!("setnx", 3, WF, true, 1, 1, 1, "key value", "Sets a key only if it does not exist."),
     cmd!("setrange", 4, W, true, 1, 1, 1, "key offset value", "Overwrites part of a value at an offset (zero-padding)."),
+    cmd!("shutdown", -1, SHUT, false, 0, 0, 0, "[NOSAVE|SAVE] [NOW] [FORCE] [ABORT]", "Stops the server as SIGTERM does (SAVE compacts first)."),
     cmd!("strlen", 2, RF, false, 1, 1, 1, "key", "Returns the length of a value."),
     cmd!("substr", 4, R, false, 1, 1, 1, "key start end", "Same as GETRANGE."),
     cmd!("time", 1, F, false, 0, 0, 0, "", "Returns the server time."),
@@ -206,6 +224,7 @@ pub fn group(name: &str) -> &'static str {
         "auth" | "client" | "echo" | "hello" | "ping" | "quit" | "select" | "readonly"
         | "readwrite" => "connection",
         "command" | "config" | "dbsize" | "info" | "time" | "flushall" | "flushdb" => "server",
+        "bgrewriteaof" | "bgsave" | "lastsave" | "role" | "save" | "shutdown" => "server",
         "del" | "exists" | "keys" | "scan" | "type" | "unlink" | "wait" | "copy" | "rename"
         | "renamenx" | "randomkey" | "touch" | "expire" | "pexpire" | "expireat" | "pexpireat"
         | "ttl" | "pttl" | "expiretime" | "pexpiretime" | "persist" => "generic",
@@ -274,7 +293,21 @@ pub struct Context {
     pub stats: ServerStats,
     pub clients: Mutex<HashMap<u64, ClientInfo>>,
     pub started: Instant,
+    /// Unix time (seconds) of `started`, fixed once (LASTSAVE before any compaction).
+    pub started_unix: u64,
     next_client_id: AtomicU64,
+    /// How SHUTDOWN stops the server: set by the server ([`Context::set_shutdown_hook`]);
+    /// the embedded repl has none.
+    shutdown_hook: std::sync::OnceLock<ShutdownHook>,
+}
+
+/// What [`Context::request_shutdown`] calls.
+struct ShutdownHook(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for ShutdownHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShutdownHook")
+    }
 }
 
 impl Context {
@@ -285,7 +318,27 @@ impl Context {
             stats: ServerStats::default(),
             clients: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            started_unix: crate::store::now_ms() / 1000,
             next_client_id: AtomicU64::new(1),
+            shutdown_hook: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Lets SHUTDOWN stop the server: `hook` starts the same graceful shutdown as
+    /// SIGTERM. Set once, by the server; later calls are ignored.
+    pub fn set_shutdown_hook(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.shutdown_hook.set(ShutdownHook(Box::new(hook)));
+    }
+
+    /// Starts a graceful shutdown (see [`Context::set_shutdown_hook`]); false when
+    /// there is no server to stop (the embedded store).
+    pub fn request_shutdown(&self) -> bool {
+        match self.shutdown_hook.get() {
+            Some(hook) => {
+                (hook.0)();
+                true
+            }
+            None => false,
         }
     }
 
@@ -562,6 +615,9 @@ pub fn dispatch_spec(
         "command" => command(s, &args, out),
         "config" => config(ctx, s, &args, out),
         "debug" => debug(ctx, s, &args, out),
+        "bgrewriteaof" | "bgsave" | "lastsave" | "role" | "save" | "shutdown" => {
+            crate::admin::dispatch(ctx, s, spec.name, &args, out);
+        }
         "append" | "getdel" | "getex" | "getrange" | "getset" | "incrbyfloat" | "psetex"
         | "setex" | "setrange" | "substr" => {
             return crate::strings::dispatch(ctx, s, spec.name, args, now, out);
@@ -1207,14 +1263,22 @@ fn command(s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
             };
             write_map_len(out, specs.len(), p);
             for c in specs {
+                // The table's synopses are checked by a test, so this never fails; an
+                // error would just leave the arguments out.
+                let args = crate::docs::parse(c.name, c.args).unwrap_or_default();
                 write_bulk(out, c.name.as_bytes());
-                write_map_len(out, 3, p);
+                write_map_len(out, 3 + usize::from(!args.is_empty()), p);
                 write_bulk(out, b"summary");
                 write_bulk(out, c.summary.as_bytes());
                 write_bulk(out, b"since");
                 write_bulk(out, b"1.0.0");
                 write_bulk(out, b"group");
                 write_bulk(out, group(c.name).as_bytes());
+                if !args.is_empty() {
+                    // What redis-cli builds its hints and `help <command>` from.
+                    write_bulk(out, b"arguments");
+                    crate::docs::write_arguments(out, &args, p);
+                }
             }
         }
         Some(_) => write_error(

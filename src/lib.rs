@@ -10,8 +10,10 @@
 //! assert_eq!(store.get(b"greeting").as_deref(), Some(&b"hello"[..]));
 //! # Ok::<(), kvstore::store::StoreError>(())
 //! ```
+pub mod admin;
 pub mod client;
 pub mod commands;
+pub mod docs;
 pub mod exec;
 pub mod float;
 pub mod glob;

@@ -92,38 +92,50 @@ struct ServerArgs {
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  kvstore client                      prompt, 127.0.0.1:7379\n  \
-                  kvstore client 10.0.0.5 7001        prompt, another server\n  \
-                  kvstore client SET greeting hello   one command, then exit\n  \
-                  kvstore client 10.0.0.5 7001 GET k  one command on another server\n\n\
-                  The first word is taken as HOST (and the second as PORT) unless it is a \
-                  command name."
+    disable_help_flag = true,
+    after_help = "Examples:\n  kvstore client                          prompt, 127.0.0.1:7379\n  \
+                  kvstore client -h 10.0.0.5 -p 7001      prompt, another server\n  \
+                  kvstore client SET greeting hello       one command, then exit\n  \
+                  kvstore client -p 7001 -n 0 GET k       one command on another server\n\n\
+                  As with redis-cli, every word after the options is the command: a word \
+                  that is not a known command is sent anyway (the server answers `unknown \
+                  command`), never taken for a host."
 )]
 struct ClientArgs {
-    /// [HOST] [PORT] [COMMAND…]: the server (default 127.0.0.1 and 7379, or
-    /// KVSTORE_HOST / KVSTORE_PORT), then a command to run once (e.g. `SET k v`);
-    /// without a command, an interactive prompt starts.
+    /// The command to run once (e.g. `SET k v`); without one, an interactive prompt
+    /// starts.
     #[arg(
-        value_name = "HOST PORT COMMAND",
+        value_name = "COMMAND",
         trailing_var_arg = true,
         allow_hyphen_values = true
     )]
-    args: Vec<String>,
-    /// Server host, when not given as the first word.
-    #[arg(long, env = "KVSTORE_HOST", default_value = "127.0.0.1")]
+    command: Vec<String>,
+    /// Server host.
+    #[arg(short = 'h', long, env = "KVSTORE_HOST", default_value = "127.0.0.1")]
     host: String,
-    /// Server port, when not given as the second word.
-    #[arg(long, env = "KVSTORE_PORT", default_value_t = DEFAULT_PORT)]
+    /// Server port.
+    #[arg(short = 'p', long, env = "KVSTORE_PORT", default_value_t = DEFAULT_PORT)]
     port: u16,
     /// Password to AUTH with after connecting.
     #[arg(short = 'a', long, env = "KVSTORE_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Database number: SELECT it after connecting (and after every reconnect).
+    #[arg(
+        short = 'n',
+        long = "db",
+        value_name = "DB",
+        allow_negative_numbers = true
+    )]
+    db: Option<i64>,
     /// Print replies raw (as when output is not a terminal).
     #[arg(long, conflicts_with = "no_raw")]
     raw: bool,
     /// Print replies formatted (as on a terminal), even into a pipe.
     #[arg(long)]
     no_raw: bool,
+    /// Print help (`-h` is the host, as in redis-cli).
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
 }
 
 #[derive(Args, Debug)]
@@ -165,11 +177,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Server(a) => run_server(a),
         Command::Client(a) => {
-            let (host, port, command) = client::split_target(a.args);
             let opts = ClientOptions {
-                host: host.unwrap_or(a.host),
-                port: port.unwrap_or(a.port),
+                host: a.host,
+                port: a.port,
                 password: a.password,
+                db: a.db.unwrap_or(0),
                 raw: if a.raw {
                     Some(true)
                 } else if a.no_raw {
@@ -179,7 +191,7 @@ fn main() -> ExitCode {
                 },
                 ..ClientOptions::default()
             };
-            ExitCode::from(client::run(opts, command).clamp(0, 255) as u8)
+            ExitCode::from(client::run(opts, a.command).clamp(0, 255) as u8)
         }
         Command::Repl(a) => {
             let opts = Options {

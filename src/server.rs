@@ -20,7 +20,8 @@
 //! Redis's `client-output-buffer-limit`. When nothing is owed and no write is in flight,
 //! the thread simply blocks in `recv`.
 //!
-//! Shutdown ([`ShutdownHandle::shutdown`], SIGTERM/SIGINT in the binary): the accept loop
+//! Shutdown ([`ShutdownHandle::shutdown`], SIGTERM/SIGINT in the binary, the SHUTDOWN
+//! command through [`Context::request_shutdown`]): the accept loop
 //! stops, every connection's read side is shut, so each thread sees end-of-input, answers
 //! what it already received, flushes and exits; then the log is fsync'd.
 //!
@@ -126,14 +127,23 @@ impl Server {
         settings.port = addr.port();
         settings.bind = cfg.bind.clone();
         let ctx = Arc::new(Context::new(store, settings));
+        let shared = Arc::new(Shared {
+            ctx,
+            stopping: AtomicBool::new(false),
+            addr,
+            conns: Mutex::new(HashMap::new()),
+        });
+        // SHUTDOWN reaches the server through the context. A weak reference: the
+        // context belongs to `shared` and must not keep it alive.
+        let weak = Arc::downgrade(&shared);
+        shared.ctx.set_shutdown_hook(move || {
+            if let Some(inner) = weak.upgrade() {
+                ShutdownHandle { inner }.shutdown();
+            }
+        });
         Ok(Server {
             listener,
-            shared: Arc::new(Shared {
-                ctx,
-                stopping: AtomicBool::new(false),
-                addr,
-                conns: Mutex::new(HashMap::new()),
-            }),
+            shared,
             limits: cfg.limits,
         })
     }

@@ -559,6 +559,8 @@ pub struct Stats {
     pub entries_written: AtomicU64,
     pub compactions: AtomicU64,
     pub last_compaction_ok: AtomicBool,
+    /// Unix time (seconds) of the last successful compaction; 0 before the first.
+    pub last_save_unix: AtomicU64,
 }
 
 /// A snapshot of the store's log state, for INFO.
@@ -569,6 +571,8 @@ pub struct LogInfo {
     pub log_bytes: u64,
     pub compacting: bool,
     pub compactions: u64,
+    /// Unix time (seconds) of the last successful compaction; 0 before the first.
+    pub last_save_unix: u64,
     pub fsyncs: u64,
     pub write_error: Option<String>,
     pub recovery: RecoveryReport,
@@ -1172,6 +1176,10 @@ impl Store {
                             .stats
                             .last_compaction_ok
                             .store(true, Ordering::Relaxed);
+                        inner
+                            .stats
+                            .last_save_unix
+                            .store(now_ms() / 1000, Ordering::Relaxed);
                         log::info!(
                             "compaction done: snapshot of {} bytes at index {index}, {freed} \
                              bytes of log removed",
@@ -1283,10 +1291,50 @@ impl Store {
             log_bytes,
             compacting: self.inner.compacting.load(Ordering::Relaxed),
             compactions: self.inner.stats.compactions.load(Ordering::Relaxed),
+            last_save_unix: self.inner.stats.last_save_unix.load(Ordering::Relaxed),
             fsyncs: self.inner.stats.fsyncs.load(Ordering::Relaxed),
             write_error: self.inner.failed.get().cloned(),
             recovery: self.inner.recovery.clone(),
         }
+    }
+
+    /// Compacts now, whatever the log's size (SAVE, BGSAVE, BGREWRITEAOF, SHUTDOWN SAVE):
+    /// the snapshot covers every write applied so far. Returns `Ok(false)`, doing nothing,
+    /// when a compaction is already running. With `wait`, returns once the snapshot is
+    /// written and the old segments pruned, and fails if that failed; without, returns
+    /// once the copy is handed to the background thread.
+    pub fn compact_now(&self, wait: bool) -> Result<bool, StoreError> {
+        if let Some(why) = self.inner.failed.get() {
+            return Err(StoreError::WriteFailed(why.clone()));
+        }
+        if self.inner.compacting.swap(true, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        {
+            // Holding the writer: the map is exactly the log up to its last index.
+            let mut wal = self.inner.wal.lock();
+            let pruned = self.inner.pruned.swap(0, Ordering::Relaxed);
+            if pruned > 0 {
+                wal.note_pruned(pruned);
+            }
+            if let Err(e) = self.start_compaction(&mut wal) {
+                self.inner.compacting.store(false, Ordering::Release);
+                return Err(e.into());
+            }
+        }
+        if wait {
+            // Ours is the only compaction until the flag drops, so the outcome is ours.
+            self.wait_for_compaction();
+            if !self.inner.stats.last_compaction_ok.load(Ordering::Relaxed) {
+                return Err(StoreError::Wal(WalError::Io {
+                    path: self.inner.dir.clone(),
+                    source: std::io::Error::other(
+                        "the snapshot could not be written (see the log)",
+                    ),
+                }));
+            }
+        }
+        Ok(true)
     }
 }
 

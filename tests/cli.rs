@@ -33,6 +33,10 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 #[test]
 fn client_one_shot_forms_and_exit_codes() {
     let server = Server::start(&["--fsync", "no"]);
@@ -40,7 +44,9 @@ fn client_one_shot_forms_and_exit_codes() {
     let set = kvstore(
         &[
             "client",
+            "-h",
             "127.0.0.1",
+            "-p",
             &port,
             "SET",
             "greeting",
@@ -51,7 +57,7 @@ fn client_one_shot_forms_and_exit_codes() {
     );
     assert!(set.status.success(), "{set:?}");
     assert_eq!(stdout(&set), "OK\n");
-    // A command name first: host and port come from the environment.
+    // No flags: host and port come from the environment.
     let get = kvstore(
         &["client", "GET", "greeting"],
         &[("KVSTORE_PORT", &port)],
@@ -62,22 +68,123 @@ fn client_one_shot_forms_and_exit_codes() {
     let incr = kvstore(&["client", "--port", &port, "INCRBY", "n", "7001"], &[], "");
     assert_eq!(stdout(&incr), "7001\n");
     // An error reply exits 1; so does an unreachable server, with a clear message.
-    let bad = kvstore(&["client", "127.0.0.1", &port, "NOPE"], &[], "");
+    let bad = kvstore(&["client", "-p", &port, "NOPE"], &[], "");
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
     let free = common::free_port().to_string();
-    let down = kvstore(&["client", "127.0.0.1", &free, "PING"], &[], "");
+    let down = kvstore(&["client", "-p", &free, "PING"], &[], "");
     assert_eq!(down.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&down.stderr).contains("Could not connect"),
-        "{down:?}"
-    );
+    assert!(stderr(&down).contains("Could not connect"), "{down:?}");
     // Commands on stdin, one per line, as in a script.
     let piped = kvstore(
-        &["client", "127.0.0.1", &port],
+        &["client", "-h", "127.0.0.1", "-p", &port],
         &[],
         "SET k 1\nINCR k\nGET k\n",
     );
     assert_eq!(stdout(&piped), "OK\n2\n2\n");
+}
+
+/// redis-cli's flags, and a word that is not a command is sent as one: the server,
+/// not the client, says it is unknown.
+#[test]
+fn client_takes_redis_cli_flags_and_never_guesses_a_host() {
+    let server = Server::start(&["--fsync", "no"]);
+    let port = server.port.to_string();
+    let typo = kvstore(&["client", "-p", &port, "gte", "k"], &[], "");
+    assert_eq!(typo.status.code(), Some(1), "{typo:?}");
+    assert_eq!(
+        stdout(&typo),
+        "ERR unknown command 'gte', with args beginning with: 'k' \n\n",
+        "{typo:?}"
+    );
+    // The same without any flag: `gte` is still the command, not a host.
+    let typo = kvstore(&["client", "gte", "k"], &[("KVSTORE_PORT", &port)], "");
+    assert!(
+        stdout(&typo).starts_with("ERR unknown command 'gte'"),
+        "{typo:?}"
+    );
+    // -h with an address, and the long forms.
+    let ping = kvstore(
+        &["client", "-h", "127.0.0.1", "--port", &port, "PING"],
+        &[],
+        "",
+    );
+    assert_eq!(stdout(&ping), "PONG\n", "{ping:?}");
+    // --help still helps (-h is the host).
+    let help = kvstore(&["client", "--help"], &[], "");
+    assert!(help.status.success(), "{help:?}");
+    assert!(stdout(&help).contains("-h, --host"), "{help:?}");
+}
+
+#[test]
+fn client_authenticates_with_a() {
+    let server = Server::start(&["--fsync", "no", "--requirepass", "s3cret"]);
+    let port = server.port.to_string();
+    let set = kvstore(
+        &["client", "-p", &port, "-a", "s3cret", "SET", "k", "v"],
+        &[],
+        "",
+    );
+    assert_eq!(stdout(&set), "OK\n", "{set:?}");
+    let noauth = kvstore(&["client", "-p", &port, "GET", "k"], &[], "");
+    assert!(stdout(&noauth).starts_with("NOAUTH"), "{noauth:?}");
+    let wrong = kvstore(&["client", "-p", &port, "-a", "nope", "GET", "k"], &[], "");
+    assert!(
+        stderr(&wrong).contains("AUTH failed: WRONGPASS"),
+        "{wrong:?}"
+    );
+    assert_eq!(wrong.status.code(), Some(1));
+}
+
+/// `-n DB` selects the database after AUTH: `-n 0` runs the command in database 0, and
+/// `-n 1` sends `SELECT 1` and shows the server's answer. A server that refuses it gets
+/// no command at all (redis-cli would run it in database 0).
+#[test]
+fn client_selects_the_database_with_n() {
+    let server = Server::start(&["--fsync", "no", "--requirepass", "pw"]);
+    let port = server.port.to_string();
+    let set = kvstore(
+        &[
+            "client", "-p", &port, "-a", "pw", "-n", "0", "SET", "k", "zero",
+        ],
+        &[],
+        "",
+    );
+    assert_eq!(stdout(&set), "OK\n", "{set:?}");
+
+    // What the server itself says to SELECT 1 (an error until databases exist).
+    let mut c = redis::Client::open(format!("redis://:pw@127.0.0.1:{port}/"))
+        .expect("client")
+        .get_connection()
+        .expect("connect");
+    let select: redis::RedisResult<String> = redis::cmd("SELECT").arg(1).query(&mut c);
+    let one = kvstore(
+        &[
+            "client", "-p", &port, "-a", "pw", "-n", "1", "SET", "k", "one",
+        ],
+        &[],
+        "",
+    );
+    match select {
+        Err(e) => {
+            let code = e.code().unwrap_or("ERR");
+            let detail = e.detail().unwrap_or_default();
+            assert_eq!(
+                stderr(&one),
+                format!("SELECT 1 failed: {code} {detail}\n"),
+                "{one:?}"
+            );
+            assert_eq!(one.status.code(), Some(1));
+            assert_eq!(stdout(&one), "");
+        }
+        Ok(_) => {
+            // Databases exist: the SET went to database 1 (the connection above is in it).
+            assert_eq!(stdout(&one), "OK\n", "{one:?}");
+            let v: String = redis::cmd("GET").arg("k").query(&mut c).expect("GET");
+            assert_eq!(v, "one");
+        }
+    }
+    let get = kvstore(&["client", "-p", &port, "-a", "pw", "GET", "k"], &[], "");
+    assert_eq!(stdout(&get), "zero\n", "database 0 is untouched: {get:?}");
 }
 
 #[test]
@@ -98,4 +205,42 @@ fn repl_writes_a_data_dir_that_a_server_serves() {
     assert!(ttl > 0 && ttl <= 1000, "TTL {ttl}");
     let n: String = redis::cmd("GET").arg("n").query(&mut c).expect("GET n");
     assert_eq!(n, "1");
+}
+
+/// A node started from the repo without `--data-dir` keeps its data in
+/// `./kvstore-data-PORT`, and `.gitignore` keeps that directory out of git.
+#[test]
+fn default_data_dir_is_ignored_by_git() {
+    let cwd = DataDir::new();
+    let port = common::free_port();
+    let mut child = Command::new(KVSTORE_BIN)
+        .args(["server", &port.to_string(), "--fsync", "no"])
+        .current_dir(cwd.path())
+        .env_remove("KVSTORE_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start kvstore server");
+    let name = format!("kvstore-data-{port}");
+    let dir = cwd.path().join(&name);
+    let created = std::time::Instant::now() + common::START_DEADLINE;
+    while !dir.is_dir() && std::time::Instant::now() < created {
+        std::thread::sleep(common::POLL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(dir.is_dir(), "the server did not create ./{name}");
+
+    let gitignore = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.gitignore"))
+        .expect("read .gitignore");
+    // Only root-anchored directory patterns (`/name*/`) are considered: that is the
+    // form that ignores the directory at the top of the repo and nothing else.
+    let ignored = gitignore.lines().any(|line| {
+        line.trim()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_suffix('/'))
+            .is_some_and(|p| kvstore::glob::glob_match(p.as_bytes(), name.as_bytes(), false))
+    });
+    assert!(ignored, ".gitignore does not ignore /{name}/:\n{gitignore}");
 }

@@ -2,7 +2,7 @@
 //! `redis` crate, exact Redis error wording, inline and malformed input over raw
 //! sockets, pipelining, AUTH, client limits, concurrency, HELLO/RESP3, introspection
 //! (COMMAND, CONFIG GET, INFO), graceful shutdown, durability across kill -9, and
-//! `redis-cli` when it is installed.
+//! `redis-cli` (required: the test fails, naming it, when it is missing).
 //!
 //! Every test starts its own server(s) on free ports with their own temp dirs
 //! (tests/common), so they run in parallel. Nothing sleeps and hopes: whatever must
@@ -15,7 +15,7 @@ use redis::{RedisError, RedisResult, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -1846,20 +1846,11 @@ fn durability_fsync_no_survives_kill9() {
 // ---------------------------------------------------------------------------------------
 // 13. redis-cli
 
-fn redis_cli_available() -> bool {
-    Command::new("redis-cli")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Runs redis-cli against the server with `stdin`, returns stdout; panics on failure.
 #[track_caller]
 fn redis_cli(server: &Server, args: &[&str], stdin: Option<&[u8]>) -> String {
     let port = server.port.to_string();
-    let mut child = Command::new("redis-cli")
+    let mut child = common::redis_cli()
         .args(["-h", "127.0.0.1", "-p", &port])
         .args(args)
         .stdin(if stdin.is_some() {
@@ -1896,10 +1887,8 @@ fn redis_cli(server: &Server, args: &[&str], stdin: Option<&[u8]>) -> String {
 
 #[test]
 fn redis_cli_talks_to_kvstore() {
-    if !redis_cli_available() {
-        eprintln!("note: redis-cli is not on PATH; skipping redis_cli_talks_to_kvstore");
-        return;
-    }
+    // Fails (naming the tool) rather than passing when redis-cli is missing.
+    common::redis_cli();
     let server = Server::start(&[]);
     assert_eq!(redis_cli(&server, &["SET", "a", "b"], None), "OK\n");
     assert_eq!(redis_cli(&server, &["GET", "a"], None), "b\n");

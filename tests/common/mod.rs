@@ -28,6 +28,10 @@
 //! `KVSTORE_*` in the test's environment are not passed to the server (every
 //! flag also reads one), so a developer's shell cannot change what tests see;
 //! use [`Server::start_with_env`] to set some on purpose.
+//!
+//! - **A test that cannot run fails.** A test that needs an external tool finds
+//!   it with [`require_tool`] (or [`redis_cli`]), which panics with the tool's
+//!   name and how to install it: a missing tool never turns into a silent pass.
 #![allow(dead_code)]
 
 use std::fmt;
@@ -504,4 +508,32 @@ pub fn wait_until(deadline: Duration, what: &str, mut f: impl FnMut() -> bool) {
         }
         thread::sleep(POLL);
     }
+}
+
+/// How to get `redis-cli`, for the panic of a test that needs it.
+pub const REDIS_CLI_HINT: &str = "install redis-tools (apt-get install redis-tools)";
+
+/// The path of the executable `name` on `PATH`. Panics with "`name` not found: `hint`"
+/// when there is none: a test that needs a tool must fail without it, never pass
+/// having tested nothing.
+#[track_caller]
+pub fn require_tool(name: &str, hint: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| {
+                fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    });
+    match found {
+        Some(p) => p,
+        None => panic!("{name} not found: {hint}"),
+    }
+}
+
+/// A `Command` for `redis-cli`; panics naming the tool when it is not installed.
+#[track_caller]
+pub fn redis_cli() -> Command {
+    Command::new(require_tool("redis-cli", REDIS_CLI_HINT))
 }

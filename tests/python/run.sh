@@ -16,7 +16,16 @@ REDIS_PY_VERSION=8.1.0
 VENV=target/pyenv
 PY="$VENV/bin/python"
 
+# A missing tool fails the run with its name and how to get it, never a silent pass.
 if [ ! -x "$PY" ]; then
+  if ! command -v python3 >/dev/null 2>&1; then
+    echo "python3 not found: install python3 and python3-venv (apt-get install python3 python3-venv)" >&2
+    exit 1
+  fi
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "python3's venv module not found: install python3-venv (apt-get install python3-venv)" >&2
+    exit 1
+  fi
   echo "--- creating $VENV"
   mkdir -p target
   python3 -m venv "$VENV"

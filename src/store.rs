@@ -101,6 +101,9 @@ pub struct Options {
     /// Delete expired keys in the background (the leader's job: a follower only applies
     /// the deletions the leader logs).
     pub active_expiry: bool,
+    /// Number of databases (Redis's `databases`, `SELECT 0` to this minus one). A log or
+    /// snapshot that uses a database beyond it is refused at open.
+    pub databases: u32,
 }
 
 impl Default for Options {
@@ -112,6 +115,7 @@ impl Default for Options {
             compact_percentage: 100,
             clock: Clock::system(),
             active_expiry: true,
+            databases: DEFAULT_DATABASES,
         }
     }
 }
@@ -124,6 +128,15 @@ pub enum StoreError {
     /// A write to the log failed. The writes in that batch may or may not be on disk, and
     /// the store refuses further writes until it is restarted and recovers from the log.
     WriteFailed(String),
+    /// The snapshot or the log uses a database beyond `--databases` (it was written with
+    /// more): applying it would lose or misplace keys.
+    TooFewDatabases {
+        configured: u32,
+        /// The database met (for a log entry, the one its command named), if known.
+        db: Option<u64>,
+        /// Where: the snapshot, or the log entry's index.
+        place: String,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -135,6 +148,21 @@ impl fmt::Display for StoreError {
                 "log write failed ({why}): write outcome unknown, and this node refuses \
                  writes until it is restarted"
             ),
+            StoreError::TooFewDatabases {
+                configured,
+                db,
+                place,
+            } => {
+                match db {
+                    Some(db) => write!(f, "{place} uses database {db}")?,
+                    None => write!(f, "{place} uses a database")?,
+                }
+                write!(
+                    f,
+                    ", but this node has only {configured} databases (--databases); the data \
+                     was written with more: start with that --databases value"
+                )
+            }
         }
     }
 }
@@ -180,30 +208,136 @@ impl Item {
 /// only used to decide when the log has outgrown the data.
 const ITEM_OVERHEAD: u64 = 48;
 
-/// The key space and the state machine that log entries drive.
-#[derive(Debug, Default)]
+/// Redis's default number of databases (`--databases`).
+pub const DEFAULT_DATABASES: u32 = 16;
+
+/// The state machine that log entries drive: the databases (Redis's `SELECT` indexes),
+/// each its own [`Keyspace`], and the index of the last entry applied.
+///
+/// An entry names its database ([`Entry::db`]); [`Db::apply_op`] runs an operation in
+/// one database (a transaction calls it once per queued command, each with its own
+/// database) and routes the commands that span databases (MOVE, SWAPDB, COPY … DB,
+/// FLUSHALL) to the code that sees them all (`keyspace.rs`).
+#[derive(Debug)]
 pub struct Db {
+    dbs: Vec<Keyspace>,
+    /// What a read of a database that does not exist sees (never written).
+    empty: Keyspace,
+    /// Index of the last applied entry.
+    applied: u64,
+}
+
+impl Default for Db {
+    fn default() -> Self {
+        Db::new(DEFAULT_DATABASES)
+    }
+}
+
+/// One database: its keys, the expiry index over them, and its counters.
+#[derive(Debug, Default)]
+pub struct Keyspace {
     pub(crate) map: KeyMap,
     /// Every key with an expiry as (deadline, key hash), ordered by deadline, so the
     /// active expirer finds the expired ones without scanning (and without a pause that
     /// grows with the key count); 16 bytes a key, no copy of it ([`KeyMap`]).
     pub(crate) expires: BTreeSet<(u64, u64)>,
+    /// Sum of the deadlines in `expires`, so INFO's `avg_ttl` costs nothing to compute.
+    deadline_sum: u128,
     /// Approximate live bytes (keys, values, overhead).
     pub(crate) live_bytes: u64,
-    /// Index of the last applied entry.
-    applied: u64,
     /// Keys removed because they expired (INFO's `expired_keys`).
     pub(crate) expired_keys: u64,
 }
 
 pub const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 pub const ERR_OVERFLOW: &str = "ERR increment or decrement would overflow";
+pub const ERR_DB_RANGE: &str = "ERR DB index is out of range";
+
+impl Db {
+    /// `databases` empty databases (at least one).
+    pub fn new(databases: u32) -> Db {
+        Db {
+            dbs: (0..databases.max(1)).map(|_| Keyspace::default()).collect(),
+            empty: Keyspace::default(),
+            applied: 0,
+        }
+    }
+
+    /// How many databases there are (`SELECT` takes 0 to this minus one).
+    pub fn databases(&self) -> u32 {
+        self.dbs.len() as u32
+    }
+
+    /// Database `db`; one that does not exist reads as empty.
+    pub fn keyspace(&self, db: u32) -> &Keyspace {
+        self.dbs.get(db as usize).unwrap_or(&self.empty)
+    }
+
+    /// Every database, by index.
+    pub fn keyspaces(&self) -> &[Keyspace] {
+        &self.dbs
+    }
+
+    pub(crate) fn keyspace_mut(&mut self, db: u32) -> Option<&mut Keyspace> {
+        self.dbs.get_mut(db as usize)
+    }
+
+    pub(crate) fn keyspaces_mut(&mut self) -> &mut [Keyspace] {
+        &mut self.dbs
+    }
+
+    /// Keys in every database, including expired ones not yet removed.
+    pub fn len(&self) -> usize {
+        self.dbs.iter().map(Keyspace::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dbs.iter().all(Keyspace::is_empty)
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    /// Approximate live bytes of every database.
+    pub fn live_bytes(&self) -> u64 {
+        self.dbs.iter().map(|k| k.live_bytes).sum()
+    }
+
+    /// Keys removed because they expired, in every database (INFO's `expired_keys`).
+    pub fn expired_keys(&self) -> u64 {
+        self.dbs.iter().map(|k| k.expired_keys).sum()
+    }
+
+    /// Applies one committed entry. Deterministic: depends only on the databases and the
+    /// entry.
+    pub fn apply(&mut self, entry: Entry) -> OpResult {
+        self.applied = entry.index;
+        self.apply_op(entry.db, entry.op, entry.ts_ms)
+    }
+
+    /// Applies `op` in database `db` at the entry time `now` (what [`Db::apply`] does for
+    /// one entry, and a transaction for each of its commands). A database that does not
+    /// exist is `ERR DB index is out of range` without effect: dispatch checks indexes
+    /// against the same count, so only a log written with more databases meets it.
+    pub fn apply_op(&mut self, db: u32, op: Op, now: u64) -> OpResult {
+        if let Op::Cmd { args } = &op
+            && crate::keyspace::spans_databases(args)
+        {
+            return self.exec_databases(db, args, now);
+        }
+        match self.dbs.get_mut(db as usize) {
+            Some(ks) => ks.apply_op(op, now),
+            None => OpResult::Error(ERR_DB_RANGE),
+        }
+    }
+}
 
 fn item_cost(k: &[u8], v: &[u8]) -> u64 {
     (k.len() + v.len()) as u64 + ITEM_OVERHEAD
 }
 
-impl Db {
+impl Keyspace {
     /// The live item under `key` at `now_ms`, if any.
     pub fn get(&self, key: &[u8], now_ms: u64) -> Option<&Item> {
         self.map.get(key).filter(|i| !i.expired(now_ms))
@@ -216,10 +350,6 @@ impl Db {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
-    }
-
-    pub fn applied_index(&self) -> u64 {
-        self.applied
     }
 
     pub fn live_bytes(&self) -> u64 {
@@ -237,6 +367,45 @@ impl Db {
     /// Number of keys with an expiry.
     pub fn expiring(&self) -> usize {
         self.expires.len()
+    }
+
+    /// The average time to live of the keys with an expiry at `now`, in ms (0 if none),
+    /// as INFO's `avg_ttl` (Redis estimates it by sampling; this is exact).
+    pub fn avg_ttl(&self, now: u64) -> u64 {
+        let n = self.expires.len() as u128;
+        if n == 0 {
+            return 0;
+        }
+        (self.deadline_sum / n).saturating_sub(u128::from(now)) as u64
+    }
+
+    /// Adds `(at, hash)` to the expiry index.
+    fn index_add(&mut self, at: u64, h: u64) {
+        if self.expires.insert((at, h)) {
+            self.deadline_sum += u128::from(at);
+        }
+    }
+
+    /// Removes `(at, hash)` from the expiry index.
+    fn index_remove(&mut self, at: u64, h: u64) {
+        if self.expires.remove(&(at, h)) {
+            self.deadline_sum -= u128::from(at);
+        }
+    }
+
+    /// Builds the expiry index from a snapshot's deadlines at once.
+    fn index_load(&mut self, deadlines: Vec<(u64, u64)>) {
+        self.deadline_sum = deadlines.iter().map(|&(at, _)| u128::from(at)).sum();
+        self.expires = deadlines.into_iter().collect();
+    }
+
+    /// Empties the database (FLUSHDB), handing back its old contents to be freed; INFO's
+    /// counters stay.
+    pub(crate) fn flush(&mut self) -> Keyspace {
+        let expired_keys = self.expired_keys;
+        let old = std::mem::take(self);
+        self.expired_keys = expired_keys;
+        old
     }
 
     /// Up to `max` keys whose deadline is at or before `now`, earliest first.
@@ -268,10 +437,10 @@ impl Db {
         if old_at != new_at {
             let h = self.map.hash(&key);
             if old_at != 0 {
-                self.expires.remove(&(old_at, h));
+                self.index_remove(old_at, h);
             }
             if new_at != 0 {
-                self.expires.insert((new_at, h));
+                self.index_add(new_at, h);
             }
         }
         self.live_bytes += key_len + item.value.len() as u64 + ITEM_OVERHEAD;
@@ -313,7 +482,7 @@ impl Db {
     /// Drops `key`'s entry from the expiry index (after its deadline changed or it went).
     pub(crate) fn forget_expiry(&mut self, at: u64, key: &[u8]) {
         if at != 0 {
-            self.expires.remove(&(at, self.map.hash(key)));
+            self.index_remove(at, self.map.hash(key));
         }
     }
 
@@ -328,7 +497,7 @@ impl Db {
         }
         self.forget_expiry(old, key);
         if at != 0 {
-            self.expires.insert((at, self.map.hash(key)));
+            self.index_add(at, self.map.hash(key));
         }
     }
 
@@ -413,10 +582,10 @@ impl Db {
             }
         }
         if index_out != 0 {
-            self.expires.remove(&(index_out, h));
+            self.index_remove(index_out, h);
         }
         if index_in != 0 {
-            self.expires.insert((index_in, h));
+            self.index_add(index_in, h);
         }
         match (get, ok) {
             (true, _) => OpResult::Old(old),
@@ -425,11 +594,10 @@ impl Db {
         }
     }
 
-    /// Applies one committed entry. Deterministic: depends only on the map and the entry.
-    pub fn apply(&mut self, entry: Entry) -> OpResult {
-        self.applied = entry.index;
-        let now = entry.ts_ms;
-        match entry.op {
+    /// Applies an operation that stays within this database, at the entry time `now`.
+    /// Deterministic: depends only on the map and the operation.
+    pub(crate) fn apply_op(&mut self, op: Op, now: u64) -> OpResult {
+        match op {
             Op::Noop => OpResult::Ok,
             Op::Cmd { args } => self.exec(args, now),
             Op::Set {
@@ -558,7 +726,7 @@ pub struct LogInfo {
     pub recovery: RecoveryReport,
 }
 
-/// One key of the map as copied for a snapshot: key, value, expiry (0 = none).
+/// One key of a database as copied for a snapshot: key, value, expiry (0 = none).
 type SnapshotRow = (Box<[u8]>, Box<[u8]>, u64);
 
 type Outcome = Result<Vec<OpResult>, String>;
@@ -611,8 +779,9 @@ struct Inner {
     last_fsync_nanos: AtomicU64,
     /// The log writer thread (`--fsync always` only), unparked when entries are queued.
     writer: std::sync::OnceLock<Thread>,
-    /// Keys a reader found expired, for the expirer to delete soon (lazy expiry).
-    expiry_hints: crossbeam_channel::Sender<Vec<u8>>,
+    /// Keys a reader found expired (database, key), for the expirer to delete soon (lazy
+    /// expiry).
+    expiry_hints: crossbeam_channel::Sender<(u32, Vec<u8>)>,
     stats: Stats,
     recovery: RecoveryReport,
 }
@@ -642,9 +811,23 @@ impl Store {
     /// ```
     pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store, StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        let mut deadlines = Vec::new();
+        let databases = opts.databases.max(1);
+        // Per database, the deadlines of its snapshot keys.
+        let mut deadlines: Vec<Vec<(u64, u64)>> = vec![Vec::new(); databases as usize];
+        // The first snapshot key or log entry beyond the configured databases.
+        let beyond: std::cell::RefCell<Option<StoreError>> = std::cell::RefCell::new(None);
+        let too_few = |db: Option<u64>, place: String| {
+            let mut b = beyond.borrow_mut();
+            if b.is_none() {
+                *b = Some(StoreError::TooFewDatabases {
+                    configured: databases,
+                    db,
+                    place,
+                });
+            }
+        };
         // Both replay callbacks need the map; RefCell lets them share it.
-        let db = std::cell::RefCell::new(Db::default());
+        let db = std::cell::RefCell::new(Db::new(databases));
         let wal_opts = WalOptions {
             fsync: opts.fsync,
             segment_size: opts.segment_size,
@@ -655,23 +838,42 @@ impl Store {
             |part| {
                 let mut db = db.borrow_mut();
                 match part {
-                    SnapshotPart::Header { index, count, .. } => {
-                        db.applied = index;
-                        db.map.reserve(count.min(1 << 28) as usize);
+                    SnapshotPart::Header { index, .. } => db.applied = index,
+                    SnapshotPart::Database { db: d, count } => {
+                        if let Some(ks) = db.keyspace_mut(d) {
+                            ks.map.reserve(count.min(1 << 28) as usize);
+                        }
                     }
-                    SnapshotPart::Item(it) => db.load(it, &mut deadlines),
+                    SnapshotPart::Item(it) => {
+                        let d = it.db;
+                        match (db.keyspace_mut(d), deadlines.get_mut(d as usize)) {
+                            (Some(ks), Some(dl)) => ks.load(it, dl),
+                            _ => too_few(Some(d.into()), "the snapshot".into()),
+                        }
+                    }
                     // Built in one go from sorted entries: a snapshot lists keys in hash
                     // order, and inserting their deadlines one by one in that random
                     // order costs more than loading the keys themselves.
                     SnapshotPart::End => {
-                        db.expires = std::mem::take(&mut deadlines).into_iter().collect();
+                        for (ks, dl) in db.keyspaces_mut().iter_mut().zip(&mut deadlines) {
+                            ks.index_load(std::mem::take(dl));
+                        }
                     }
                 }
             },
             |e| {
-                db.borrow_mut().apply(e);
+                let (index, entry_db) = (e.index, e.db);
+                // Dispatch checks every index against the same count, so only a log
+                // written with more databases makes an entry fail this way.
+                if db.borrow_mut().apply(e) == OpResult::Error(ERR_DB_RANGE) {
+                    let d = (entry_db >= databases).then_some(entry_db.into());
+                    too_few(d, format!("log entry {index}"));
+                }
             },
         )?;
+        if let Some(e) = beyond.into_inner() {
+            return Err(e);
+        }
         let db = db.into_inner();
         let queue = Queue {
             next_index: recovery.last_index + 1,
@@ -725,37 +927,52 @@ impl Store {
         self.inner.opts.clock.now_ms()
     }
 
-    /// Tells the expirer that a reader found `key` expired (lazy expiry). Never blocks: if
-    /// the expirer is behind, the hint is dropped and its own sweep finds the key.
-    pub fn note_expired(&self, key: &[u8]) {
-        let _ = self.inner.expiry_hints.try_send(key.to_vec());
+    /// Tells the expirer that a reader found `key` of database `db` expired (lazy expiry).
+    /// Never blocks: if the expirer is behind, the hint is dropped and its own sweep finds
+    /// the key.
+    pub fn note_expired(&self, db: u32, key: &[u8]) {
+        let _ = self.inner.expiry_hints.try_send((db, key.to_vec()));
     }
 
-    /// One expiry cycle, as the leader runs it: logs the deletion of keys whose deadline
-    /// has passed (at most [`EXPIRE_BATCH`] per entry, for at most [`EXPIRE_CYCLE`]), and
-    /// of `hinted` keys still expired. Returns how many keys were deleted. The background
-    /// expirer calls this ten times a second; tests call it directly under a fake clock.
-    pub fn expire_due(&self, hinted: &[Vec<u8>]) -> Result<usize, StoreError> {
+    /// One expiry cycle, as the leader runs it: in every database, logs the deletion of
+    /// keys whose deadline has passed (at most [`EXPIRE_BATCH`] per entry, for at most
+    /// [`EXPIRE_CYCLE`]), and of `hinted` keys (database, key) still expired. Returns how
+    /// many keys were deleted. The background expirer calls this ten times a second;
+    /// tests call it directly under a fake clock.
+    pub fn expire_due(&self, hinted: &[(u32, Vec<u8>)]) -> Result<usize, StoreError> {
         let started = std::time::Instant::now();
         let mut deleted = 0;
         let mut hinted = hinted;
         loop {
             let now = self.now_ms();
-            let keys = self.read(|db| {
-                let mut keys = db.due(now, EXPIRE_BATCH);
-                keys.extend(hinted.iter().filter(|k| db.is_expired(k, now)).cloned());
-                keys
+            // One EXPIRED entry per database with keys to delete.
+            let batches: Vec<(u32, Vec<Vec<u8>>)> = self.read_all(|db| {
+                (0u32..)
+                    .zip(db.keyspaces())
+                    .filter_map(|(d, ks)| {
+                        let mut keys = ks.due(now, EXPIRE_BATCH);
+                        keys.extend(
+                            hinted
+                                .iter()
+                                .filter(|(hd, k)| *hd == d && ks.is_expired(k, now))
+                                .map(|(_, k)| k.clone()),
+                        );
+                        (!keys.is_empty()).then_some((d, keys))
+                    })
+                    .collect()
             });
             hinted = &[];
-            if keys.is_empty() {
+            if batches.is_empty() {
                 return Ok(deleted);
             }
-            let full = keys.len() >= EXPIRE_BATCH;
-            let mut args = Vec::with_capacity(keys.len() + 1);
-            args.push(b"EXPIRED".to_vec());
-            args.extend(keys);
-            if let Some(OpResult::Int(n)) = self.write(vec![Op::Cmd { args }])?.first() {
-                deleted += *n as usize;
+            let full = batches.iter().any(|(_, keys)| keys.len() >= EXPIRE_BATCH);
+            for (d, keys) in batches {
+                let mut args = Vec::with_capacity(keys.len() + 1);
+                args.push(b"EXPIRED".to_vec());
+                args.extend(keys);
+                if let Some(OpResult::Int(n)) = self.write(d, vec![Op::Cmd { args }])?.first() {
+                    deleted += *n as usize;
+                }
             }
             // Bounded work per cycle: a million keys expiring at once are deleted over
             // many cycles, never in one long pause.
@@ -778,18 +995,29 @@ impl Store {
         &self.inner.opts
     }
 
-    /// Runs `f` with the map locked (for reads spanning several keys).
-    pub fn read<R>(&self, f: impl FnOnce(&Db) -> R) -> R {
+    /// Runs `f` on database `db` with the map locked (for reads spanning several keys).
+    /// A database that does not exist reads as empty.
+    pub fn read<R>(&self, db: u32, f: impl FnOnce(&Keyspace) -> R) -> R {
+        f(self.inner.db.lock().keyspace(db))
+    }
+
+    /// Runs `f` on every database with the map locked (INFO, the expirer).
+    pub fn read_all<R>(&self, f: impl FnOnce(&Db) -> R) -> R {
         f(&self.inner.db.lock())
     }
 
-    /// The value of `key`, or `None` if missing or expired.
-    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        let now = self.now_ms();
-        self.read(|db| db.get(key, now).map(|i| i.value.to_vec()))
+    /// How many databases there are (`--databases`).
+    pub fn databases(&self) -> u32 {
+        self.inner.opts.databases.max(1)
     }
 
-    /// Sets `key` to `value` (no expiry), durably as the fsync policy says.
+    /// The value of `key` in database 0, or `None` if missing or expired.
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let now = self.now_ms();
+        self.read(0, |db| db.get(key, now).map(|i| i.value.to_vec()))
+    }
+
+    /// Sets `key` to `value` in database 0 (no expiry), durably as the fsync policy says.
     pub fn set(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.write_one(Op::Set {
             key: key.to_vec(),
@@ -801,7 +1029,7 @@ impl Store {
         .map(|_| ())
     }
 
-    /// Deletes keys; returns how many existed.
+    /// Deletes keys of database 0; returns how many existed.
     pub fn del(&self, keys: &[&[u8]]) -> Result<i64, StoreError> {
         match self.write_one(Op::Del {
             keys: keys.iter().map(|k| k.to_vec()).collect(),
@@ -811,7 +1039,7 @@ impl Store {
         }
     }
 
-    /// Adds `delta` to the integer at `key` (missing = 0).
+    /// Adds `delta` to the integer at `key` in database 0 (missing = 0).
     pub fn incr_by(&self, key: &[u8], delta: i64) -> Result<Result<i64, &'static str>, StoreError> {
         Ok(
             match self.write_one(Op::IncrBy {
@@ -825,9 +1053,9 @@ impl Store {
         )
     }
 
-    /// Number of keys.
+    /// Number of keys, in every database.
     pub fn len(&self) -> usize {
-        self.read(|db| db.len())
+        self.read_all(|db| db.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -835,20 +1063,22 @@ impl Store {
     }
 
     fn write_one(&self, op: Op) -> Result<OpResult, StoreError> {
-        let mut r = self.write(vec![op])?;
+        let mut r = self.write(0, vec![op])?;
         Ok(r.pop().unwrap_or(OpResult::Ok))
     }
 
-    /// Logs `ops` as consecutive entries, waits until they are committed (written, and
-    /// fsync'd under `--fsync always`) and applied, and returns one result per op.
-    pub fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
+    /// Logs `ops` as consecutive entries in database `db`, waits until they are committed
+    /// (written, and fsync'd under `--fsync always`) and applied, and returns one result
+    /// per op.
+    pub fn write(&self, db: u32, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
         if self.inner.opts.fsync != FsyncPolicy::Always {
-            return self.write_direct(ops);
+            return self.write_direct(db, ops);
         }
         let slot = Arc::new(Mutex::new(None));
         let me = thread::current();
         let filled = slot.clone();
         self.submit(
+            db,
             ops,
             Box::new(move |r| {
                 *filled.lock() = Some(r);
@@ -863,13 +1093,15 @@ impl Store {
         }
     }
 
-    /// Logs `ops` as consecutive entries and calls `done` once they are committed and
-    /// applied, with one result per op, in submission order. Without an fsync to share
+    /// Logs `ops` as consecutive entries in database `db` and calls `done` once they are
+    /// committed and applied, with one result per op, in submission order. (A
+    /// connection's pipelined writes share a database: a batch is submitted before a
+    /// command that is not a write, such as SELECT, runs.) Without an fsync to share
     /// (`everysec`, `no`) the commit happens on the caller's thread and `done` runs before
     /// this returns; under `always` the log writer thread commits a whole batch with one
     /// fsync and runs `done` for each submitter, so a caller need not wait (the server's
     /// connections go back to reading while the writer answers their clients).
-    pub fn submit(&self, ops: Vec<Op>, done: Done) {
+    pub fn submit(&self, db: u32, ops: Vec<Op>, done: Done) {
         if ops.is_empty() {
             done(Ok(Vec::new()));
             return;
@@ -879,7 +1111,7 @@ impl Store {
             return;
         }
         if self.inner.opts.fsync != FsyncPolicy::Always {
-            done(self.write_direct(ops));
+            done(self.write_direct(db, ops));
             return;
         }
         let ts_ms = self.now_ms();
@@ -892,6 +1124,7 @@ impl Store {
                     index: q.next_index,
                     epoch,
                     ts_ms,
+                    db,
                     op,
                 };
                 q.next_index += 1;
@@ -908,7 +1141,7 @@ impl Store {
     /// The commit path without an fsync to share: a flush is one short `write()`, so
     /// taking the writer lock (which spins before it sleeps) and writing our own entries
     /// costs less than queueing, parking and being unparked by another thread.
-    fn write_direct(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
+    fn write_direct(&self, db: u32, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
         let inner = &*self.inner;
         let mut wal = inner.wal.lock();
         if let Some(why) = inner.failed.get() {
@@ -929,6 +1162,7 @@ impl Store {
                 index: first + i as u64,
                 epoch,
                 ts_ms,
+                db,
                 op,
             })
             .collect();
@@ -950,7 +1184,7 @@ impl Store {
         let (results, live_bytes) = {
             let mut db = inner.db.lock();
             let r: Vec<OpResult> = entries.into_iter().map(|e| db.apply(e)).collect();
-            (r, db.live_bytes)
+            (r, db.live_bytes())
         };
         self.maybe_compact(&mut wal, live_bytes);
         Ok(results)
@@ -1023,7 +1257,7 @@ impl Store {
                     for e in entries {
                         results.push(db.apply(e));
                     }
-                    db.live_bytes
+                    db.live_bytes()
                 };
                 let mut results = results.into_iter();
                 for (_, n, outcome) in &mut deliveries.0 {
@@ -1077,18 +1311,26 @@ impl Store {
         let index = wal.last_index();
         wal.roll(index + 1)?;
         let epoch = self.inner.epoch.load(Ordering::Relaxed);
-        let items: Vec<SnapshotRow> = {
+        // Per database, its index and a copy of its keys.
+        let items: Vec<(u32, Vec<SnapshotRow>)> = {
             let db = self.inner.db.lock();
-            db.map
-                .iter()
-                .map(|(k, i)| (k.clone(), i.value.clone(), i.expire_at))
+            (0u32..)
+                .zip(db.keyspaces())
+                .map(|(d, ks)| {
+                    let rows = ks
+                        .map
+                        .iter()
+                        .map(|(k, i)| (k.clone(), i.value.clone(), i.expire_at))
+                        .collect();
+                    (d, rows)
+                })
                 .collect()
         };
         let inner = self.inner.clone();
         log::info!(
             "compacting: log is {} bytes, snapshotting {} keys at index {index}",
             wal.log_bytes(),
-            items.len()
+            items.iter().map(|(_, rows)| rows.len()).sum::<usize>()
         );
         thread::Builder::new()
             .name("compaction".into())
@@ -1098,7 +1340,13 @@ impl Store {
                     epoch,
                     items
                         .iter()
-                        .map(|(k, v, e)| (&**k, &**v, (*e != 0).then_some(*e))),
+                        .map(|(d, rows)| {
+                            let keys = rows
+                                .iter()
+                                .map(|(k, v, e)| (&**k, &**v, (*e != 0).then_some(*e)));
+                            (*d, keys)
+                        })
+                        .collect(),
                 );
                 drop(items);
                 match Wal::write_snapshot_and_prune(&inner.dir, index, &bytes) {
@@ -1200,7 +1448,7 @@ pub const EXPIRE_CYCLE: Duration = Duration::from_millis(25);
 
 /// The active expirer: ten times a second (or sooner when readers report expired keys),
 /// run [`Store::expire_due`]. Exits when the store is dropped (the hint channel closes).
-fn expirer(inner: Weak<Inner>, hints: crossbeam_channel::Receiver<Vec<u8>>) {
+fn expirer(inner: Weak<Inner>, hints: crossbeam_channel::Receiver<(u32, Vec<u8>)>) {
     let tick = crossbeam_channel::tick(Duration::from_millis(100));
     loop {
         let mut hinted = Vec::new();
@@ -1253,6 +1501,7 @@ mod tests {
             index,
             epoch: 0,
             ts_ms,
+            db: 0,
             op,
         }
     }
@@ -1295,7 +1544,7 @@ mod tests {
             )),
             OpResult::Old(Some(b"1".to_vec()))
         );
-        assert_eq!(db.get(b"k", 0).unwrap().value[..], b"1"[..]);
+        assert_eq!(db.keyspace(0).get(b"k", 0).unwrap().value[..], b"1"[..]);
         assert_eq!(
             db.apply(entry(4, 0, set_op("k", "3", Expiry::Never, a, true))),
             OpResult::Old(Some(b"1".to_vec()))
@@ -1311,13 +1560,16 @@ mod tests {
             100,
             set_op("k", "v", Expiry::At(200), Condition::Always, false),
         ));
-        assert!(db.get(b"k", 150).is_some());
-        assert!(db.get(b"k", 200).is_none());
+        assert!(db.keyspace(0).get(b"k", 150).is_some());
+        assert!(db.keyspace(0).get(b"k", 200).is_none());
         // NX at ts 150: key still live, refused; at ts 250: expired, so missing, accepted.
         let nx = set_op("k", "w", Expiry::Never, Condition::IfMissing, false);
         assert_eq!(db.apply(entry(2, 150, nx.clone())), OpResult::NotSet);
         assert_eq!(db.apply(entry(3, 250, nx)), OpResult::Ok);
-        assert_eq!(db.get(b"k", u64::MAX).unwrap().value[..], b"w"[..]);
+        assert_eq!(
+            db.keyspace(0).get(b"k", u64::MAX).unwrap().value[..],
+            b"w"[..]
+        );
         // KEEPTTL keeps the deadline.
         db.apply(entry(
             4,
@@ -1329,14 +1581,14 @@ mod tests {
             300,
             set_op("t", "2", Expiry::Keep, Condition::Always, false),
         ));
-        assert_eq!(db.get(b"t", 0).unwrap().expire_at, 900);
+        assert_eq!(db.keyspace(0).get(b"t", 0).unwrap().expire_at, 900);
         // A deadline already past deletes.
         db.apply(entry(
             6,
             1000,
             set_op("t", "3", Expiry::At(999), Condition::Always, false),
         ));
-        assert!(db.get(b"t", 0).is_none());
+        assert!(db.keyspace(0).get(b"t", 0).is_none());
     }
 
     #[test]
@@ -1363,7 +1615,7 @@ mod tests {
             OpResult::Error(ERR_OVERFLOW)
         );
         assert_eq!(
-            db.get(b"m", 0).unwrap().value[..],
+            db.keyspace(0).get(b"m", 0).unwrap().value[..],
             i64::MAX.to_string().as_bytes()[..]
         );
         for bad in ["", " 1", "+1", "01", "-0", "1.0", "99999999999999999999"] {
@@ -1392,7 +1644,7 @@ mod tests {
             db.apply(entry(2, 0, mset(pairs(&[("b", "3"), ("c", "4")]), true))),
             OpResult::Int(0)
         );
-        assert!(db.get(b"c", 0).is_none());
+        assert!(db.keyspace(0).get(b"c", 0).is_none());
         let del = Op::Del {
             keys: vec![b"a".to_vec(), b"a".to_vec(), b"zz".to_vec(), b"b".to_vec()],
         };
@@ -1546,12 +1798,18 @@ mod tests {
             condition: Condition::Always,
             get: false,
         };
-        s.write(vec![set("a", 1_000_100), set("b", 1_000_200), set("c", 0)])
-            .unwrap();
+        s.write(
+            0,
+            vec![set("a", 1_000_100), set("b", 1_000_200), set("c", 0)],
+        )
+        .unwrap();
         // b's deadline is removed again: replay must not expire it.
-        s.write(vec![Op::Cmd {
-            args: vec![b"PERSIST".to_vec(), b"b".to_vec()],
-        }])
+        s.write(
+            0,
+            vec![Op::Cmd {
+                args: vec![b"PERSIST".to_vec(), b"b".to_vec()],
+            }],
+        )
         .unwrap();
         assert_eq!(s.expire_due(&[]).unwrap(), 0);
         now.store(1_000_100, Ordering::SeqCst);
@@ -1560,7 +1818,7 @@ mod tests {
         now.store(1_000_500, Ordering::SeqCst);
         assert_eq!(s.expire_due(&[]).unwrap(), 1);
         assert_eq!(s.len(), 2);
-        assert_eq!(s.read(|db| db.expired_keys), 1);
+        assert_eq!(s.read_all(|db| db.expired_keys()), 1);
         drop(s);
         let s = Store::open(dir.path(), o).unwrap();
         assert_eq!(s.len(), 2);
@@ -1586,7 +1844,7 @@ mod tests {
                 get: false,
             })
             .collect();
-        s.write(ops).unwrap();
+        s.write(0, ops).unwrap();
         let before = s.log_info().last_index;
         now.store(7_000, Ordering::SeqCst);
         let mut deleted = 0;

@@ -1,11 +1,13 @@
 //! The store: the in-memory map and the one write path into it.
 //!
-//! [`Store`] owns the key space (a `parking_lot` mutex around a `HashMap`) and the
-//! write-ahead log. Reads lock the map and look. Writes never touch the map directly: a
-//! write becomes log [`Entry`]s, the entries are appended (and fsync'd as `--fsync` asks),
-//! and only then are they applied to the map, in log order, by [`Db::apply`]. Recovery is
-//! the same `apply` run over the snapshot and the log, so what a client was told is exactly
-//! what a restart rebuilds.
+//! [`Store`] owns the data (a `parking_lot` mutex around a [`Db`]: Redis's numbered
+//! databases, each a [`Keyspace`] of keys, deadlines and counters) and the write-ahead
+//! log. Reads lock the map and look at one database ([`Store::read`]). Writes never touch
+//! the map directly: a write becomes log [`Entry`]s naming their database, the entries are
+//! appended (and fsync'd as `--fsync` asks), and only then are they applied, in log order,
+//! by [`Db::apply`]. Recovery is the same `apply` run over the snapshot and the log, so
+//! what a client was told is exactly what a restart rebuilds; a snapshot or log that
+//! names a database beyond [`Options::databases`] is refused rather than half applied.
 //!
 //! # Group commit
 //!
@@ -35,8 +37,8 @@
 //! # Compaction
 //!
 //! When the log outgrows the live data (`compact_percentage`, above `compact_min_bytes`),
-//! the flusher rolls to a fresh segment, copies the map, and a background thread writes a
-//! snapshot of the copy and deletes the segments it covers. The copy is a pause
+//! the flusher rolls to a fresh segment, copies every database, and a background thread
+//! writes a snapshot of the copy and deletes the segments it covers. The copy is a pause
 //! proportional to the key count (Redis forks instead); the write of the snapshot is not.
 
 use crate::keymap::{KeyMap, Slot};
@@ -1765,6 +1767,344 @@ mod tests {
             );
         }
         assert_eq!(s.len(), 11);
+    }
+
+    fn cmd(parts: &[&str]) -> Op {
+        Op::Cmd {
+            args: parts.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        }
+    }
+
+    /// One database's (key, value, deadline), sorted, expired keys included.
+    type Contents = Vec<(Vec<u8>, Vec<u8>, u64)>;
+
+    /// Each database's contents.
+    fn contents(db: &Db) -> Vec<Contents> {
+        db.keyspaces()
+            .iter()
+            .map(|ks| {
+                let mut v: Vec<_> = ks
+                    .map
+                    .iter()
+                    .map(|(k, i)| (k.to_vec(), i.value.to_vec(), i.expire_at))
+                    .collect();
+                v.sort();
+                v
+            })
+            .collect()
+    }
+
+    /// Every database's expiry index, deadline sum and live bytes agree with its map.
+    fn check_invariants(db: &Db) {
+        for ks in db.keyspaces() {
+            let mut fresh = Keyspace::default();
+            for (k, i) in &ks.map {
+                fresh.insert(k.clone(), i.clone());
+            }
+            assert_eq!(ks.expires, fresh.expires);
+            assert_eq!(ks.deadline_sum, fresh.deadline_sum);
+            assert_eq!(ks.live_bytes, fresh.live_bytes);
+        }
+    }
+
+    /// Operations apply to their own database only; MOVE, SWAPDB, COPY … DB, FLUSHDB and
+    /// FLUSHALL act across databases as Redis's do, and an index beyond the count is
+    /// refused without effect.
+    #[test]
+    fn apply_keeps_databases_apart() {
+        let mut db = Db::new(4);
+        let mut i = 0;
+        let mut ap = |db: &mut Db, d: u32, now: u64, op: Op| {
+            i += 1;
+            let r = db.apply(Entry {
+                index: i,
+                epoch: 0,
+                ts_ms: now,
+                db: d,
+                op,
+            });
+            check_invariants(db);
+            r
+        };
+        let set = |k: &str, v: &str, at: u64| Op::Set {
+            key: k.into(),
+            value: v.into(),
+            expiry: Expiry::from_deadline(at),
+            condition: Condition::Always,
+            get: false,
+        };
+        for d in 0..4 {
+            ap(&mut db, d, 0, set("k", &format!("v{d}"), 0));
+        }
+        assert_eq!(
+            ap(&mut db, 4, 0, set("k", "x", 0)),
+            OpResult::Error(ERR_DB_RANGE)
+        );
+        assert_eq!(
+            ap(
+                &mut db,
+                1,
+                0,
+                Op::IncrBy {
+                    key: b"n".to_vec(),
+                    delta: 2
+                }
+            ),
+            OpResult::Int(2)
+        );
+        assert_eq!(
+            db.keyspace(1).get(b"n", 0).map(|i| &i.value[..]),
+            Some(&b"2"[..])
+        );
+        assert!(db.keyspace(0).get(b"n", 0).is_none());
+        assert_eq!(db.len(), 5);
+        assert!(
+            db.keyspace(9).is_empty(),
+            "a database that does not exist reads empty"
+        );
+        // MOVE: the key and its deadline go; not onto an existing key; not to itself.
+        ap(&mut db, 0, 0, set("t", "tv", 500));
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "t", "2"])),
+            OpResult::Int(1)
+        );
+        assert!(db.keyspace(0).get(b"t", 10).is_none());
+        assert_eq!(db.keyspace(2).get(b"t", 10).map(|i| i.expire_at), Some(500));
+        assert_eq!(db.keyspace(2).expiring(), 1);
+        assert_eq!(db.keyspace(0).expiring(), 0);
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "2"])),
+            OpResult::Int(0)
+        );
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "nope", "2"])),
+            OpResult::Int(0)
+        );
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "0"])),
+            OpResult::Error("ERR source and destination objects are the same")
+        );
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "4"])),
+            OpResult::Error(ERR_DB_RANGE)
+        );
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "x"])),
+            OpResult::Error(crate::exec::ERR_BAD_RECORD)
+        );
+        // An expired key in the target does not block a MOVE (it is deleted first); an
+        // expired source is missing.
+        assert_eq!(
+            ap(&mut db, 2, 600, cmd(&["MOVE", "t", "0"])),
+            OpResult::Int(0)
+        );
+        assert_eq!(db.keyspace(2).expired_keys, 1);
+        ap(&mut db, 3, 600, set("e", "old", 700));
+        ap(&mut db, 1, 600, set("e", "new", 0));
+        assert_eq!(
+            ap(&mut db, 1, 800, cmd(&["MOVE", "e", "3"])),
+            OpResult::Int(1)
+        );
+        assert_eq!(
+            db.keyspace(3).get(b"e", 800).map(|i| &i.value[..]),
+            Some(&b"new"[..])
+        );
+        // COPY … DB keeps the source, copies the deadline, REPLACE overwrites.
+        ap(&mut db, 0, 0, set("c", "cv", 9000));
+        assert_eq!(
+            ap(&mut db, 0, 0, cmd(&["COPY", "c", "k", "DB", "1"])),
+            OpResult::Int(0)
+        );
+        assert_eq!(
+            ap(
+                &mut db,
+                0,
+                0,
+                cmd(&["COPY", "c", "k", "DB", "1", "REPLACE"])
+            ),
+            OpResult::Int(1)
+        );
+        assert_eq!(db.keyspace(1).get(b"k", 0).map(|i| i.expire_at), Some(9000));
+        assert!(db.keyspace(0).get(b"c", 0).is_some());
+        assert_eq!(
+            ap(&mut db, 0, 0, cmd(&["COPY", "c", "c", "DB", "2"])),
+            OpResult::Int(1)
+        );
+        assert_eq!(
+            ap(&mut db, 0, 0, cmd(&["COPY", "c", "z", "DB", "9"])),
+            OpResult::Error(ERR_DB_RANGE)
+        );
+        // SWAPDB exchanges whole databases.
+        let before = contents(&db);
+        assert_eq!(ap(&mut db, 3, 0, cmd(&["SWAPDB", "0", "2"])), OpResult::Ok);
+        let after = contents(&db);
+        assert_eq!((&after[0], &after[2]), (&before[2], &before[0]));
+        assert_eq!((&after[1], &after[3]), (&before[1], &before[3]));
+        assert_eq!(ap(&mut db, 0, 0, cmd(&["SWAPDB", "1", "1"])), OpResult::Ok);
+        assert_eq!(
+            ap(&mut db, 0, 0, cmd(&["SWAPDB", "1", "4"])),
+            OpResult::Error(ERR_DB_RANGE)
+        );
+        assert_eq!(contents(&db), after);
+        // FLUSHDB empties its own database, FLUSHALL every one.
+        assert_eq!(ap(&mut db, 1, 0, cmd(&["FLUSHDB"])), OpResult::Ok);
+        assert!(db.keyspace(1).is_empty());
+        assert!(!db.keyspace(0).is_empty() && !db.keyspace(3).is_empty());
+        assert_eq!(ap(&mut db, 2, 0, cmd(&["FLUSHALL"])), OpResult::Ok);
+        assert!(db.is_empty());
+        assert_eq!((db.live_bytes(), db.expired_keys()), (0, 2));
+        assert_eq!(db.applied_index(), i);
+        // A transaction applies each of its operations in its own database.
+        assert_eq!(db.apply_op(3, set("m", "1", 0), 0), OpResult::Ok);
+        assert_eq!(db.keyspace(3).len(), 1);
+    }
+
+    #[test]
+    fn avg_ttl_is_the_mean_time_left() {
+        let mut ks = Keyspace::default();
+        assert_eq!(ks.avg_ttl(0), 0);
+        let item = |at| Item {
+            value: Box::from(&b"v"[..]),
+            expire_at: at,
+        };
+        ks.insert(Box::from(&b"a"[..]), item(1000));
+        ks.insert(Box::from(&b"b"[..]), item(3000));
+        ks.insert(Box::from(&b"c"[..]), item(0));
+        assert_eq!(ks.avg_ttl(0), 2000);
+        assert_eq!(ks.avg_ttl(500), 1500);
+        assert_eq!(ks.avg_ttl(10_000), 0);
+        ks.remove(b"b");
+        assert_eq!(ks.avg_ttl(0), 1000);
+    }
+
+    /// Compaction writes every database into the snapshot; reopening loads each key into
+    /// its own database, with its deadline. Opening with fewer databases than the data
+    /// uses is refused (snapshot or log), naming the database.
+    #[test]
+    fn snapshot_and_log_keep_databases_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Options {
+            fsync: FsyncPolicy::No,
+            segment_size: 4096,
+            compact_min_bytes: 16 * 1024,
+            compact_percentage: 100,
+            active_expiry: false,
+            ..Options::default()
+        };
+        let s = Store::open(dir.path(), o.clone()).unwrap();
+        let far = s.now_ms() + 3_600_000;
+        for d in [0u32, 3, 15] {
+            let ops = vec![
+                Op::Set {
+                    key: b"same".to_vec(),
+                    value: format!("v{d}").into_bytes(),
+                    expiry: Expiry::Never,
+                    condition: Condition::Always,
+                    get: false,
+                },
+                Op::Set {
+                    key: format!("only{d}").into_bytes(),
+                    value: b"x".to_vec(),
+                    expiry: Expiry::At(far + u64::from(d)),
+                    condition: Condition::Always,
+                    get: false,
+                },
+            ];
+            s.write(d, ops).unwrap();
+        }
+        for round in 0..300 {
+            s.write(
+                7,
+                vec![set_op(
+                    "churn",
+                    &format!("{round}"),
+                    Expiry::Never,
+                    Condition::Always,
+                    false,
+                )],
+            )
+            .unwrap();
+            s.wait_for_compaction();
+        }
+        assert!(s.log_info().compactions > 0);
+        let want = s.read_all(contents);
+        drop(s);
+        let s = Store::open(dir.path(), o.clone()).unwrap();
+        assert!(s.recovery().snapshot_index.is_some());
+        assert_eq!(s.read_all(contents), want);
+        s.read_all(check_invariants);
+        assert_eq!(
+            s.read(3, |ks| ks.get(b"only3", 0).map(|i| i.expire_at)),
+            Some(far + 3)
+        );
+        // Database 20 only in the log (after the snapshot).
+        let s20 = Store::open(
+            dir.path(),
+            Options {
+                databases: 32,
+                ..o.clone()
+            },
+        )
+        .unwrap();
+        s20.write(
+            20,
+            vec![set_op("late", "1", Expiry::Never, Condition::Always, false)],
+        )
+        .unwrap();
+        drop((s, s20));
+        let few = |n: u32| {
+            Store::open(
+                dir.path(),
+                Options {
+                    databases: n,
+                    ..o.clone()
+                },
+            )
+        };
+        match few(4) {
+            Err(e @ StoreError::TooFewDatabases { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("the snapshot uses database 7"), "{text}");
+                assert!(text.contains("--databases"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match few(16) {
+            Err(e @ StoreError::TooFewDatabases { .. }) => {
+                assert!(e.to_string().contains("uses database 20"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = few(21).unwrap();
+        assert_eq!(s.read(20, |ks| ks.len()), 1);
+    }
+
+    /// The expirer deletes due keys in every database, and a reader's hint names the
+    /// database: a live key of the same name elsewhere stays.
+    #[test]
+    fn expiry_covers_every_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let (now, o) = fake_clock_options(1_000);
+        let s = Store::open(dir.path(), o).unwrap();
+        let set = |at: u64| Op::Set {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            expiry: Expiry::from_deadline(at),
+            condition: Condition::Always,
+            get: false,
+        };
+        s.write(0, vec![set(0)]).unwrap();
+        s.write(2, vec![set(1_100)]).unwrap();
+        s.write(9, vec![set(1_200)]).unwrap();
+        now.store(1_150, Ordering::SeqCst);
+        assert_eq!(s.expire_due(&[(0, b"k".to_vec())]).unwrap(), 1);
+        assert_eq!(s.read(2, |ks| ks.len()), 0);
+        assert_eq!(s.read(9, |ks| ks.len()), 1);
+        assert_eq!(s.read(0, |ks| ks.len()), 1);
+        now.store(1_300, Ordering::SeqCst);
+        assert_eq!(s.expire_due(&[(9, b"k".to_vec())]).unwrap(), 1);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.read_all(|db| db.expired_keys()), 2);
     }
 
     /// Options with a clock the test sets (Unix ms) and no background expirer.

@@ -104,7 +104,11 @@ fn a_client_configured_with_db_1_reads_and_writes_database_1() {
     let mut zero = conn_db(&server, 0);
     let r: String = q(&mut one, "SET", &["k", "in-one"]);
     assert_eq!(r, "OK");
-    assert_eq!(get(&mut zero, "k"), None, "database 0 does not see db 1's key");
+    assert_eq!(
+        get(&mut zero, "k"),
+        None,
+        "database 0 does not see db 1's key"
+    );
     let r: String = q(&mut zero, "SET", &["k", "in-zero"]);
     assert_eq!(r, "OK");
     assert_eq!(get(&mut one, "k").as_deref(), Some("in-one"));
@@ -177,7 +181,11 @@ fn redis_keyspace_tcl_cases() {
 
     // COPY for string does not copy data to no-integer DB
     assert_eq!(
-        err(&mut r, "COPY", &["mykey{t}", "mynewkey{t}", "DB", "notanumber"]),
+        err(
+            &mut r,
+            "COPY",
+            &["mykey{t}", "mynewkey{t}", "DB", "notanumber"]
+        ),
         "ERR value is not an integer or out of range"
     );
 
@@ -403,9 +411,11 @@ fn active_expiry_covers_every_database() {
     }
     for db in [0, 7, 15] {
         select(&mut r, db);
-        wait_until(SOON, &format!("the expirer to delete db {db}'s key"), || {
-            dbsize(&mut r) == 1
-        });
+        wait_until(
+            SOON,
+            &format!("the expirer to delete db {db}'s key"),
+            || dbsize(&mut r) == 1,
+        );
         let e: i64 = q(&mut r, "EXISTS", &["long"]);
         assert_eq!(e, 1);
     }
@@ -444,7 +454,10 @@ fn info_keyspace_has_a_line_per_database() {
 
 /// Writes a distinct state into several databases (same key names, different values,
 /// deadlines, MOVE, SWAPDB, COPY … DB, FLUSHDB), returning what each must hold.
-fn write_state(r: &mut redis::Connection) -> Vec<(u32, Vec<(String, String, bool)>)> {
+/// Per database, its (key, value, has a deadline), sorted by key.
+type State = Vec<(u32, Vec<(String, String, bool)>)>;
+
+fn write_state(r: &mut redis::Connection) -> State {
     for db in [0, 1, 2, 5, 15] {
         select(r, db);
         let _: String = q(r, "SET", &["same", &format!("db{db}")]);
@@ -471,7 +484,7 @@ fn write_state(r: &mut redis::Connection) -> Vec<(u32, Vec<(String, String, bool
 }
 
 #[track_caller]
-fn check_state(r: &mut redis::Connection, want: &[(u32, Vec<(String, String, bool)>)]) {
+fn check_state(r: &mut redis::Connection, want: &State) {
     for (db, keys) in want {
         select(r, *db);
         let mut got: Vec<String> = q(r, "KEYS", &["*"]);

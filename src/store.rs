@@ -135,7 +135,7 @@ pub enum StoreError {
     TooFewDatabases {
         configured: u32,
         /// The database met (for a log entry, the one its command named), if known.
-        db: Option<u64>,
+        db: Option<u32>,
         /// Where: the snapshot, or the log entry's index.
         place: String,
     },
@@ -818,7 +818,7 @@ impl Store {
         let mut deadlines: Vec<Vec<(u64, u64)>> = vec![Vec::new(); databases as usize];
         // The first snapshot key or log entry beyond the configured databases.
         let beyond: std::cell::RefCell<Option<StoreError>> = std::cell::RefCell::new(None);
-        let too_few = |db: Option<u64>, place: String| {
+        let too_few = |db: Option<u32>, place: String| {
             let mut b = beyond.borrow_mut();
             if b.is_none() {
                 *b = Some(StoreError::TooFewDatabases {
@@ -850,7 +850,7 @@ impl Store {
                         let d = it.db;
                         match (db.keyspace_mut(d), deadlines.get_mut(d as usize)) {
                             (Some(ks), Some(dl)) => ks.load(it, dl),
-                            _ => too_few(Some(d.into()), "the snapshot".into()),
+                            _ => too_few(Some(d), "the snapshot".into()),
                         }
                     }
                     // Built in one go from sorted entries: a snapshot lists keys in hash
@@ -868,7 +868,7 @@ impl Store {
                 // Dispatch checks every index against the same count, so only a log
                 // written with more databases makes an entry fail this way.
                 if db.borrow_mut().apply(e) == OpResult::Error(ERR_DB_RANGE) {
-                    let d = (entry_db >= databases).then_some(entry_db.into());
+                    let d = (entry_db >= databases).then_some(entry_db);
                     too_few(d, format!("log entry {index}"));
                 }
             },

@@ -9,8 +9,9 @@
 //! answer at once, appending their reply to the connection's output buffer. A write is
 //! not executed here: it comes back as [`Dispatched::Write`] holding the log operation
 //! (with relative expiry times already made absolute), which the caller batches with the
-//! connection's other pipelined writes into one [`Store::write`], then renders each result
-//! with [`render_result`]. That is the single write path: the map changes only by
+//! connection's other pipelined writes into one [`Store::write`] in the session's
+//! database ([`Session::db`]), then renders each result with [`render_result`]. Reads look
+//! at the session's database only; SELECT changes it. That is the single write path: the map changes only by
 //! applying logged entries.
 
 /// One row of the command table.
@@ -100,7 +101,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("command", -1, NS, false, 0, 0, 0, "[COUNT|DOCS [name [name …]]|INFO [name [name …]]|LIST]", "Describes the commands this server knows."),
     cmd!("config", -2, NS, false, 0, 0, 0, "GET parameter [parameter …]|SET|RESETSTAT", "Reads server settings."),
     cmd!("copy", -3, W, true, 1, 2, 1, "source destination [DB destination-db] [REPLACE]", "Copies a key's value (and expiry) to another key."),
-    cmd!("dbsize", 1, RF, false, 0, 0, 0, "", "Returns the number of keys."),
+    cmd!("dbsize", 1, RF, false, 0, 0, 0, "", "Returns the number of keys in the selected database."),
     cmd!("debug", -2, AUTHF, false, 0, 0, 0, "PANIC|SLEEP seconds", "Debugging aids; refused unless the server runs with --enable-debug-command."),
     cmd!("decr", 2, WF, true, 1, 1, 1, "key", "Decrements the integer value of a key by one."),
     cmd!("decrby", 3, WF, true, 1, 1, 1, "key decrement", "Decrements the integer value of a key by a number."),
@@ -110,8 +111,8 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("expire", -3, WF, true, 1, 1, 1, "key seconds [NX|XX|GT|LT]", "Sets a key's time to live in seconds."),
     cmd!("expireat", -3, WF, true, 1, 1, 1, "key unix-time-seconds [NX|XX|GT|LT]", "Sets a key's expiry as a Unix time in seconds."),
     cmd!("expiretime", 2, RF, false, 1, 1, 1, "key", "Returns a key's expiry as a Unix time in seconds (-1 none, -2 no key)."),
-    cmd!("flushall", -1, W, true, 0, 0, 0, "[ASYNC|SYNC]", "Deletes every key."),
-    cmd!("flushdb", -1, W, true, 0, 0, 0, "[ASYNC|SYNC]", "Deletes every key of the (only) database."),
+    cmd!("flushall", -1, W, true, 0, 0, 0, "[ASYNC|SYNC]", "Deletes every key of every database."),
+    cmd!("flushdb", -1, W, true, 0, 0, 0, "[ASYNC|SYNC]", "Deletes every key of the selected database."),
     cmd!("get", 2, RF, false, 1, 1, 1, "key", "Returns the value of a key, or nil."),
     cmd!("getdel", 2, WF, true, 1, 1, 1, "key", "Returns a key's value and deletes the key."),
     cmd!("getex", -2, WF, true, 1, 1, 1, "key [EX seconds|PX milliseconds|EXAT unix-time-seconds|PXAT unix-time-milliseconds|PERSIST]", "Returns a key's value and optionally changes its expiry."),
@@ -125,6 +126,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("keys", 2, R, false, 0, 0, 0, "pattern", "Returns all keys matching a glob pattern."),
     cmd!("lastsave", 1, LASTSAVE, false, 0, 0, 0, "", "Returns the Unix time of the last successful compaction (or of startup)."),
     cmd!("mget", -2, RF, false, 1, -1, 1, "key [key …]", "Returns the values of several keys."),
+    cmd!("move", 3, WD, true, 1, 1, 1, "key db", "Moves a key (and its expiry) to another database."),
     cmd!("mset", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys at once (atomically)."),
     cmd!("msetnx", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys only if none of them exists."),
     cmd!("persist", 2, WF, true, 1, 1, 1, "key", "Removes a key's expiry."),
@@ -143,7 +145,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("role", 1, NS, false, 0, 0, 0, "", "Returns the replication role: master, its log index, its replicas."),
     cmd!("save", 1, ADMIN_NM, false, 0, 0, 0, "", "Compacts the log now and waits until the snapshot is written."),
     cmd!("scan", -2, R, false, 0, 0, 0, "cursor [MATCH pattern] [COUNT count] [TYPE type]", "Iterates over the keys."),
-    cmd!("select", 2, NS, false, 0, 0, 0, "index", "Selects a database (only 0 exists)."),
+    cmd!("select", 2, NS, false, 0, 0, 0, "index", "Selects the connection's database (0 to --databases minus 1)."),
     cmd!("set", -3, W, true, 1, 1, 1, "key value [NX|XX] [GET] [EX seconds|PX milliseconds|EXAT unix-time-seconds|PXAT unix-time-milliseconds|KEEPTTL]", "Sets the value of a key."),
     cmd!("setex", 4, W, true, 1, 1, 1, "key seconds value", "Sets a key with a time to live in seconds."),
     cmd!("setnx", 3, WF, true, 1, 1, 1, "key value", "Sets a key only if it does not exist."),
@@ -151,6 +153,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("shutdown", -1, SHUT, false, 0, 0, 0, "[NOSAVE|SAVE] [NOW] [FORCE] [ABORT]", "Stops the server as SIGTERM does (SAVE compacts first)."),
     cmd!("strlen", 2, RF, false, 1, 1, 1, "key", "Returns the length of a value."),
     cmd!("substr", 4, R, false, 1, 1, 1, "key start end", "Same as GETRANGE."),
+    cmd!("swapdb", 3, WD, true, 0, 0, 0, "index1 index2", "Swaps two databases (every connection sees the change)."),
     cmd!("time", 1, F, false, 0, 0, 0, "", "Returns the server time."),
     cmd!("touch", -2, RF, false, 1, -1, 1, "key [key …]", "Counts how many of the keys exist (no access times are kept)."),
     cmd!("ttl", 2, RF, false, 1, 1, 1, "key", "Returns a key's time to live in seconds (-1 none, -2 no key)."),
@@ -223,11 +226,13 @@ pub fn group(name: &str) -> &'static str {
         "debug" => "server",
         "auth" | "client" | "echo" | "hello" | "ping" | "quit" | "select" | "readonly"
         | "readwrite" => "connection",
-        "command" | "config" | "dbsize" | "info" | "time" | "flushall" | "flushdb" => "server",
+        "command" | "config" | "dbsize" | "info" | "time" | "flushall" | "flushdb" | "swapdb" => {
+            "server"
+        }
         "bgrewriteaof" | "bgsave" | "lastsave" | "role" | "save" | "shutdown" => "server",
         "del" | "exists" | "keys" | "scan" | "type" | "unlink" | "wait" | "copy" | "rename"
         | "renamenx" | "randomkey" | "touch" | "expire" | "pexpire" | "expireat" | "pexpireat"
-        | "ttl" | "pttl" | "expiretime" | "pexpiretime" | "persist" => "generic",
+        | "ttl" | "pttl" | "expiretime" | "pexpiretime" | "persist" | "move" => "generic",
         _ => "string",
     }
 }
@@ -283,6 +288,8 @@ pub struct ClientInfo {
     pub lib_name: String,
     pub lib_ver: String,
     pub connected_at: Option<Instant>,
+    /// The selected database (kept in step by SELECT).
+    pub db: u32,
 }
 
 /// Everything commands can reach: the store and the server around it.
@@ -360,6 +367,7 @@ impl Context {
             authenticated: self.settings.requirepass.is_none(),
             readonly: false,
             close: false,
+            db: 0,
         }
     }
 
@@ -377,6 +385,9 @@ pub struct Session {
     pub readonly: bool,
     /// Set by QUIT: close once the replies so far are written.
     pub close: bool,
+    /// The selected database (SELECT; always below the store's `databases`): reads look
+    /// here, and writes are logged in it.
+    pub db: u32,
 }
 
 /// The outcome of [`dispatch`].
@@ -460,7 +471,7 @@ pub fn dispatch_spec(
     let now = ctx.store.now_ms();
     match spec.name {
         "get" => {
-            read_value(ctx, &args[1], now, |item| match item {
+            read_value(ctx, s.db, &args[1], now, |item| match item {
                 Some(item) => write_bulk(out, &item.value),
                 None => write_null(out, p),
             });
@@ -535,7 +546,7 @@ pub fn dispatch_spec(
                 Reply::Standard,
             );
         }
-        "mget" => ctx.store.read(|db| {
+        "mget" => ctx.store.read(s.db, |db| {
             write_array_len(out, args.len() - 1);
             for k in &args[1..] {
                 match db.get(k, now) {
@@ -545,7 +556,7 @@ pub fn dispatch_spec(
             }
         }),
         "exists" => {
-            let n = ctx.store.read(|db| {
+            let n = ctx.store.read(s.db, |db| {
                 args[1..]
                     .iter()
                     .filter(|k| db.get(k, now).is_some())
@@ -554,22 +565,22 @@ pub fn dispatch_spec(
             write_integer(out, n as i64);
         }
         "strlen" => {
-            let n = ctx
-                .store
-                .read(|db| db.get(&args[1], now).map_or(0, |i| i.value.len()));
+            let n = ctx.store.read(s.db, |db| {
+                db.get(&args[1], now).map_or(0, |i| i.value.len())
+            });
             write_integer(out, n as i64);
         }
         "type" => {
-            let t = if ctx.store.read(|db| db.get(&args[1], now).is_some()) {
+            let t = if ctx.store.read(s.db, |db| db.get(&args[1], now).is_some()) {
                 "string"
             } else {
                 "none"
             };
             write_simple(out, t);
         }
-        "dbsize" => write_integer(out, ctx.store.len() as i64),
+        "dbsize" => write_integer(out, ctx.store.read(s.db, |db| db.len()) as i64),
         "keys" => {
-            let keys: Vec<Vec<u8>> = ctx.store.read(|db| {
+            let keys: Vec<Vec<u8>> = ctx.store.read(s.db, |db| {
                 db.iter(now)
                     .filter(|(k, _)| glob_match(&args[1], k, false))
                     .map(|(k, _)| k.to_vec())
@@ -580,7 +591,7 @@ pub fn dispatch_spec(
                 write_bulk(out, &k);
             }
         }
-        "scan" => scan(ctx, &args, now, out),
+        "scan" => scan(ctx, s.db, &args, now, out),
         "ping" => match args.len() {
             1 => write_simple(out, "PONG"),
             2 => write_bulk(out, &args[1]),
@@ -595,15 +606,16 @@ pub fn dispatch_spec(
             write_bulk(out, d.as_secs().to_string().as_bytes());
             write_bulk(out, d.subsec_micros().to_string().as_bytes());
         }
-        "select" => match parse_i64(&args[1]).map(i32::try_from) {
-            Some(Ok(0)) => write_simple(out, "OK"),
-            Some(Ok(_)) => write_error(out, "ERR DB index is out of range"),
-            // Redis's wording for an index beyond 32 bits (getIntFromObjectOrReply).
-            Some(Err(_)) => write_error(
-                out,
-                "ERR value is out of range, value must between -2147483648 and 2147483647",
-            ),
-            None => write_error(out, ERR_NOT_INTEGER),
+        // Redis's wording: not an integer, beyond 32 bits, not a database.
+        "select" => match crate::keyspace::parse_db(&args[1], ctx.store.databases()) {
+            Ok(db) => {
+                s.db = db;
+                if let Some(c) = ctx.clients.lock().get_mut(&s.id) {
+                    c.db = db;
+                }
+                write_simple(out, "OK");
+            }
+            Err(e) => write_error(out, e),
         },
         "quit" => {
             write_simple(out, "OK");
@@ -622,7 +634,8 @@ pub fn dispatch_spec(
         | "setex" | "setrange" | "substr" => {
             return crate::strings::dispatch(ctx, s, spec.name, args, now, out);
         }
-        "copy" | "flushall" | "flushdb" | "randomkey" | "rename" | "renamenx" | "touch" => {
+        "copy" | "flushall" | "flushdb" | "move" | "randomkey" | "rename" | "renamenx"
+        | "swapdb" | "touch" => {
             return crate::keyspace::dispatch(ctx, s, spec.name, args, now, out);
         }
         "expire" | "pexpire" | "expireat" | "pexpireat" => {
@@ -642,7 +655,7 @@ pub fn dispatch_spec(
         "ttl" | "pttl" | "expiretime" | "pexpiretime" => {
             let at = ctx
                 .store
-                .read(|db| db.get(&args[1], now).map(|i| i.expire_at));
+                .read(s.db, |db| db.get(&args[1], now).map(|i| i.expire_at));
             let n = match at {
                 None => -2,
                 Some(0) => -1,
@@ -712,17 +725,18 @@ fn truncate(s: &str) -> String {
 /// expirer (lazy expiry) without a second lookup.
 pub(crate) fn read_value<R>(
     ctx: &Context,
+    db: u32,
     key: &[u8],
     now: u64,
     f: impl FnOnce(Option<&crate::store::Item>) -> R,
 ) -> R {
-    let (r, hit, expired) = ctx.store.read(|db| match db.get(key, now) {
+    let (r, hit, expired) = ctx.store.read(db, |ks| match ks.get(key, now) {
         Some(item) => (f(Some(item)), true, false),
-        None => (f(None), false, db.is_expired(key, now)),
+        None => (f(None), false, ks.is_expired(key, now)),
     });
     count_hit(ctx, hit);
     if expired {
-        ctx.store.note_expired(key);
+        ctx.store.note_expired(db, key);
     }
     r
 }
@@ -844,7 +858,7 @@ fn parse_expire(name: &str, args: &[Vec<u8>], now: u64) -> Result<Op, String> {
 /// a key present for the whole iteration is returned, and returned once, however the map
 /// grows or shrinks meanwhile. Each call is O(keys) (it has to find the next COUNT hashes
 /// above the cursor); keys with equal hashes are never split across calls.
-fn scan(ctx: &Context, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
+fn scan(ctx: &Context, db: u32, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
     let Some(cursor) = std::str::from_utf8(&args[1])
         .ok()
         .and_then(|c| c.parse::<u64>().ok())
@@ -885,7 +899,7 @@ fn scan(ctx: &Context, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
     }
     // One pass under the lock keeps the `count + 1` smallest hashes at or above the
     // cursor in a bounded heap: no key is copied but the ones returned.
-    let (found, next): (Vec<Vec<u8>>, u64) = ctx.store.read(|db| {
+    let (found, next): (Vec<Vec<u8>>, u64) = ctx.store.read(db, |db| {
         // Cursor 0 means "start" and "done"; real positions are above it.
         let hash = |k: &[u8]| db.key_hash(k).max(1);
         let mut heap: std::collections::BinaryHeap<(u64, &[u8])> =
@@ -1182,7 +1196,7 @@ fn client(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 let c = &clients[id];
                 let age = c.connected_at.map_or(0, |t| t.elapsed().as_secs());
                 text.push_str(&format!(
-                    "id={id} addr={} laddr={}:{} fd=0 name={} age={age} idle=0 flags=N db=0 \
+                    "id={id} addr={} laddr={}:{} fd=0 name={} age={age} idle=0 flags=N db={} \
                      sub=0 psub=0 ssub=0 multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 \
                      rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|{} user=default \
                      redir=-1 resp={} lib-name={} lib-ver={}\n",
@@ -1190,6 +1204,7 @@ fn client(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                     ctx.settings.bind,
                     ctx.settings.port,
                     c.name,
+                    c.db,
                     if sub == b"INFO" { "info" } else { "list" },
                     if *id == s.id && p == Proto::Resp3 {
                         3
@@ -1301,7 +1316,7 @@ fn config(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 ("appendfsync", opts.fsync.to_string()),
                 ("appendonly", "yes".into()),
                 ("bind", st.bind.clone()),
-                ("databases", "1".into()),
+                ("databases", ctx.store.databases().to_string()),
                 ("dir", ctx.store.dir().display().to_string()),
                 ("maxclients", st.max_clients.to_string()),
                 ("maxmemory", "0".into()),

@@ -7,11 +7,14 @@
 //! (the leader's clock when it accepted the write), never on the local clock, so a
 //! restart or a follower replaying the log reaches exactly the same state.
 //!
-//! Every function here runs under the map lock, inside [`Db::apply`]; arguments come from
+//! Every function here runs under the map lock, inside [`Db::apply`] (on the entry's
+//! database; commands that span databases go to `keyspace.rs` instead); arguments come from
 //! our own log, but are still checked, because a damaged or foreign log must produce an
 //! error result, not a panic.
 
-use crate::store::{Db, OpResult};
+#[cfg(doc)]
+use crate::store::Db;
+use crate::store::{Keyspace, OpResult};
 
 /// The result of a logged command whose arguments do not parse (a damaged or foreign log).
 pub(crate) const ERR_BAD_RECORD: &str = "ERR malformed command in the log";
@@ -20,7 +23,7 @@ fn parse_u64(b: &[u8]) -> Option<u64> {
     std::str::from_utf8(b).ok()?.parse().ok()
 }
 
-impl Db {
+impl Keyspace {
     /// Applies one canonical command at time `now`.
     pub(crate) fn exec(&mut self, args: Vec<Vec<u8>>, now: u64) -> OpResult {
         let Some(name) = args.first() else {
@@ -33,7 +36,9 @@ impl Db {
             b"APPEND" | b"SETRANGE" | b"GETDEL" | b"GETEX" | b"INCRBYFLOAT" => {
                 self.exec_string(&args, now)
             }
-            b"RENAME" | b"RENAMENX" | b"COPY" | b"FLUSHALL" => self.exec_keyspace(&args, now),
+            b"RENAME" | b"RENAMENX" | b"COPY" | b"FLUSHDB" | b"FLUSHALL" => {
+                self.exec_keyspace(&args, now)
+            }
             _ => OpResult::Error("ERR unknown command in the log (written by a newer kvstore?)"),
         }
     }
@@ -102,16 +107,11 @@ impl Db {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::{Db, OpResult};
-    use crate::wal::{Condition, Entry, Expiry, Op};
+    use crate::store::{Keyspace, OpResult};
+    use crate::wal::{Condition, Expiry, Op};
 
-    fn run(db: &mut Db, index: u64, now: u64, op: Op) -> OpResult {
-        db.apply(Entry {
-            index,
-            epoch: 0,
-            ts_ms: now,
-            op,
-        })
+    fn run(db: &mut Keyspace, _index: u64, now: u64, op: Op) -> OpResult {
+        db.apply_op(op, now)
     }
 
     fn cmd(parts: &[&str]) -> Op {
@@ -132,11 +132,11 @@ mod tests {
 
     #[test]
     fn pexpireat_conditions() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         run(&mut db, 1, 100, set("p", Expiry::Never));
         run(&mut db, 2, 100, set("v", Expiry::At(1000)));
         let mut i = 3;
-        let mut e = |db: &mut Db, parts: &[&str]| {
+        let mut e = |db: &mut Keyspace, parts: &[&str]| {
             i += 1;
             run(db, i, 100, cmd(parts))
         };
@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn persist_and_index() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         run(&mut db, 1, 0, set("k", Expiry::At(1000)));
         assert_eq!(db.expiring(), 1);
         assert_eq!(run(&mut db, 2, 0, cmd(&["PERSIST", "k"])), OpResult::Int(1));
@@ -196,7 +196,7 @@ mod tests {
 
     #[test]
     fn expired_deletes_only_what_is_still_expired() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         run(&mut db, 1, 0, set("a", Expiry::At(100)));
         run(&mut db, 2, 0, set("b", Expiry::At(100)));
         // b was given a new value without a deadline after the decision was taken.
@@ -214,7 +214,7 @@ mod tests {
 
     #[test]
     fn index_follows_every_path() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         run(&mut db, 1, 0, set("k", Expiry::At(100)));
         run(&mut db, 2, 0, set("k", Expiry::At(200)));
         assert_eq!(db.due(u64::MAX, 10), vec![b"k".to_vec()]);

@@ -42,8 +42,12 @@ pub fn render(ctx: &Context, args: &[Vec<u8>]) -> String {
             out.push_str("\r\n");
         }
         let _ = writeln!(out, "# {}\r", capitalise(section));
-        let fields = fields(ctx, section);
-        for (k, v) in fields {
+        if *section == "keyspace" {
+            for (k, v) in keyspace(ctx) {
+                let _ = write!(out, "{k}:{v}\r\n");
+            }
+        }
+        for (k, v) in fields(ctx, section) {
             let _ = write!(out, "{k}:{v}\r\n");
         }
     }
@@ -109,7 +113,7 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
             ("blocked_clients", "0".into()),
         ],
         "memory" => {
-            let used = ctx.store.read(|db| db.live_bytes());
+            let used = ctx.store.read_all(|db| db.live_bytes());
             let rss = rss_bytes();
             vec![
                 ("used_memory", used.to_string()),
@@ -160,7 +164,7 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
             ("rejected_connections", get(&st.rejected_connections)),
             (
                 "expired_keys",
-                ctx.store.read(|db| db.expired_keys).to_string(),
+                ctx.store.read_all(|db| db.expired_keys()).to_string(),
             ),
             ("evicted_keys", "0".into()),
             ("keyspace_hits", get(&st.keyspace_hits)),
@@ -177,14 +181,27 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
                 ("leader_id", ctx.settings.node_id.to_string()),
             ]
         }
-        "keyspace" => {
-            let (keys, expires) = ctx.store.read(|db| (db.len(), db.expiring()));
-            if keys == 0 {
-                vec![]
-            } else {
-                vec![("db0", format!("keys={keys},expires={expires},avg_ttl=0"))]
-            }
-        }
         _ => vec![],
     }
+}
+
+/// The keyspace section: one line per database that has keys, as Redis
+/// (`dbN:keys=…,expires=…,avg_ttl=…`; avg_ttl in ms, Redis's a sampled estimate, ours
+/// exact).
+fn keyspace(ctx: &Context) -> Vec<(String, String)> {
+    let now = ctx.store.now_ms();
+    ctx.store.read_all(|db| {
+        db.keyspaces()
+            .iter()
+            .enumerate()
+            .filter(|(_, ks)| !ks.is_empty())
+            .map(|(i, ks)| {
+                let (keys, expires, ttl) = (ks.len(), ks.expiring(), ks.avg_ttl(now));
+                (
+                    format!("db{i}"),
+                    format!("keys={keys},expires={expires},avg_ttl={ttl}"),
+                )
+            })
+            .collect()
+    })
 }

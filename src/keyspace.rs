@@ -1,32 +1,40 @@
-//! Keyspace commands: RENAME, RENAMENX, COPY, FLUSHDB/FLUSHALL (writes), RANDOMKEY and
-//! TOUCH (reads), with Redis 7's reply shapes and error wording.
+//! Keyspace commands: RENAME, RENAMENX, COPY, MOVE, SWAPDB, FLUSHDB/FLUSHALL (writes),
+//! RANDOMKEY and TOUCH (reads), with Redis 7's reply shapes and error wording.
 //!
 //! # Writes
 //!
-//! [`dispatch`] only validates a write and turns it into a canonical logged command; the
-//! map changes when the entry is applied, by `Db::exec_keyspace` at the entry's
-//! timestamp (see `exec.rs`). The canonical forms are:
+//! [`dispatch`] only validates a write and turns it into a canonical logged command,
+//! logged in the connection's database (the entry's `db`, see `wal.rs`); the map changes
+//! when the entry is applied at the entry's timestamp: by `Keyspace::exec_keyspace` for
+//! a command within that database, by `Db::exec_databases` for one that spans databases
+//! ([`spans_databases`]). The canonical forms are:
 //!
 //! | request | logged |
 //! |---|---|
 //! | `RENAME k n` | `RENAME k n` |
 //! | `RENAMENX k n` | `RENAMENX k n` |
-//! | `COPY k n [DB 0] [REPLACE]` | `COPY k n` or `COPY k n REPLACE` |
-//! | `FLUSHDB [ASYNC\|SYNC]`, `FLUSHALL [ASYNC\|SYNC]` | `FLUSHALL` (there is one database) |
+//! | `COPY k n [DB d] [REPLACE]` | `COPY k n [REPLACE]`, or `COPY k n DB d [REPLACE]` when `d` is another database |
+//! | `MOVE k d` | `MOVE k d` |
+//! | `SWAPDB a b` | `SWAPDB a b` |
+//! | `FLUSHDB [ASYNC\|SYNC]` | `FLUSHDB` (the entry's database) |
+//! | `FLUSHALL [ASYNC\|SYNC]` | `FLUSHALL` (every database, whatever the entry's) |
 //!
-//! Errors that depend only on the arguments (`ERR syntax error`, `ERR DB index is out of
-//! range`, `ERR source and destination objects are the same`, …) are answered at dispatch
-//! and never logged. Errors that depend on the data (`ERR no such key` for RENAME) are
+//! Errors that depend only on the arguments and the number of databases (`ERR syntax
+//! error`, `ERR DB index is out of range`, `ERR source and destination objects are the
+//! same`, SWAPDB's `ERR invalid first DB index`, …) are answered at dispatch and never
+//! logged. Errors that depend on the data (`ERR no such key` for RENAME) are
 //! decided when the entry is applied; such an entry changes nothing but the removal of an
 //! already expired key, which no client can tell from its absence.
 //!
 //! Apply follows Redis's order of lookups: the source is looked up first (an expired
 //! source is deleted and counts as missing), then the destination. A key's deadline moves
-//! with RENAME and is copied by COPY; the destination's own deadline is dropped with its
-//! old value. Every change goes through `Db::insert` and `Db::remove`, so the expiry
-//! index and `live_bytes` stay in step.
+//! with RENAME and MOVE and is copied by COPY; the destination's own deadline is dropped
+//! with its old value. Every change goes through `Keyspace::insert` and
+//! `Keyspace::remove`, so each database's expiry index and `live_bytes` stay in step.
+//! SWAPDB exchanges two databases whole (keys, deadlines and counters), as Redis does;
+//! a connection keeps its database index, so it sees the other contents afterwards.
 //!
-//! FLUSHALL empties the map and the expiry index at once. The old contents of a large key
+//! FLUSHDB empties one database's map and expiry index at once, FLUSHALL every one. The old contents of a large key
 //! space are freed on a background thread (as Redis's `FLUSHALL ASYNC` and
 //! `lazyfree-lazy-user-flush` do), so the map lock is not held while a million values are
 //! deallocated; `SYNC` is accepted but frees the same way (memory is not state: the log
@@ -48,11 +56,9 @@
 
 use crate::commands::{Context, Dispatched, Reply, Session};
 use crate::exec::ERR_BAD_RECORD;
-use crate::keymap::KeyMap;
 use crate::protocol::{write_bulk, write_error, write_integer, write_null};
-use crate::store::{Db, OpResult, parse_i64};
+use crate::store::{Db, Keyspace, OpResult, parse_i64};
 use crate::wal::Op;
-use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -60,7 +66,7 @@ const ERR_SYNTAX: &str = "ERR syntax error";
 const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 const ERR_INT_RANGE: &str =
     "ERR value is out of range, value must between -2147483648 and 2147483647";
-const ERR_DB_RANGE: &str = "ERR DB index is out of range";
+use crate::store::ERR_DB_RANGE;
 const ERR_SAME: &str = "ERR source and destination objects are the same";
 const ERR_NO_SUCH_KEY: &str = "ERR no such key";
 
@@ -92,11 +98,15 @@ pub fn dispatch(
             args[0] = canonical.to_vec();
             return write(args);
         }
-        "copy" if args.len() >= 3 => match parse_copy(&args) {
-            Ok(replace) => {
+        "copy" if args.len() >= 3 => match parse_copy(&args, s.db, ctx.store.databases()) {
+            Ok((to, replace)) => {
                 let mut args = args;
                 args.truncate(3);
                 args[0] = b"COPY".to_vec();
+                if to != s.db {
+                    args.push(b"DB".to_vec());
+                    args.push(to.to_string().into_bytes());
+                }
                 if replace {
                     args.push(b"REPLACE".to_vec());
                 }
@@ -104,18 +114,48 @@ pub fn dispatch(
             }
             Err(e) => write_error(out, e),
         },
-        "flushall" | "flushdb" => match args.len() {
-            1 => return write(vec![b"FLUSHALL".to_vec()]),
-            2 if args[1].eq_ignore_ascii_case(b"ASYNC")
-                || args[1].eq_ignore_ascii_case(b"SYNC") =>
-            {
-                return write(vec![b"FLUSHALL".to_vec()]);
+        "move" if args.len() == 3 => {
+            let to = parse_db(&args[2], ctx.store.databases())
+                .and_then(|to| if to == s.db { Err(ERR_SAME) } else { Ok(to) });
+            match to {
+                Ok(to) => {
+                    let mut args = args;
+                    args[0] = b"MOVE".to_vec();
+                    args[2] = to.to_string().into_bytes();
+                    return write(args);
+                }
+                Err(e) => write_error(out, e),
             }
-            _ => write_error(out, ERR_SYNTAX),
+        }
+        "swapdb" if args.len() == 3 => match parse_swapdb(&args, ctx.store.databases()) {
+            Ok((a, b)) => {
+                return write(vec![
+                    b"SWAPDB".to_vec(),
+                    a.to_string().into_bytes(),
+                    b.to_string().into_bytes(),
+                ]);
+            }
+            Err(e) => write_error(out, e),
         },
+        "flushall" | "flushdb" => {
+            let canonical: &[u8] = if name == "flushall" {
+                b"FLUSHALL"
+            } else {
+                b"FLUSHDB"
+            };
+            match args.len() {
+                1 => return write(vec![canonical.to_vec()]),
+                2 if args[1].eq_ignore_ascii_case(b"ASYNC")
+                    || args[1].eq_ignore_ascii_case(b"SYNC") =>
+                {
+                    return write(vec![canonical.to_vec()]);
+                }
+                _ => write_error(out, ERR_SYNTAX),
+            }
+        }
         "randomkey" if args.len() == 1 => randomkey(ctx, s, now, out),
-        "touch" if args.len() >= 2 => touch(ctx, &args[1..], now, out),
-        "rename" | "renamenx" | "copy" | "randomkey" | "touch" => write_error(
+        "touch" if args.len() >= 2 => touch(ctx, s.db, &args[1..], now, out),
+        "rename" | "renamenx" | "copy" | "move" | "swapdb" | "randomkey" | "touch" => write_error(
             out,
             &format!("ERR wrong number of arguments for '{name}' command"),
         ),
@@ -124,35 +164,55 @@ pub fn dispatch(
     Dispatched::Done
 }
 
+/// Parses a database index as Redis's `getIntFromObjectOrReply` and `selectDb` do: not
+/// an integer, then beyond 32 bits, then not one of the `databases`.
+pub fn parse_db(arg: &[u8], databases: u32) -> Result<u32, &'static str> {
+    let db = parse_i64(arg).ok_or(ERR_NOT_INTEGER)?;
+    if i32::try_from(db).is_err() {
+        return Err(ERR_INT_RANGE);
+    }
+    u32::try_from(db)
+        .ok()
+        .filter(|d| *d < databases)
+        .ok_or(ERR_DB_RANGE)
+}
+
 /// Parses COPY's options (`args[3..]`) as Redis does, left to right, stopping at the first
-/// error; returns whether REPLACE was given.
-fn parse_copy(args: &[Vec<u8>]) -> Result<bool, &'static str> {
+/// error; returns the destination database (`from` unless DB names another) and whether
+/// REPLACE was given.
+fn parse_copy(args: &[Vec<u8>], from: u32, databases: u32) -> Result<(u32, bool), &'static str> {
     let mut replace = false;
+    let mut to = from;
     let mut j = 3;
     while j < args.len() {
         let opt = &args[j];
         if opt.eq_ignore_ascii_case(b"REPLACE") {
             replace = true;
         } else if opt.eq_ignore_ascii_case(b"DB") && j + 1 < args.len() {
-            // Redis reads an `int`: not an integer, then out of int range, then not a
-            // database. Only database 0 exists here.
-            let db = parse_i64(&args[j + 1]).ok_or(ERR_NOT_INTEGER)?;
-            if i32::try_from(db).is_err() {
-                return Err(ERR_INT_RANGE);
-            }
-            if db != 0 {
-                return Err(ERR_DB_RANGE);
-            }
+            to = parse_db(&args[j + 1], databases)?;
             j += 1;
         } else {
             return Err(ERR_SYNTAX);
         }
         j += 1;
     }
-    if args[1] == args[2] {
+    if to == from && args[1] == args[2] {
         return Err(ERR_SAME);
     }
-    Ok(replace)
+    Ok((to, replace))
+}
+
+/// Parses SWAPDB's two indexes with Redis's wording: either not a 32-bit integer is
+/// `invalid first|second DB index`; either not a database is `DB index is out of range`.
+fn parse_swapdb(args: &[Vec<u8>], databases: u32) -> Result<(u32, u32), &'static str> {
+    let int = |a: &[u8]| parse_i64(a).and_then(|n| i32::try_from(n).ok());
+    let a = int(&args[1]).ok_or("ERR invalid first DB index")?;
+    let b = int(&args[2]).ok_or("ERR invalid second DB index")?;
+    let db = |n: i32| u32::try_from(n).ok().filter(|d| *d < databases);
+    match (db(a), db(b)) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(ERR_DB_RANGE),
+    }
 }
 
 /// A pseudo-random number: SipHash of a counter under a per-process random key (std's
@@ -166,9 +226,9 @@ fn random_u64() -> u64 {
 
 fn randomkey(ctx: &Context, s: &Session, now: u64, out: &mut Vec<u8>) {
     let r = random_u64();
-    let (key, expired) = ctx.store.read(|db| db.random_key(r, now));
+    let (key, expired) = ctx.store.read(s.db, |db| db.random_key(r, now));
     for k in &expired {
-        ctx.store.note_expired(k);
+        ctx.store.note_expired(s.db, k);
     }
     match key {
         Some(k) => write_bulk(out, &k),
@@ -176,8 +236,8 @@ fn randomkey(ctx: &Context, s: &Session, now: u64, out: &mut Vec<u8>) {
     }
 }
 
-fn touch(ctx: &Context, keys: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
-    let (n, expired) = ctx.store.read(|db| {
+fn touch(ctx: &Context, db: u32, keys: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
+    let (n, expired) = ctx.store.read(db, |db| {
         let mut expired = Vec::new();
         let mut n = 0;
         for k in keys {
@@ -190,7 +250,7 @@ fn touch(ctx: &Context, keys: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
         (n, expired)
     });
     for k in expired {
-        ctx.store.note_expired(k);
+        ctx.store.note_expired(db, k);
     }
     ctx.stats.keyspace_hits.fetch_add(n, Ordering::Relaxed);
     ctx.stats
@@ -199,7 +259,7 @@ fn touch(ctx: &Context, keys: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
     write_integer(out, n as i64);
 }
 
-impl Db {
+impl Keyspace {
     /// A live key chosen from position `r % len` of the map's order, walking on (and
     /// wrapping around) past expired keys; `None` if no key is live. Also returns up to
     /// [`MAX_HINTS`] expired keys met on the way. O(n): see the module doc.
@@ -225,8 +285,8 @@ impl Db {
         (found.map(|(k, _)| k.to_vec()), expired)
     }
 
-    /// Applies a logged RENAME, RENAMENX, COPY or FLUSHALL (`args[0]` is the name) at the
-    /// entry's time `now`.
+    /// Applies a logged RENAME, RENAMENX, COPY within this database or FLUSHDB (`args[0]`
+    /// is the name) at the entry's time `now`.
     pub(crate) fn exec_keyspace(&mut self, args: &[Vec<u8>], now: u64) -> OpResult {
         let Some((name, rest)) = args.split_first() else {
             return OpResult::Error(ERR_BAD_RECORD);
@@ -236,7 +296,10 @@ impl Db {
             (b"RENAMENX", [src, dst]) => self.exec_rename(src, dst, true, now),
             (b"COPY", [src, dst]) => self.exec_copy(src, dst, false, now),
             (b"COPY", [src, dst, opt]) if opt == b"REPLACE" => self.exec_copy(src, dst, true, now),
-            (b"FLUSHALL", []) => self.exec_flushall(),
+            (b"FLUSHDB", []) => {
+                free_later(self.flush());
+                OpResult::Ok
+            }
             _ => OpResult::Error(ERR_BAD_RECORD),
         }
     }
@@ -283,26 +346,149 @@ impl Db {
         self.insert(dst.into(), item);
         OpResult::Int(1)
     }
+}
 
-    /// FLUSHALL: every key and deadline goes; INFO's counters (`expired_keys`) stay.
-    fn exec_flushall(&mut self) -> OpResult {
-        let map = std::mem::take(&mut self.map);
-        let expires = std::mem::take(&mut self.expires);
-        self.live_bytes = 0;
-        free_later(map, expires);
-        OpResult::Ok
+/// Whether a logged command spans databases, so that [`Db::exec_databases`] applies it
+/// rather than the entry's own database: MOVE, SWAPDB, FLUSHALL, and COPY to another
+/// database (`COPY k n DB d [REPLACE]`).
+pub(crate) fn spans_databases(args: &[Vec<u8>]) -> bool {
+    match args.first().map(Vec::as_slice) {
+        Some(b"MOVE" | b"SWAPDB" | b"FLUSHALL") => true,
+        Some(b"COPY") => args.len() >= 5,
+        _ => false,
     }
 }
 
-/// Drops a flushed key space, on a background thread if it is large (inline if a thread
+/// A database index as logged: decimal, within u32 (whether it exists is checked apart).
+fn logged_db(arg: &[u8]) -> Option<u32> {
+    std::str::from_utf8(arg).ok()?.parse().ok()
+}
+
+impl Db {
+    /// Applies a logged command that spans databases ([`spans_databases`]), issued from
+    /// database `db`, at the entry's time `now`. A database index beyond the configured
+    /// count is `ERR DB index is out of range` without effect (a log written with more
+    /// databases: recovery refuses it).
+    pub(crate) fn exec_databases(&mut self, db: u32, args: &[Vec<u8>], now: u64) -> OpResult {
+        let Some((name, rest)) = args.split_first() else {
+            return OpResult::Error(ERR_BAD_RECORD);
+        };
+        match (name.as_slice(), rest) {
+            (b"FLUSHALL", []) => {
+                for ks in self.keyspaces_mut() {
+                    free_later(ks.flush());
+                }
+                OpResult::Ok
+            }
+            (b"MOVE", [key, to]) => match logged_db(to) {
+                Some(to) => self.exec_move(db, to, key, now),
+                None => OpResult::Error(ERR_BAD_RECORD),
+            },
+            (b"SWAPDB", [a, b]) => match (logged_db(a), logged_db(b)) {
+                (Some(a), Some(b)) if a.max(b) < self.databases() => {
+                    self.keyspaces_mut().swap(a as usize, b as usize);
+                    OpResult::Ok
+                }
+                (Some(_), Some(_)) => OpResult::Error(ERR_DB_RANGE),
+                _ => OpResult::Error(ERR_BAD_RECORD),
+            },
+            (b"COPY", [src, dst, kw, to, opts @ ..]) if kw == b"DB" => {
+                let replace = match opts {
+                    [] => false,
+                    [r] if r == b"REPLACE" => true,
+                    _ => return OpResult::Error(ERR_BAD_RECORD),
+                };
+                match logged_db(to) {
+                    Some(to) => self.exec_copy_to(db, to, src, dst, replace, now),
+                    None => OpResult::Error(ERR_BAD_RECORD),
+                }
+            }
+            _ => OpResult::Error(ERR_BAD_RECORD),
+        }
+    }
+
+    /// Databases `a` and `b` (distinct), both mutable.
+    fn two_mut(&mut self, a: u32, b: u32) -> Option<(&mut Keyspace, &mut Keyspace)> {
+        let (a, b) = (a as usize, b as usize);
+        let dbs = self.keyspaces_mut();
+        if a == b || a.max(b) >= dbs.len() {
+            return None;
+        }
+        if a < b {
+            let (lo, hi) = dbs.split_at_mut(b);
+            Some((&mut lo[a], &mut hi[0]))
+        } else {
+            let (lo, hi) = dbs.split_at_mut(a);
+            Some((&mut hi[0], &mut lo[b]))
+        }
+    }
+
+    /// MOVE: 1 if `key` moved from `from` to `to` (with its deadline), 0 if it is missing
+    /// in `from` or exists in `to`.
+    fn exec_move(&mut self, from: u32, to: u32, key: &[u8], now: u64) -> OpResult {
+        if from == to {
+            return OpResult::Error(ERR_SAME);
+        }
+        let Some((src, dst)) = self.two_mut(from, to) else {
+            return OpResult::Error(ERR_DB_RANGE);
+        };
+        src.purge_expired(key, now);
+        if !src.map.contains_key(key) {
+            return OpResult::Int(0);
+        }
+        dst.purge_expired(key, now);
+        if dst.map.contains_key(key) {
+            return OpResult::Int(0);
+        }
+        let Some(item) = src.remove(key) else {
+            return OpResult::Int(0);
+        };
+        dst.insert(key.into(), item);
+        OpResult::Int(1)
+    }
+
+    /// COPY … DB: 1 if `src` of database `from` was copied (with its deadline) to `dst` of
+    /// database `to`, 0 if `src` is missing or `dst` exists without REPLACE.
+    fn exec_copy_to(
+        &mut self,
+        from: u32,
+        to: u32,
+        src: &[u8],
+        dst: &[u8],
+        replace: bool,
+        now: u64,
+    ) -> OpResult {
+        if from == to {
+            return match self.keyspace_mut(from) {
+                Some(ks) => ks.exec_copy(src, dst, replace, now),
+                None => OpResult::Error(ERR_DB_RANGE),
+            };
+        }
+        let Some((a, b)) = self.two_mut(from, to) else {
+            return OpResult::Error(ERR_DB_RANGE);
+        };
+        a.purge_expired(src, now);
+        let Some(item) = a.map.get(src).cloned() else {
+            return OpResult::Int(0);
+        };
+        b.purge_expired(dst, now);
+        if !replace && b.map.contains_key(dst) {
+            return OpResult::Int(0);
+        }
+        b.insert(dst.into(), item);
+        OpResult::Int(1)
+    }
+}
+
+/// Drops a flushed database, on a background thread if it is large (inline if a thread
 /// cannot be started).
-fn free_later(map: KeyMap, expires: BTreeSet<(u64, u64)>) {
-    if map.len() < LAZYFREE_MIN_KEYS {
+fn free_later(old: Keyspace) {
+    if old.map.len() < LAZYFREE_MIN_KEYS {
         return;
     }
     let _ = std::thread::Builder::new()
         .name("lazyfree".into())
-        .spawn(move || drop((map, expires)));
+        .spawn(move || drop(old));
 }
 
 #[cfg(test)]
@@ -339,10 +525,18 @@ mod tests {
                 index: self.index,
                 epoch: 0,
                 ts_ms: now,
+                db: 0,
                 op,
             });
-            check_invariants(&self.db);
+            for ks in self.db.keyspaces() {
+                check_invariants(ks);
+            }
             r
+        }
+
+        /// Database 0, where these tests write.
+        fn ks(&self) -> &Keyspace {
+            self.db.keyspace(0)
         }
 
         fn cmd(&mut self, now: u64, parts: &[&str]) -> OpResult {
@@ -371,7 +565,7 @@ mod tests {
 
         /// The value and deadline of `k`, ignoring expiry.
         fn raw(&self, k: &str) -> Option<(String, u64)> {
-            self.db
+            self.ks()
                 .map
                 .get(k.as_bytes())
                 .map(|i| (String::from_utf8(i.value.to_vec()).unwrap(), i.expire_at))
@@ -380,8 +574,8 @@ mod tests {
 
     /// The expiry index and live byte count agree with the map: rebuilding them from the
     /// map's items through `Db::insert` gives the same.
-    fn check_invariants(db: &Db) {
-        let mut fresh = Db::default();
+    fn check_invariants(db: &Keyspace) {
+        let mut fresh = Keyspace::default();
         for (k, i) in &db.map {
             fresh.insert(k.clone(), i.clone());
         }
@@ -397,12 +591,12 @@ mod tests {
         assert_eq!(t.cmd(10, &["RENAME", "a", "b"]), OpResult::Ok);
         assert_eq!(t.raw("a"), None);
         assert_eq!(t.raw("b"), Some(("va".into(), 1000)));
-        assert_eq!(t.db.expiring(), 1);
-        assert_eq!(t.db.due(u64::MAX, 10), vec![b"b".to_vec()]);
+        assert_eq!(t.ks().expiring(), 1);
+        assert_eq!(t.ks().due(u64::MAX, 10), vec![b"b".to_vec()]);
         // To a fresh name.
         assert_eq!(t.cmd(10, &["RENAME", "b", "c"]), OpResult::Ok);
         assert_eq!(t.raw("c"), Some(("va".into(), 1000)));
-        assert_eq!(t.db.len(), 1);
+        assert_eq!(t.ks().len(), 1);
     }
 
     #[test]
@@ -412,7 +606,7 @@ mod tests {
         t.set(0, "dst", "2", 5000);
         assert_eq!(t.cmd(10, &["RENAME", "src", "dst"]), OpResult::Ok);
         assert_eq!(t.raw("dst"), Some(("1".into(), 0)));
-        assert_eq!(t.db.expiring(), 0);
+        assert_eq!(t.ks().expiring(), 0);
         // Both with deadlines: the source's wins.
         t.set(0, "x", "x", 700);
         t.set(0, "y", "y", 900);
@@ -423,7 +617,7 @@ mod tests {
         t.set(0, "q", "q", 800);
         assert_eq!(t.cmd(10, &["RENAME", "p", "q"]), OpResult::Ok);
         assert_eq!(t.raw("q"), Some(("p".into(), 800)));
-        assert_eq!(t.db.expiring(), 2);
+        assert_eq!(t.ks().expiring(), 2);
     }
 
     #[test]
@@ -452,9 +646,9 @@ mod tests {
         );
         assert_eq!(t.raw("k"), None);
         assert_eq!(t.raw("z"), None);
-        assert_eq!(t.db.expired_keys, 1);
-        assert_eq!(t.db.expiring(), 0);
-        assert!(t.db.is_empty());
+        assert_eq!(t.ks().expired_keys, 1);
+        assert_eq!(t.ks().expiring(), 0);
+        assert!(t.ks().is_empty());
     }
 
     #[test]
@@ -472,8 +666,8 @@ mod tests {
         t.set(0, "old", "o", 100);
         assert_eq!(t.cmd(200, &["RENAMENX", "a", "old"]), OpResult::Int(1));
         assert_eq!(t.raw("old"), Some(("1".into(), 0)));
-        assert_eq!(t.db.expired_keys, 1);
-        assert_eq!(t.db.expiring(), 1);
+        assert_eq!(t.ks().expired_keys, 1);
+        assert_eq!(t.ks().expiring(), 1);
     }
 
     #[test]
@@ -488,8 +682,8 @@ mod tests {
         assert_eq!(t.raw("d"), Some(("val".into(), 900)), "deadline copied");
         assert_eq!(t.raw("s"), Some(("val".into(), 900)), "source intact");
         assert_eq!(t.cmd(0, &["COPY", "s", "n"]), OpResult::Int(1));
-        assert_eq!(t.db.expiring(), 3);
-        assert_eq!(t.db.due(u64::MAX, 10).len(), 3);
+        assert_eq!(t.ks().expiring(), 3);
+        assert_eq!(t.ks().due(u64::MAX, 10).len(), 3);
         // REPLACE over a key with a deadline, from a key without one.
         t.set(0, "plain", "p", 0);
         assert_eq!(
@@ -497,7 +691,7 @@ mod tests {
             OpResult::Int(1)
         );
         assert_eq!(t.raw("n"), Some(("p".into(), 0)));
-        assert_eq!(t.db.expiring(), 2);
+        assert_eq!(t.ks().expiring(), 2);
         // An expired source is missing (and removed); an expired destination too.
         t.set(0, "e", "e", 100);
         assert_eq!(t.cmd(100, &["COPY", "e", "x"]), OpResult::Int(0));
@@ -505,7 +699,7 @@ mod tests {
         t.set(0, "gone", "g", 100);
         assert_eq!(t.cmd(150, &["COPY", "plain", "gone"]), OpResult::Int(1));
         assert_eq!(t.raw("gone"), Some(("p".into(), 0)));
-        assert_eq!(t.db.expired_keys, 2);
+        assert_eq!(t.ks().expired_keys, 2);
         // Never logged by dispatch, but refused if a log says so.
         assert_eq!(
             t.cmd(0, &["COPY", "s", "s"]),
@@ -525,23 +719,23 @@ mod tests {
             );
         }
         t.set(0, "dead", "v", 10);
-        assert_eq!(t.db.expiring(), 26);
+        assert_eq!(t.ks().expiring(), 26);
         assert_eq!(t.cmd(20, &["FLUSHALL"]), OpResult::Ok);
-        assert!(t.db.is_empty());
-        assert_eq!(t.db.expiring(), 0);
-        assert_eq!(t.db.live_bytes(), 0);
-        assert_eq!(t.db.due(u64::MAX, 10), Vec::<Vec<u8>>::new());
+        assert!(t.ks().is_empty());
+        assert_eq!(t.ks().expiring(), 0);
+        assert_eq!(t.ks().live_bytes(), 0);
+        assert_eq!(t.ks().due(u64::MAX, 10), Vec::<Vec<u8>>::new());
         // The store works on afterwards.
         t.set(30, "k1", "again", 2000);
-        assert_eq!(t.db.expiring(), 1);
+        assert_eq!(t.ks().expiring(), 1);
         assert_eq!(t.cmd(30, &["FLUSHALL"]), OpResult::Ok);
         assert_eq!(t.cmd(30, &["FLUSHALL"]), OpResult::Ok);
-        assert!(t.db.is_empty());
+        assert!(t.ks().is_empty());
     }
 
     #[test]
     fn flushall_of_a_large_key_space() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         for i in 0..(LAZYFREE_MIN_KEYS * 2) {
             db.insert(
                 format!("k{i}").into_bytes().into(),
@@ -551,7 +745,7 @@ mod tests {
                 },
             );
         }
-        assert_eq!(db.exec_keyspace(&[b"FLUSHALL".to_vec()], 0), OpResult::Ok);
+        assert_eq!(db.exec_keyspace(&[b"FLUSHDB".to_vec()], 0), OpResult::Ok);
         assert!(db.is_empty());
         assert_eq!(db.expiring(), 0);
         assert_eq!(db.live_bytes(), 0);
@@ -574,34 +768,34 @@ mod tests {
         ] {
             assert_eq!(t.cmd(0, parts), bad, "{parts:?}");
         }
-        assert_eq!(t.db.exec_keyspace(&[], 0), bad);
+        assert_eq!(t.db.keyspace_mut(0).unwrap().exec_keyspace(&[], 0), bad);
         assert_eq!(t.raw("a"), Some(("1".into(), 0)));
     }
 
     #[test]
     fn random_key_skips_expired_and_wraps() {
         let mut t = T::new();
-        assert_eq!(t.db.random_key(7, 0), (None, vec![]));
+        assert_eq!(t.ks().random_key(7, 0), (None, vec![]));
         for i in 0..20 {
             t.set(0, &format!("dead{i}"), "v", 100);
         }
         t.set(0, "live", "v", 0);
         // Whatever the starting position, the one live key is found.
         for r in 0..21 {
-            let (k, expired) = t.db.random_key(r, 500);
+            let (k, expired) = t.ks().random_key(r, 500);
             assert_eq!(k.as_deref(), Some(&b"live"[..]), "r={r}");
             assert!(expired.len() <= MAX_HINTS);
             assert!(expired.iter().all(|k| k.starts_with(b"dead")));
         }
-        let (k, expired) = t.db.random_key(3, 0);
+        let (k, expired) = t.ks().random_key(3, 0);
         assert!(k.is_some());
         assert!(expired.is_empty());
         // All expired: none, and hints for the expirer.
         t.set(0, "live", "v", 100);
-        let (k, expired) = t.db.random_key(5, 500);
+        let (k, expired) = t.ks().random_key(5, 500);
         assert_eq!(k, None);
         assert_eq!(expired.len(), MAX_HINTS);
-        assert!(t.db.random_key(5, 50).0.is_some());
+        assert!(t.ks().random_key(5, 50).0.is_some());
     }
 
     // ---- dispatch level ----------------------------------------------------------------
@@ -681,10 +875,10 @@ mod tests {
         assert_eq!(r("copy d e DB 0"), Value::Integer(1));
         assert_eq!(r("copy d e db 0 replace replace"), Value::Integer(1));
         let range = err("ERR DB index is out of range");
-        assert_eq!(r("copy d f db 1"), range);
+        assert_eq!(r("copy d f db 16"), range);
         assert_eq!(r("copy d f db -1"), range);
-        assert_eq!(r("copy d f db 0 db 1"), range);
-        assert_eq!(r("copy d d db 1"), range, "options are checked first");
+        assert_eq!(r("copy d f db 0 db 16"), range);
+        assert_eq!(r("copy d d db 16"), range, "options are checked first");
         let not_int = err("ERR value is not an integer or out of range");
         for bad in ["x", "01", "-0", "+1", "1.0", "99999999999999999999", "' 1'"] {
             assert_eq!(r(&format!("copy d f db {bad}")), not_int, "{bad}");
@@ -697,8 +891,8 @@ mod tests {
         assert_eq!(r("copy d f db"), syntax);
         assert_eq!(r("copy d f foo"), syntax);
         assert_eq!(r("copy d f replace db"), syntax);
-        assert_eq!(r("copy d f db 7 foo"), range, "left to right, as Redis");
-        assert_eq!(r("copy d f foo db 7"), syntax);
+        assert_eq!(r("copy d f db 77 foo"), range, "left to right, as Redis");
+        assert_eq!(r("copy d f foo db 77"), syntax);
         assert_eq!(r("exists f"), Value::Integer(0));
         assert_eq!(
             r("copy"),
@@ -711,7 +905,7 @@ mod tests {
         assert_eq!(r("exists x"), Value::Integer(0));
         // Both expired sources were removed by the entries that met them; `e` (expired
         // too, never touched by a write) waits for the expirer.
-        let left = ctx.store.read(|db| {
+        let left = ctx.store.read(0, |db| {
             let mut k: Vec<Vec<u8>> = db.map.iter().map(|(k, _)| k.to_vec()).collect();
             k.sort();
             (k, db.expired_keys, db.expiring())
@@ -768,7 +962,7 @@ mod tests {
         assert_eq!(r("randomkey"), Value::Null);
         assert_eq!(
             ctx.store
-                .read(|db| (db.len(), db.expiring(), db.live_bytes())),
+                .read(0, |db| (db.len(), db.expiring(), db.live_bytes())),
             (0, 0, 0)
         );
         // RESP3 null.
@@ -814,7 +1008,7 @@ mod tests {
             "set short 1 px 10",
         ];
         let snapshot = |ctx: &Context| {
-            ctx.store.read(|db| {
+            ctx.store.read(0, |db| {
                 let mut items: Vec<(Vec<u8>, Vec<u8>, u64)> = db
                     .map
                     .iter()

@@ -5,7 +5,7 @@ use kvstore::client::{self, ClientOptions};
 use kvstore::commands::Settings;
 use kvstore::protocol::Limits;
 use kvstore::server::{self, Server, ServerConfig};
-use kvstore::store::Options;
+use kvstore::store::{DEFAULT_DATABASES, Options};
 use kvstore::wal::{self, FsyncPolicy};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,6 +88,11 @@ struct ServerArgs {
     /// percentage of the live data.
     #[arg(long, env = "KVSTORE_COMPACT_PERCENTAGE", default_value_t = 100)]
     compact_percentage: u64,
+    /// Number of databases (SELECT 0 to N-1), as Redis's `databases`. A data directory
+    /// written with more is refused.
+    #[arg(long, env = "KVSTORE_DATABASES", default_value_t = DEFAULT_DATABASES,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_DATABASES))]
+    databases: u32,
 }
 
 #[derive(Args, Debug)]
@@ -146,7 +151,15 @@ struct ReplArgs {
     /// When to fsync the log (as for `server`).
     #[arg(long, env = "KVSTORE_FSYNC", default_value = "always", value_parser = parse_fsync)]
     fsync: FsyncPolicy,
+    /// Number of databases (as for `server`).
+    #[arg(long, env = "KVSTORE_DATABASES", default_value_t = DEFAULT_DATABASES,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_DATABASES))]
+    databases: u32,
 }
+
+/// The most databases `--databases` accepts (each costs memory and a look per expiry
+/// cycle even when empty).
+const MAX_DATABASES: i64 = 65536;
 
 #[derive(Args, Debug)]
 struct CheckLogArgs {
@@ -196,6 +209,7 @@ fn main() -> ExitCode {
         Command::Repl(a) => {
             let opts = Options {
                 fsync: a.fsync,
+                databases: a.databases,
                 ..Options::default()
             };
             ExitCode::from(kvstore::repl::run(&a.data_dir, opts).clamp(0, 255) as u8)
@@ -224,6 +238,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
             segment_size: a.segment_size.max(4096),
             compact_min_bytes: a.compact_min_size,
             compact_percentage: a.compact_percentage,
+            databases: a.databases,
             ..Options::default()
         },
         settings: Settings {

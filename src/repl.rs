@@ -18,7 +18,7 @@ pub fn execute(ctx: &Context, session: &mut Session, args: Vec<Vec<u8>>) -> Valu
     let mut out = Vec::new();
     match commands::dispatch(ctx, session, args, &mut out) {
         Dispatched::Done => {}
-        Dispatched::Write(op, how) => match ctx.store.write(vec![op]) {
+        Dispatched::Write(op, how) => match ctx.store.write(session.db, vec![op]) {
             Ok(results) => {
                 for r in &results {
                     commands::render_result(r, how, session.proto, &mut out);

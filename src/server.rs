@@ -602,10 +602,11 @@ impl Connection {
         let proto = self.session.proto;
         self.shared.outbox.lock().inflight += 1;
         let shared = self.shared.clone();
-        self.shared
-            .ctx
-            .store
-            .submit(ops, Box::new(move |res| shared.complete(res, hows, proto)));
+        self.shared.ctx.store.submit(
+            self.session.db,
+            ops,
+            Box::new(move |res| shared.complete(res, hows, proto)),
+        );
     }
 }
 

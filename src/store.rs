@@ -1,11 +1,13 @@
 //! The store: the in-memory map and the one write path into it.
 //!
-//! [`Store`] owns the key space (a `parking_lot` mutex around a `HashMap`) and the
-//! write-ahead log. Reads lock the map and look. Writes never touch the map directly: a
-//! write becomes log [`Entry`]s, the entries are appended (and fsync'd as `--fsync` asks),
-//! and only then are they applied to the map, in log order, by [`Db::apply`]. Recovery is
-//! the same `apply` run over the snapshot and the log, so what a client was told is exactly
-//! what a restart rebuilds.
+//! [`Store`] owns the data (a `parking_lot` mutex around a [`Db`]: Redis's numbered
+//! databases, each a [`Keyspace`] of keys, deadlines and counters) and the write-ahead
+//! log. Reads lock the map and look at one database ([`Store::read`]). Writes never touch
+//! the map directly: a write becomes log [`Entry`]s naming their database, the entries are
+//! appended (and fsync'd as `--fsync` asks), and only then are they applied, in log order,
+//! by [`Db::apply`]. Recovery is the same `apply` run over the snapshot and the log, so
+//! what a client was told is exactly what a restart rebuilds; a snapshot or log that
+//! names a database beyond [`Options::databases`] is refused rather than half applied.
 //!
 //! # Group commit
 //!
@@ -48,8 +50,8 @@
 //! # Compaction
 //!
 //! When the log outgrows the live data (`compact_percentage`, above `compact_min_bytes`),
-//! the flusher rolls to a fresh segment, copies the map, and a background thread writes a
-//! snapshot of the copy and deletes the segments it covers. The copy is a pause
+//! the flusher rolls to a fresh segment, copies every database, and a background thread
+//! writes a snapshot of the copy and deletes the segments it covers. The copy is a pause
 //! proportional to the key count (Redis forks instead); the write of the snapshot is not.
 
 use crate::keymap::{KeyMap, Slot};
@@ -114,6 +116,9 @@ pub struct Options {
     /// Delete expired keys in the background (the leader's job: a follower only applies
     /// the deletions the leader logs).
     pub active_expiry: bool,
+    /// Number of databases (Redis's `databases`, `SELECT 0` to this minus one). A log or
+    /// snapshot that uses a database beyond it is refused at open.
+    pub databases: u32,
 }
 
 impl Default for Options {
@@ -125,6 +130,7 @@ impl Default for Options {
             compact_percentage: 100,
             clock: Clock::system(),
             active_expiry: true,
+            databases: DEFAULT_DATABASES,
         }
     }
 }
@@ -139,6 +145,15 @@ pub enum StoreError {
     WriteFailed(String),
     /// The writes were refused before they were logged: nothing of them was applied.
     TooLarge(wal::EntryTooLarge),
+    /// The snapshot or the log uses a database beyond `--databases` (it was written with
+    /// more): applying it would lose or misplace keys.
+    TooFewDatabases {
+        configured: u32,
+        /// The database met (for a log entry, the one its command named), if known.
+        db: Option<u32>,
+        /// Where: the snapshot, or the log entry's index.
+        place: String,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -151,6 +166,21 @@ impl fmt::Display for StoreError {
                  writes until it is restarted"
             ),
             StoreError::TooLarge(e) => write!(f, "{e}; nothing was written"),
+            StoreError::TooFewDatabases {
+                configured,
+                db,
+                place,
+            } => {
+                match db {
+                    Some(db) => write!(f, "{place} uses database {db}")?,
+                    None => write!(f, "{place} uses a database")?,
+                }
+                write!(
+                    f,
+                    ", but this node has only {configured} databases (--databases); the data \
+                     was written with more: start with that --databases value"
+                )
+            }
         }
     }
 }
@@ -196,30 +226,136 @@ impl Item {
 /// only used to decide when the log has outgrown the data.
 const ITEM_OVERHEAD: u64 = 48;
 
-/// The key space and the state machine that log entries drive.
-#[derive(Debug, Default)]
+/// Redis's default number of databases (`--databases`).
+pub const DEFAULT_DATABASES: u32 = 16;
+
+/// The state machine that log entries drive: the databases (Redis's `SELECT` indexes),
+/// each its own [`Keyspace`], and the index of the last entry applied.
+///
+/// An entry names its database ([`Entry::db`]); [`Db::apply_op`] runs an operation in
+/// one database (a transaction calls it once per queued command, each with its own
+/// database) and routes the commands that span databases (MOVE, SWAPDB, COPY … DB,
+/// FLUSHALL) to the code that sees them all (`keyspace.rs`).
+#[derive(Debug)]
 pub struct Db {
+    dbs: Vec<Keyspace>,
+    /// What a read of a database that does not exist sees (never written).
+    empty: Keyspace,
+    /// Index of the last applied entry.
+    applied: u64,
+}
+
+impl Default for Db {
+    fn default() -> Self {
+        Db::new(DEFAULT_DATABASES)
+    }
+}
+
+/// One database: its keys, the expiry index over them, and its counters.
+#[derive(Debug, Default)]
+pub struct Keyspace {
     pub(crate) map: KeyMap,
     /// Every key with an expiry as (deadline, key hash), ordered by deadline, so the
     /// active expirer finds the expired ones without scanning (and without a pause that
     /// grows with the key count); 16 bytes a key, no copy of it ([`KeyMap`]).
     pub(crate) expires: BTreeSet<(u64, u64)>,
+    /// Sum of the deadlines in `expires`, so INFO's `avg_ttl` costs nothing to compute.
+    deadline_sum: u128,
     /// Approximate live bytes (keys, values, overhead).
     pub(crate) live_bytes: u64,
-    /// Index of the last applied entry.
-    applied: u64,
     /// Keys removed because they expired (INFO's `expired_keys`).
     pub(crate) expired_keys: u64,
 }
 
 pub const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 pub const ERR_OVERFLOW: &str = "ERR increment or decrement would overflow";
+pub const ERR_DB_RANGE: &str = "ERR DB index is out of range";
+
+impl Db {
+    /// `databases` empty databases (at least one).
+    pub fn new(databases: u32) -> Db {
+        Db {
+            dbs: (0..databases.max(1)).map(|_| Keyspace::default()).collect(),
+            empty: Keyspace::default(),
+            applied: 0,
+        }
+    }
+
+    /// How many databases there are (`SELECT` takes 0 to this minus one).
+    pub fn databases(&self) -> u32 {
+        self.dbs.len() as u32
+    }
+
+    /// Database `db`; one that does not exist reads as empty.
+    pub fn keyspace(&self, db: u32) -> &Keyspace {
+        self.dbs.get(db as usize).unwrap_or(&self.empty)
+    }
+
+    /// Every database, by index.
+    pub fn keyspaces(&self) -> &[Keyspace] {
+        &self.dbs
+    }
+
+    pub(crate) fn keyspace_mut(&mut self, db: u32) -> Option<&mut Keyspace> {
+        self.dbs.get_mut(db as usize)
+    }
+
+    pub(crate) fn keyspaces_mut(&mut self) -> &mut [Keyspace] {
+        &mut self.dbs
+    }
+
+    /// Keys in every database, including expired ones not yet removed.
+    pub fn len(&self) -> usize {
+        self.dbs.iter().map(Keyspace::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dbs.iter().all(Keyspace::is_empty)
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    /// Approximate live bytes of every database.
+    pub fn live_bytes(&self) -> u64 {
+        self.dbs.iter().map(|k| k.live_bytes).sum()
+    }
+
+    /// Keys removed because they expired, in every database (INFO's `expired_keys`).
+    pub fn expired_keys(&self) -> u64 {
+        self.dbs.iter().map(|k| k.expired_keys).sum()
+    }
+
+    /// Applies one committed entry. Deterministic: depends only on the databases and the
+    /// entry.
+    pub fn apply(&mut self, entry: Entry) -> OpResult {
+        self.applied = entry.index;
+        self.apply_op(entry.db, entry.op, entry.ts_ms)
+    }
+
+    /// Applies `op` in database `db` at the entry time `now` (what [`Db::apply`] does for
+    /// one entry, and a transaction for each of its commands). A database that does not
+    /// exist is `ERR DB index is out of range` without effect: dispatch checks indexes
+    /// against the same count, so only a log written with more databases meets it.
+    pub fn apply_op(&mut self, db: u32, op: Op, now: u64) -> OpResult {
+        if let Op::Cmd { args } = &op
+            && crate::keyspace::spans_databases(args)
+        {
+            return self.exec_databases(db, args, now);
+        }
+        match self.dbs.get_mut(db as usize) {
+            Some(ks) => ks.apply_op(op, now),
+            None => OpResult::Error(ERR_DB_RANGE),
+        }
+    }
+}
 
 fn item_cost(k: &[u8], v: &[u8]) -> u64 {
     (k.len() + v.len()) as u64 + ITEM_OVERHEAD
 }
 
-impl Db {
+impl Keyspace {
     /// The live item under `key` at `now_ms`, if any.
     pub fn get(&self, key: &[u8], now_ms: u64) -> Option<&Item> {
         self.map.get(key).filter(|i| !i.expired(now_ms))
@@ -232,10 +368,6 @@ impl Db {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
-    }
-
-    pub fn applied_index(&self) -> u64 {
-        self.applied
     }
 
     pub fn live_bytes(&self) -> u64 {
@@ -253,6 +385,45 @@ impl Db {
     /// Number of keys with an expiry.
     pub fn expiring(&self) -> usize {
         self.expires.len()
+    }
+
+    /// The average time to live of the keys with an expiry at `now`, in ms (0 if none),
+    /// as INFO's `avg_ttl` (Redis estimates it by sampling; this is exact).
+    pub fn avg_ttl(&self, now: u64) -> u64 {
+        let n = self.expires.len() as u128;
+        if n == 0 {
+            return 0;
+        }
+        (self.deadline_sum / n).saturating_sub(u128::from(now)) as u64
+    }
+
+    /// Adds `(at, hash)` to the expiry index.
+    fn index_add(&mut self, at: u64, h: u64) {
+        if self.expires.insert((at, h)) {
+            self.deadline_sum += u128::from(at);
+        }
+    }
+
+    /// Removes `(at, hash)` from the expiry index.
+    fn index_remove(&mut self, at: u64, h: u64) {
+        if self.expires.remove(&(at, h)) {
+            self.deadline_sum -= u128::from(at);
+        }
+    }
+
+    /// Builds the expiry index from a snapshot's deadlines at once.
+    fn index_load(&mut self, deadlines: Vec<(u64, u64)>) {
+        self.deadline_sum = deadlines.iter().map(|&(at, _)| u128::from(at)).sum();
+        self.expires = deadlines.into_iter().collect();
+    }
+
+    /// Empties the database (FLUSHDB), handing back its old contents to be freed; INFO's
+    /// counters stay.
+    pub(crate) fn flush(&mut self) -> Keyspace {
+        let expired_keys = self.expired_keys;
+        let old = std::mem::take(self);
+        self.expired_keys = expired_keys;
+        old
     }
 
     /// Up to `max` keys whose deadline is at or before `now`, earliest first.
@@ -284,10 +455,10 @@ impl Db {
         if old_at != new_at {
             let h = self.map.hash(&key);
             if old_at != 0 {
-                self.expires.remove(&(old_at, h));
+                self.index_remove(old_at, h);
             }
             if new_at != 0 {
-                self.expires.insert((new_at, h));
+                self.index_add(new_at, h);
             }
         }
         self.live_bytes += key_len + item.value.len() as u64 + ITEM_OVERHEAD;
@@ -329,7 +500,7 @@ impl Db {
     /// Drops `key`'s entry from the expiry index (after its deadline changed or it went).
     pub(crate) fn forget_expiry(&mut self, at: u64, key: &[u8]) {
         if at != 0 {
-            self.expires.remove(&(at, self.map.hash(key)));
+            self.index_remove(at, self.map.hash(key));
         }
     }
 
@@ -344,7 +515,7 @@ impl Db {
         }
         self.forget_expiry(old, key);
         if at != 0 {
-            self.expires.insert((at, self.map.hash(key)));
+            self.index_add(at, self.map.hash(key));
         }
     }
 
@@ -429,10 +600,10 @@ impl Db {
             }
         }
         if index_out != 0 {
-            self.expires.remove(&(index_out, h));
+            self.index_remove(index_out, h);
         }
         if index_in != 0 {
-            self.expires.insert((index_in, h));
+            self.index_add(index_in, h);
         }
         match (get, ok) {
             (true, _) => OpResult::Old(old),
@@ -441,11 +612,10 @@ impl Db {
         }
     }
 
-    /// Applies one committed entry. Deterministic: depends only on the map and the entry.
-    pub fn apply(&mut self, entry: Entry) -> OpResult {
-        self.applied = entry.index;
-        let now = entry.ts_ms;
-        match entry.op {
+    /// Applies an operation that stays within this database, at the entry time `now`.
+    /// Deterministic: depends only on the map and the operation.
+    pub(crate) fn apply_op(&mut self, op: Op, now: u64) -> OpResult {
+        match op {
             Op::Noop => OpResult::Ok,
             Op::Cmd { args } => self.exec(args, now),
             Op::Set {
@@ -578,7 +748,7 @@ pub struct LogInfo {
     pub recovery: RecoveryReport,
 }
 
-/// One key of the map as copied for a snapshot: key, value, expiry (0 = none).
+/// One key of a database as copied for a snapshot: key, value, expiry (0 = none).
 type SnapshotRow = (Box<[u8]>, Box<[u8]>, u64);
 
 type Outcome = Result<Vec<OpResult>, String>;
@@ -631,8 +801,9 @@ struct Inner {
     last_fsync_nanos: AtomicU64,
     /// The log writer thread (`--fsync always` only), unparked when entries are queued.
     writer: std::sync::OnceLock<Thread>,
-    /// Keys a reader found expired, for the expirer to delete soon (lazy expiry).
-    expiry_hints: crossbeam_channel::Sender<Vec<u8>>,
+    /// Keys a reader found expired (database, key), for the expirer to delete soon (lazy
+    /// expiry).
+    expiry_hints: crossbeam_channel::Sender<(u32, Vec<u8>)>,
     stats: Stats,
     recovery: RecoveryReport,
     /// The meta file's contents as last written (the lock orders writers of the file).
@@ -669,9 +840,23 @@ impl Store {
     /// ```
     pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store, StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        let mut deadlines = Vec::new();
+        let databases = opts.databases.max(1);
+        // Per database, the deadlines of its snapshot keys.
+        let mut deadlines: Vec<Vec<(u64, u64)>> = vec![Vec::new(); databases as usize];
+        // The first snapshot key or log entry beyond the configured databases.
+        let beyond: std::cell::RefCell<Option<StoreError>> = std::cell::RefCell::new(None);
+        let too_few = |db: Option<u32>, place: String| {
+            let mut b = beyond.borrow_mut();
+            if b.is_none() {
+                *b = Some(StoreError::TooFewDatabases {
+                    configured: databases,
+                    db,
+                    place,
+                });
+            }
+        };
         // Both replay callbacks need the map; RefCell lets them share it.
-        let db = std::cell::RefCell::new(Db::default());
+        let db = std::cell::RefCell::new(Db::new(databases));
         let wal_opts = WalOptions {
             fsync: opts.fsync,
             segment_size: opts.segment_size,
@@ -682,23 +867,42 @@ impl Store {
             |part| {
                 let mut db = db.borrow_mut();
                 match part {
-                    SnapshotPart::Header { index, count, .. } => {
-                        db.applied = index;
-                        db.map.reserve(count.min(1 << 28) as usize);
+                    SnapshotPart::Header { index, .. } => db.applied = index,
+                    SnapshotPart::Database { db: d, count } => {
+                        if let Some(ks) = db.keyspace_mut(d) {
+                            ks.map.reserve(count.min(1 << 28) as usize);
+                        }
                     }
-                    SnapshotPart::Item(it) => db.load(it, &mut deadlines),
+                    SnapshotPart::Item(it) => {
+                        let d = it.db;
+                        match (db.keyspace_mut(d), deadlines.get_mut(d as usize)) {
+                            (Some(ks), Some(dl)) => ks.load(it, dl),
+                            _ => too_few(Some(d), "the snapshot".into()),
+                        }
+                    }
                     // Built in one go from sorted entries: a snapshot lists keys in hash
                     // order, and inserting their deadlines one by one in that random
                     // order costs more than loading the keys themselves.
                     SnapshotPart::End => {
-                        db.expires = std::mem::take(&mut deadlines).into_iter().collect();
+                        for (ks, dl) in db.keyspaces_mut().iter_mut().zip(&mut deadlines) {
+                            ks.index_load(std::mem::take(dl));
+                        }
                     }
                 }
             },
             |e| {
-                db.borrow_mut().apply(e);
+                let (index, entry_db) = (e.index, e.db);
+                // Dispatch checks every index against the same count, so only a log
+                // written with more databases makes an entry fail this way.
+                if db.borrow_mut().apply(e) == OpResult::Error(ERR_DB_RANGE) {
+                    let d = (entry_db >= databases).then_some(entry_db);
+                    too_few(d, format!("log entry {index}"));
+                }
             },
         )?;
+        if let Some(e) = beyond.into_inner() {
+            return Err(e);
+        }
         let db = db.into_inner();
         let queue = Queue {
             next_index: recovery.last_index + 1,
@@ -761,37 +965,52 @@ impl Store {
         self.inner.opts.clock.now_ms()
     }
 
-    /// Tells the expirer that a reader found `key` expired (lazy expiry). Never blocks: if
-    /// the expirer is behind, the hint is dropped and its own sweep finds the key.
-    pub fn note_expired(&self, key: &[u8]) {
-        let _ = self.inner.expiry_hints.try_send(key.to_vec());
+    /// Tells the expirer that a reader found `key` of database `db` expired (lazy expiry).
+    /// Never blocks: if the expirer is behind, the hint is dropped and its own sweep finds
+    /// the key.
+    pub fn note_expired(&self, db: u32, key: &[u8]) {
+        let _ = self.inner.expiry_hints.try_send((db, key.to_vec()));
     }
 
-    /// One expiry cycle, as the leader runs it: logs the deletion of keys whose deadline
-    /// has passed (at most [`EXPIRE_BATCH`] per entry, for at most [`EXPIRE_CYCLE`]), and
-    /// of `hinted` keys still expired. Returns how many keys were deleted. The background
-    /// expirer calls this ten times a second; tests call it directly under a fake clock.
-    pub fn expire_due(&self, hinted: &[Vec<u8>]) -> Result<usize, StoreError> {
+    /// One expiry cycle, as the leader runs it: in every database, logs the deletion of
+    /// keys whose deadline has passed (at most [`EXPIRE_BATCH`] per entry, for at most
+    /// [`EXPIRE_CYCLE`]), and of `hinted` keys (database, key) still expired. Returns how
+    /// many keys were deleted. The background expirer calls this ten times a second;
+    /// tests call it directly under a fake clock.
+    pub fn expire_due(&self, hinted: &[(u32, Vec<u8>)]) -> Result<usize, StoreError> {
         let started = std::time::Instant::now();
         let mut deleted = 0;
         let mut hinted = hinted;
         loop {
             let now = self.now_ms();
-            let keys = self.read(|db| {
-                let mut keys = db.due(now, EXPIRE_BATCH);
-                keys.extend(hinted.iter().filter(|k| db.is_expired(k, now)).cloned());
-                keys
+            // One EXPIRED entry per database with keys to delete.
+            let batches: Vec<(u32, Vec<Vec<u8>>)> = self.read_all(|db| {
+                (0u32..)
+                    .zip(db.keyspaces())
+                    .filter_map(|(d, ks)| {
+                        let mut keys = ks.due(now, EXPIRE_BATCH);
+                        keys.extend(
+                            hinted
+                                .iter()
+                                .filter(|(hd, k)| *hd == d && ks.is_expired(k, now))
+                                .map(|(_, k)| k.clone()),
+                        );
+                        (!keys.is_empty()).then_some((d, keys))
+                    })
+                    .collect()
             });
             hinted = &[];
-            if keys.is_empty() {
+            if batches.is_empty() {
                 return Ok(deleted);
             }
-            let full = keys.len() >= EXPIRE_BATCH;
-            let mut args = Vec::with_capacity(keys.len() + 1);
-            args.push(b"EXPIRED".to_vec());
-            args.extend(keys);
-            if let Some(OpResult::Int(n)) = self.write(vec![Op::Cmd { args }])?.first() {
-                deleted += *n as usize;
+            let full = batches.iter().any(|(_, keys)| keys.len() >= EXPIRE_BATCH);
+            for (d, keys) in batches {
+                let mut args = Vec::with_capacity(keys.len() + 1);
+                args.push(b"EXPIRED".to_vec());
+                args.extend(keys);
+                if let Some(OpResult::Int(n)) = self.write(d, vec![Op::Cmd { args }])?.first() {
+                    deleted += *n as usize;
+                }
             }
             // Bounded work per cycle: a million keys expiring at once are deleted over
             // many cycles, never in one long pause.
@@ -814,18 +1033,29 @@ impl Store {
         &self.inner.opts
     }
 
-    /// Runs `f` with the map locked (for reads spanning several keys).
-    pub fn read<R>(&self, f: impl FnOnce(&Db) -> R) -> R {
+    /// Runs `f` on database `db` with the map locked (for reads spanning several keys).
+    /// A database that does not exist reads as empty.
+    pub fn read<R>(&self, db: u32, f: impl FnOnce(&Keyspace) -> R) -> R {
+        f(self.inner.db.lock().keyspace(db))
+    }
+
+    /// Runs `f` on every database with the map locked (INFO, the expirer).
+    pub fn read_all<R>(&self, f: impl FnOnce(&Db) -> R) -> R {
         f(&self.inner.db.lock())
     }
 
-    /// The value of `key`, or `None` if missing or expired.
-    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        let now = self.now_ms();
-        self.read(|db| db.get(key, now).map(|i| i.value.to_vec()))
+    /// How many databases there are (`--databases`).
+    pub fn databases(&self) -> u32 {
+        self.inner.opts.databases.max(1)
     }
 
-    /// Sets `key` to `value` (no expiry), durably as the fsync policy says.
+    /// The value of `key` in database 0, or `None` if missing or expired.
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let now = self.now_ms();
+        self.read(0, |db| db.get(key, now).map(|i| i.value.to_vec()))
+    }
+
+    /// Sets `key` to `value` in database 0 (no expiry), durably as the fsync policy says.
     pub fn set(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.write_one(Op::Set {
             key: key.to_vec(),
@@ -837,7 +1067,7 @@ impl Store {
         .map(|_| ())
     }
 
-    /// Deletes keys; returns how many existed.
+    /// Deletes keys of database 0; returns how many existed.
     pub fn del(&self, keys: &[&[u8]]) -> Result<i64, StoreError> {
         match self.write_one(Op::Del {
             keys: keys.iter().map(|k| k.to_vec()).collect(),
@@ -847,7 +1077,7 @@ impl Store {
         }
     }
 
-    /// Adds `delta` to the integer at `key` (missing = 0).
+    /// Adds `delta` to the integer at `key` in database 0 (missing = 0).
     pub fn incr_by(&self, key: &[u8], delta: i64) -> Result<Result<i64, &'static str>, StoreError> {
         Ok(
             match self.write_one(Op::IncrBy {
@@ -861,9 +1091,9 @@ impl Store {
         )
     }
 
-    /// Number of keys.
+    /// Number of keys, in every database.
     pub fn len(&self) -> usize {
-        self.read(|db| db.len())
+        self.read_all(|db| db.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -871,20 +1101,22 @@ impl Store {
     }
 
     fn write_one(&self, op: Op) -> Result<OpResult, StoreError> {
-        let mut r = self.write(vec![op])?;
+        let mut r = self.write(0, vec![op])?;
         Ok(r.pop().unwrap_or(OpResult::Ok))
     }
 
-    /// Logs `ops` as consecutive entries, waits until they are committed (written, and
-    /// fsync'd under `--fsync always`) and applied, and returns one result per op.
-    pub fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
+    /// Logs `ops` as consecutive entries in database `db`, waits until they are committed
+    /// (written, and fsync'd under `--fsync always`) and applied, and returns one result
+    /// per op.
+    pub fn write(&self, db: u32, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
         if self.inner.opts.fsync != FsyncPolicy::Always {
-            return self.write_direct(ops);
+            return self.write_direct(db, ops);
         }
         let slot = Arc::new(Mutex::new(None));
         let me = thread::current();
         let filled = slot.clone();
         self.submit(
+            db,
             ops,
             Box::new(move |r| {
                 *filled.lock() = Some(r);
@@ -899,13 +1131,15 @@ impl Store {
         }
     }
 
-    /// Logs `ops` as consecutive entries and calls `done` once they are committed and
-    /// applied, with one result per op, in submission order. Without an fsync to share
+    /// Logs `ops` as consecutive entries in database `db` and calls `done` once they are
+    /// committed and applied, with one result per op, in submission order. (A
+    /// connection's pipelined writes share a database: a batch is submitted before a
+    /// command that is not a write, such as SELECT, runs.) Without an fsync to share
     /// (`everysec`, `no`) the commit happens on the caller's thread and `done` runs before
     /// this returns; under `always` the log writer thread commits a whole batch with one
     /// fsync and runs `done` for each submitter, so a caller need not wait (the server's
     /// connections go back to reading while the writer answers their clients).
-    pub fn submit(&self, ops: Vec<Op>, done: Done) {
+    pub fn submit(&self, db: u32, ops: Vec<Op>, done: Done) {
         if ops.is_empty() {
             done(Ok(Vec::new()));
             return;
@@ -915,7 +1149,7 @@ impl Store {
             return;
         }
         if self.inner.opts.fsync != FsyncPolicy::Always {
-            done(self.write_direct(ops));
+            done(self.write_direct(db, ops));
             return;
         }
         let ts_ms = self.now_ms();
@@ -933,6 +1167,7 @@ impl Store {
                     index: first + i as u64,
                     epoch,
                     ts_ms,
+                    db,
                     op,
                 };
                 if let Err(e) = q.buf.push(&entry) {
@@ -964,7 +1199,7 @@ impl Store {
     /// The commit path without an fsync to share: a flush is one short `write()`, so
     /// taking the writer lock (which spins before it sleeps) and writing our own entries
     /// costs less than queueing, parking and being unparked by another thread.
-    fn write_direct(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
+    fn write_direct(&self, db: u32, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
         let inner = &*self.inner;
         let mut wal = inner.wal.lock();
         if let Some(why) = inner.failed.get() {
@@ -983,6 +1218,7 @@ impl Store {
                 index: first + i as u64,
                 epoch,
                 ts_ms,
+                db,
                 op,
             })
             .collect();
@@ -1008,7 +1244,7 @@ impl Store {
         let (results, live_bytes) = {
             let mut db = inner.db.lock();
             let r: Vec<OpResult> = entries.into_iter().map(|e| db.apply(e)).collect();
-            (r, db.live_bytes)
+            (r, db.live_bytes())
         };
         self.maybe_compact(&mut wal, live_bytes);
         Ok(results)
@@ -1091,7 +1327,7 @@ impl Store {
                     for e in entries {
                         results.push(db.apply(e));
                     }
-                    db.live_bytes
+                    db.live_bytes()
                 };
                 let mut results = results.into_iter();
                 for (_, n, outcome) in &mut deliveries.0 {
@@ -1144,18 +1380,26 @@ impl Store {
         let index = wal.last_index();
         wal.roll(index + 1)?;
         let epoch = self.inner.epoch.load(Ordering::Relaxed);
-        let items: Vec<SnapshotRow> = {
+        // Per database, its index and a copy of its keys.
+        let items: Vec<(u32, Vec<SnapshotRow>)> = {
             let db = self.inner.db.lock();
-            db.map
-                .iter()
-                .map(|(k, i)| (k.clone(), i.value.clone(), i.expire_at))
+            (0u32..)
+                .zip(db.keyspaces())
+                .map(|(d, ks)| {
+                    let rows = ks
+                        .map
+                        .iter()
+                        .map(|(k, i)| (k.clone(), i.value.clone(), i.expire_at))
+                        .collect();
+                    (d, rows)
+                })
                 .collect()
         };
         let inner = self.inner.clone();
         log::info!(
             "compacting: log is {} bytes, snapshotting {} keys at index {index}",
             wal.log_bytes(),
-            items.len()
+            items.iter().map(|(_, rows)| rows.len()).sum::<usize>()
         );
         thread::Builder::new()
             .name("compaction".into())
@@ -1165,7 +1409,13 @@ impl Store {
                     epoch,
                     items
                         .iter()
-                        .map(|(k, v, e)| (&**k, &**v, (*e != 0).then_some(*e))),
+                        .map(|(d, rows)| {
+                            let keys = rows
+                                .iter()
+                                .map(|(k, v, e)| (&**k, &**v, (*e != 0).then_some(*e)));
+                            (*d, keys)
+                        })
+                        .collect(),
                 );
                 drop(items);
                 match Wal::write_snapshot_and_prune(&inner.dir, index, &bytes) {
@@ -1377,7 +1627,7 @@ pub const EXPIRE_CYCLE: Duration = Duration::from_millis(25);
 
 /// The active expirer: ten times a second (or sooner when readers report expired keys),
 /// run [`Store::expire_due`]. Exits when the store is dropped (the hint channel closes).
-fn expirer(inner: Weak<Inner>, hints: crossbeam_channel::Receiver<Vec<u8>>) {
+fn expirer(inner: Weak<Inner>, hints: crossbeam_channel::Receiver<(u32, Vec<u8>)>) {
     let tick = crossbeam_channel::tick(Duration::from_millis(100));
     loop {
         let mut hinted = Vec::new();
@@ -1431,6 +1681,7 @@ mod tests {
             index,
             epoch: 0,
             ts_ms,
+            db: 0,
             op,
         }
     }
@@ -1473,7 +1724,7 @@ mod tests {
             )),
             OpResult::Old(Some(b"1".to_vec()))
         );
-        assert_eq!(db.get(b"k", 0).unwrap().value[..], b"1"[..]);
+        assert_eq!(db.keyspace(0).get(b"k", 0).unwrap().value[..], b"1"[..]);
         assert_eq!(
             db.apply(entry(4, 0, set_op("k", "3", Expiry::Never, a, true))),
             OpResult::Old(Some(b"1".to_vec()))
@@ -1489,13 +1740,16 @@ mod tests {
             100,
             set_op("k", "v", Expiry::At(200), Condition::Always, false),
         ));
-        assert!(db.get(b"k", 150).is_some());
-        assert!(db.get(b"k", 200).is_none());
+        assert!(db.keyspace(0).get(b"k", 150).is_some());
+        assert!(db.keyspace(0).get(b"k", 200).is_none());
         // NX at ts 150: key still live, refused; at ts 250: expired, so missing, accepted.
         let nx = set_op("k", "w", Expiry::Never, Condition::IfMissing, false);
         assert_eq!(db.apply(entry(2, 150, nx.clone())), OpResult::NotSet);
         assert_eq!(db.apply(entry(3, 250, nx)), OpResult::Ok);
-        assert_eq!(db.get(b"k", u64::MAX).unwrap().value[..], b"w"[..]);
+        assert_eq!(
+            db.keyspace(0).get(b"k", u64::MAX).unwrap().value[..],
+            b"w"[..]
+        );
         // KEEPTTL keeps the deadline.
         db.apply(entry(
             4,
@@ -1507,14 +1761,14 @@ mod tests {
             300,
             set_op("t", "2", Expiry::Keep, Condition::Always, false),
         ));
-        assert_eq!(db.get(b"t", 0).unwrap().expire_at, 900);
+        assert_eq!(db.keyspace(0).get(b"t", 0).unwrap().expire_at, 900);
         // A deadline already past deletes.
         db.apply(entry(
             6,
             1000,
             set_op("t", "3", Expiry::At(999), Condition::Always, false),
         ));
-        assert!(db.get(b"t", 0).is_none());
+        assert!(db.keyspace(0).get(b"t", 0).is_none());
     }
 
     #[test]
@@ -1541,7 +1795,7 @@ mod tests {
             OpResult::Error(ERR_OVERFLOW)
         );
         assert_eq!(
-            db.get(b"m", 0).unwrap().value[..],
+            db.keyspace(0).get(b"m", 0).unwrap().value[..],
             i64::MAX.to_string().as_bytes()[..]
         );
         for bad in ["", " 1", "+1", "01", "-0", "1.0", "99999999999999999999"] {
@@ -1570,7 +1824,7 @@ mod tests {
             db.apply(entry(2, 0, mset(pairs(&[("b", "3"), ("c", "4")]), true))),
             OpResult::Int(0)
         );
-        assert!(db.get(b"c", 0).is_none());
+        assert!(db.keyspace(0).get(b"c", 0).is_none());
         let del = Op::Del {
             keys: vec![b"a".to_vec(), b"a".to_vec(), b"zz".to_vec(), b"b".to_vec()],
         };
@@ -1642,6 +1896,7 @@ mod tests {
         assert!(s.log_info().write_error.is_some());
         let (tx, rx) = std::sync::mpsc::channel();
         s.submit(
+            0,
             vec![Op::Del {
                 keys: vec![b"a".to_vec()],
             }],
@@ -1683,19 +1938,22 @@ mod tests {
             let v = vec![b'x'; 360 << 20];
             let pairs = (0..3).map(|i| (vec![b'k', i], v.clone())).collect();
             let err = s
-                .write(vec![
-                    Op::Set {
-                        key: b"small".to_vec(),
-                        value: b"1".to_vec(),
-                        expiry: Expiry::Never,
-                        condition: Condition::Always,
-                        get: false,
-                    },
-                    Op::MSet {
-                        pairs,
-                        only_if_none_exist: false,
-                    },
-                ])
+                .write(
+                    0,
+                    vec![
+                        Op::Set {
+                            key: b"small".to_vec(),
+                            value: b"1".to_vec(),
+                            expiry: Expiry::Never,
+                            condition: Condition::Always,
+                            get: false,
+                        },
+                        Op::MSet {
+                            pairs,
+                            only_if_none_exist: false,
+                        },
+                    ],
+                )
                 .unwrap_err();
             assert!(matches!(err, StoreError::TooLarge(_)), "{err}");
             assert!(err.to_string().contains("too large for the log"), "{err}");
@@ -1806,6 +2064,345 @@ mod tests {
         assert_eq!(s.len(), 11);
     }
 
+    fn cmd(parts: &[&str]) -> Op {
+        Op::Cmd {
+            args: parts.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        }
+    }
+
+    /// One database's (key, value, deadline), sorted, expired keys included.
+    type Contents = Vec<(Vec<u8>, Vec<u8>, u64)>;
+
+    /// Each database's contents.
+    fn contents(db: &Db) -> Vec<Contents> {
+        db.keyspaces()
+            .iter()
+            .map(|ks| {
+                let mut v: Vec<_> = ks
+                    .map
+                    .iter()
+                    .map(|(k, i)| (k.to_vec(), i.value.to_vec(), i.expire_at))
+                    .collect();
+                v.sort();
+                v
+            })
+            .collect()
+    }
+
+    /// Every database's expiry index, deadline sum and live bytes agree with its map.
+    fn check_invariants(db: &Db) {
+        for ks in db.keyspaces() {
+            let mut fresh = Keyspace::default();
+            for (k, i) in &ks.map {
+                fresh.insert(k.clone(), i.clone());
+            }
+            assert_eq!(ks.expires, fresh.expires);
+            assert_eq!(ks.deadline_sum, fresh.deadline_sum);
+            assert_eq!(ks.live_bytes, fresh.live_bytes);
+        }
+    }
+
+    /// Operations apply to their own database only; MOVE, SWAPDB, COPY … DB, FLUSHDB and
+    /// FLUSHALL act across databases as Redis's do, and an index beyond the count is
+    /// refused without effect.
+    #[test]
+    fn apply_keeps_databases_apart() {
+        let mut db = Db::new(4);
+        let mut i = 0;
+        let mut ap = |db: &mut Db, d: u32, now: u64, op: Op| {
+            i += 1;
+            let r = db.apply(Entry {
+                index: i,
+                epoch: 0,
+                ts_ms: now,
+                db: d,
+                op,
+            });
+            check_invariants(db);
+            r
+        };
+        let set = |k: &str, v: &str, at: u64| Op::Set {
+            key: k.into(),
+            value: v.into(),
+            expiry: Expiry::from_deadline(at),
+            condition: Condition::Always,
+            get: false,
+        };
+        for d in 0..4 {
+            ap(&mut db, d, 0, set("k", &format!("v{d}"), 0));
+        }
+        assert_eq!(
+            ap(&mut db, 4, 0, set("k", "x", 0)),
+            OpResult::Error(ERR_DB_RANGE)
+        );
+        assert_eq!(
+            ap(
+                &mut db,
+                1,
+                0,
+                Op::IncrBy {
+                    key: b"n".to_vec(),
+                    delta: 2
+                }
+            ),
+            OpResult::Int(2)
+        );
+        assert_eq!(
+            db.keyspace(1).get(b"n", 0).map(|i| &i.value[..]),
+            Some(&b"2"[..])
+        );
+        assert!(db.keyspace(0).get(b"n", 0).is_none());
+        assert_eq!(db.len(), 5);
+        assert!(
+            db.keyspace(9).is_empty(),
+            "a database that does not exist reads empty"
+        );
+        // MOVE: the key and its deadline go; not onto an existing key; not to itself.
+        ap(&mut db, 0, 0, set("t", "tv", 500));
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "t", "2"])),
+            OpResult::Int(1)
+        );
+        assert!(db.keyspace(0).get(b"t", 10).is_none());
+        assert_eq!(db.keyspace(2).get(b"t", 10).map(|i| i.expire_at), Some(500));
+        assert_eq!(db.keyspace(2).expiring(), 1);
+        assert_eq!(db.keyspace(0).expiring(), 0);
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "2"])),
+            OpResult::Int(0)
+        );
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "nope", "2"])),
+            OpResult::Int(0)
+        );
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "0"])),
+            OpResult::Error("ERR source and destination objects are the same")
+        );
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "4"])),
+            OpResult::Error(ERR_DB_RANGE)
+        );
+        assert_eq!(
+            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "x"])),
+            OpResult::Error(crate::exec::ERR_BAD_RECORD)
+        );
+        // An expired key in the target does not block a MOVE (it is deleted first); an
+        // expired source is missing.
+        assert_eq!(
+            ap(&mut db, 2, 600, cmd(&["MOVE", "t", "0"])),
+            OpResult::Int(0)
+        );
+        assert_eq!(db.keyspace(2).expired_keys, 1);
+        ap(&mut db, 3, 600, set("e", "old", 700));
+        ap(&mut db, 1, 600, set("e", "new", 0));
+        assert_eq!(
+            ap(&mut db, 1, 800, cmd(&["MOVE", "e", "3"])),
+            OpResult::Int(1)
+        );
+        assert_eq!(
+            db.keyspace(3).get(b"e", 800).map(|i| &i.value[..]),
+            Some(&b"new"[..])
+        );
+        // COPY … DB keeps the source, copies the deadline, REPLACE overwrites.
+        ap(&mut db, 0, 0, set("c", "cv", 9000));
+        assert_eq!(
+            ap(&mut db, 0, 0, cmd(&["COPY", "c", "k", "DB", "1"])),
+            OpResult::Int(0)
+        );
+        assert_eq!(
+            ap(
+                &mut db,
+                0,
+                0,
+                cmd(&["COPY", "c", "k", "DB", "1", "REPLACE"])
+            ),
+            OpResult::Int(1)
+        );
+        assert_eq!(db.keyspace(1).get(b"k", 0).map(|i| i.expire_at), Some(9000));
+        assert!(db.keyspace(0).get(b"c", 0).is_some());
+        assert_eq!(
+            ap(&mut db, 0, 0, cmd(&["COPY", "c", "c", "DB", "2"])),
+            OpResult::Int(1)
+        );
+        assert_eq!(
+            ap(&mut db, 0, 0, cmd(&["COPY", "c", "z", "DB", "9"])),
+            OpResult::Error(ERR_DB_RANGE)
+        );
+        // SWAPDB exchanges whole databases.
+        let before = contents(&db);
+        assert_eq!(ap(&mut db, 3, 0, cmd(&["SWAPDB", "0", "2"])), OpResult::Ok);
+        let after = contents(&db);
+        assert_eq!((&after[0], &after[2]), (&before[2], &before[0]));
+        assert_eq!((&after[1], &after[3]), (&before[1], &before[3]));
+        assert_eq!(ap(&mut db, 0, 0, cmd(&["SWAPDB", "1", "1"])), OpResult::Ok);
+        assert_eq!(
+            ap(&mut db, 0, 0, cmd(&["SWAPDB", "1", "4"])),
+            OpResult::Error(ERR_DB_RANGE)
+        );
+        assert_eq!(contents(&db), after);
+        // FLUSHDB empties its own database, FLUSHALL every one.
+        assert_eq!(ap(&mut db, 1, 0, cmd(&["FLUSHDB"])), OpResult::Ok);
+        assert!(db.keyspace(1).is_empty());
+        assert!(!db.keyspace(0).is_empty() && !db.keyspace(3).is_empty());
+        assert_eq!(ap(&mut db, 2, 0, cmd(&["FLUSHALL"])), OpResult::Ok);
+        assert!(db.is_empty());
+        assert_eq!((db.live_bytes(), db.expired_keys()), (0, 2));
+        assert_eq!(db.applied_index(), i);
+        // A transaction applies each of its operations in its own database.
+        assert_eq!(db.apply_op(3, set("m", "1", 0), 0), OpResult::Ok);
+        assert_eq!(db.keyspace(3).len(), 1);
+    }
+
+    #[test]
+    fn avg_ttl_is_the_mean_time_left() {
+        let mut ks = Keyspace::default();
+        assert_eq!(ks.avg_ttl(0), 0);
+        let item = |at| Item {
+            value: Box::from(&b"v"[..]),
+            expire_at: at,
+        };
+        ks.insert(Box::from(&b"a"[..]), item(1000));
+        ks.insert(Box::from(&b"b"[..]), item(3000));
+        ks.insert(Box::from(&b"c"[..]), item(0));
+        assert_eq!(ks.avg_ttl(0), 2000);
+        assert_eq!(ks.avg_ttl(500), 1500);
+        assert_eq!(ks.avg_ttl(10_000), 0);
+        ks.remove(b"b");
+        assert_eq!(ks.avg_ttl(0), 1000);
+    }
+
+    /// Compaction writes every database into the snapshot; reopening loads each key into
+    /// its own database, with its deadline. Opening with fewer databases than the data
+    /// uses is refused (snapshot or log), naming the database.
+    #[test]
+    fn snapshot_and_log_keep_databases_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Options {
+            fsync: FsyncPolicy::No,
+            segment_size: 4096,
+            compact_min_bytes: 16 * 1024,
+            compact_percentage: 100,
+            active_expiry: false,
+            ..Options::default()
+        };
+        let s = Store::open(dir.path(), o.clone()).unwrap();
+        let far = s.now_ms() + 3_600_000;
+        for d in [0u32, 3, 15] {
+            let ops = vec![
+                Op::Set {
+                    key: b"same".to_vec(),
+                    value: format!("v{d}").into_bytes(),
+                    expiry: Expiry::Never,
+                    condition: Condition::Always,
+                    get: false,
+                },
+                Op::Set {
+                    key: format!("only{d}").into_bytes(),
+                    value: b"x".to_vec(),
+                    expiry: Expiry::At(far + u64::from(d)),
+                    condition: Condition::Always,
+                    get: false,
+                },
+            ];
+            s.write(d, ops).unwrap();
+        }
+        for round in 0..300 {
+            s.write(
+                7,
+                vec![set_op(
+                    "churn",
+                    &format!("{round}"),
+                    Expiry::Never,
+                    Condition::Always,
+                    false,
+                )],
+            )
+            .unwrap();
+            s.wait_for_compaction();
+        }
+        assert!(s.log_info().compactions > 0);
+        let want = s.read_all(contents);
+        drop(s);
+        let s = Store::open(dir.path(), o.clone()).unwrap();
+        assert!(s.recovery().snapshot_index.is_some());
+        assert_eq!(s.read_all(contents), want);
+        s.read_all(check_invariants);
+        assert_eq!(
+            s.read(3, |ks| ks.get(b"only3", 0).map(|i| i.expire_at)),
+            Some(far + 3)
+        );
+        // Database 20 only in the log (after the snapshot).
+        drop(s);
+        let s20 = Store::open(
+            dir.path(),
+            Options {
+                databases: 32,
+                ..o.clone()
+            },
+        )
+        .unwrap();
+        s20.write(
+            20,
+            vec![set_op("late", "1", Expiry::Never, Condition::Always, false)],
+        )
+        .unwrap();
+        drop(s20);
+        let few = |n: u32| {
+            Store::open(
+                dir.path(),
+                Options {
+                    databases: n,
+                    ..o.clone()
+                },
+            )
+        };
+        match few(4) {
+            Err(e @ StoreError::TooFewDatabases { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("the snapshot uses database 7"), "{text}");
+                assert!(text.contains("--databases"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match few(16) {
+            Err(e @ StoreError::TooFewDatabases { .. }) => {
+                assert!(e.to_string().contains("uses database 20"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = few(21).unwrap();
+        assert_eq!(s.read(20, |ks| ks.len()), 1);
+    }
+
+    /// The expirer deletes due keys in every database, and a reader's hint names the
+    /// database: a live key of the same name elsewhere stays.
+    #[test]
+    fn expiry_covers_every_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let (now, o) = fake_clock_options(1_000);
+        let s = Store::open(dir.path(), o).unwrap();
+        let set = |at: u64| Op::Set {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            expiry: Expiry::from_deadline(at),
+            condition: Condition::Always,
+            get: false,
+        };
+        s.write(0, vec![set(0)]).unwrap();
+        s.write(2, vec![set(1_100)]).unwrap();
+        s.write(9, vec![set(1_200)]).unwrap();
+        now.store(1_150, Ordering::SeqCst);
+        assert_eq!(s.expire_due(&[(0, b"k".to_vec())]).unwrap(), 1);
+        assert_eq!(s.read(2, |ks| ks.len()), 0);
+        assert_eq!(s.read(9, |ks| ks.len()), 1);
+        assert_eq!(s.read(0, |ks| ks.len()), 1);
+        now.store(1_300, Ordering::SeqCst);
+        assert_eq!(s.expire_due(&[(9, b"k".to_vec())]).unwrap(), 1);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.read_all(|db| db.expired_keys()), 2);
+    }
+
     /// Options with a clock the test sets (Unix ms) and no background expirer.
     fn fake_clock_options(start: u64) -> (Arc<AtomicU64>, Options) {
         let now = Arc::new(AtomicU64::new(start));
@@ -1837,12 +2434,18 @@ mod tests {
             condition: Condition::Always,
             get: false,
         };
-        s.write(vec![set("a", 1_000_100), set("b", 1_000_200), set("c", 0)])
-            .unwrap();
+        s.write(
+            0,
+            vec![set("a", 1_000_100), set("b", 1_000_200), set("c", 0)],
+        )
+        .unwrap();
         // b's deadline is removed again: replay must not expire it.
-        s.write(vec![Op::Cmd {
-            args: vec![b"PERSIST".to_vec(), b"b".to_vec()],
-        }])
+        s.write(
+            0,
+            vec![Op::Cmd {
+                args: vec![b"PERSIST".to_vec(), b"b".to_vec()],
+            }],
+        )
         .unwrap();
         assert_eq!(s.expire_due(&[]).unwrap(), 0);
         now.store(1_000_100, Ordering::SeqCst);
@@ -1851,7 +2454,7 @@ mod tests {
         now.store(1_000_500, Ordering::SeqCst);
         assert_eq!(s.expire_due(&[]).unwrap(), 1);
         assert_eq!(s.len(), 2);
-        assert_eq!(s.read(|db| db.expired_keys), 1);
+        assert_eq!(s.read_all(|db| db.expired_keys()), 1);
         drop(s);
         let s = Store::open(dir.path(), o).unwrap();
         assert_eq!(s.len(), 2);
@@ -1877,7 +2480,7 @@ mod tests {
                 get: false,
             })
             .collect();
-        s.write(ops).unwrap();
+        s.write(0, ops).unwrap();
         let before = s.log_info().last_index;
         now.store(7_000, Ordering::SeqCst);
         let mut deleted = 0;

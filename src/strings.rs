@@ -28,8 +28,8 @@
 //!   | `GETEX k EX 10` / `PX` / `EXAT`/`PXAT`| `GETEX k PXAT <unix ms>`        |
 //!   | `GETEX k PERSIST`                     | `GETEX k PERSIST`               |
 //!
-//!   Once logged, the entry is applied by `Db::exec`, which hands these names to
-//!   `Db::exec_string` with the entry's timestamp as `now`; the result ([`OpResult`])
+//!   Once logged, the entry is applied by `Keyspace::exec`, which hands these names to
+//!   `Keyspace::exec_string` with the entry's timestamp as `now`; the result ([`OpResult`])
 //!   becomes the reply through `commands::render_result`.
 //!
 //! # Why canonical forms
@@ -62,7 +62,7 @@
 use crate::commands::{Context, Dispatched, Reply, Session};
 use crate::exec::ERR_BAD_RECORD;
 use crate::protocol::{write_bulk, write_error};
-use crate::store::{Db, ERR_NOT_INTEGER, Item, OpResult, parse_i64};
+use crate::store::{ERR_NOT_INTEGER, Item, Keyspace, OpResult, parse_i64};
 use crate::wal::{Condition, Expiry, Op};
 
 /// The longest string APPEND and SETRANGE may build (Redis's default
@@ -77,7 +77,7 @@ const ERR_SYNTAX: &str = "ERR syntax error";
 /// returns writes as log operations.
 pub fn dispatch(
     ctx: &Context,
-    _s: &mut Session,
+    s: &mut Session,
     name: &str,
     args: Vec<Vec<u8>>,
     now: u64,
@@ -85,7 +85,7 @@ pub fn dispatch(
 ) -> Dispatched {
     let parsed = match name {
         "getrange" | "substr" => {
-            getrange(ctx, &args, now, out);
+            getrange(ctx, s.db, &args, now, out);
             return Dispatched::Done;
         }
         "setex" | "psetex" => parse_setex(name, args, now),
@@ -245,12 +245,12 @@ fn fits(prefix: u64, extra: usize) -> bool {
 
 /// `GETRANGE|SUBSTR key start end`: both offsets are parsed before the key is looked
 /// up; a missing key is an empty string, not nil.
-fn getrange(ctx: &Context, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
+fn getrange(ctx: &Context, db: u32, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
     let (Some(start), Some(end)) = (parse_i64(&args[2]), parse_i64(&args[3])) else {
         write_error(out, ERR_NOT_INTEGER);
         return;
     };
-    crate::commands::read_value(ctx, &args[1], now, |item| match item {
+    crate::commands::read_value(ctx, db, &args[1], now, |item| match item {
         Some(item) => write_bulk(out, substring(&item.value, start, end)),
         None => write_bulk(out, b""),
     });
@@ -278,7 +278,7 @@ fn parse_usize(b: &[u8]) -> Option<usize> {
     std::str::from_utf8(b).ok()?.parse().ok()
 }
 
-impl Db {
+impl Keyspace {
     /// Applies a canonical string command (`args[0]` is its upper-case name) at the
     /// entry's time `now`. Deterministic: depends only on the map, `args` and `now`.
     pub(crate) fn exec_string(&mut self, args: &[Vec<u8>], now: u64) -> OpResult {
@@ -417,7 +417,7 @@ impl Db {
     /// Changes an existing key's value in place with `f` and returns the new length. The
     /// deadline is untouched, so the expiry index stays as it is; `live_bytes` follows the
     /// change of length. Editing in place (rather than copying into a new value for
-    /// [`Db::insert`]) keeps a run of APPENDs from copying the whole string each time.
+    /// [`Keyspace::insert`]) keeps a run of APPENDs from copying the whole string each time.
     fn edit_value(&mut self, key: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> usize {
         let Some(item) = self.map.get_mut(key) else {
             return 0;
@@ -441,21 +441,15 @@ mod tests {
     use crate::protocol::{Proto, Value};
     use crate::repl::execute;
     use crate::store::{Clock, Options, Store};
-    use crate::wal::{Entry, FsyncPolicy};
+    use crate::wal::FsyncPolicy;
     use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
     use std::sync::atomic::Ordering;
 
     // ---- apply level ------------------------------------------------------------------
 
-    fn run(db: &mut Db, now: u64, op: Op) -> OpResult {
-        let index = db.applied_index() + 1;
-        let r = db.apply(Entry {
-            index,
-            epoch: 0,
-            ts_ms: now,
-            op,
-        });
+    fn run(db: &mut Keyspace, now: u64, op: Op) -> OpResult {
+        let r = db.apply_op(op, now);
         check_invariants(db);
         r
     }
@@ -481,9 +475,9 @@ mod tests {
     }
 
     /// The live bytes and the expiry index equal those of a map built from scratch with
-    /// [`Db::insert`], the reference for both.
-    fn check_invariants(db: &Db) {
-        let mut fresh = Db::default();
+    /// [`Keyspace::insert`], the reference for both.
+    fn check_invariants(db: &Keyspace) {
+        let mut fresh = Keyspace::default();
         for (k, i) in &db.map {
             fresh.insert(k.clone(), i.clone());
         }
@@ -491,7 +485,7 @@ mod tests {
         assert_eq!(db.expires, fresh.expires, "expiry index");
     }
 
-    fn item(db: &Db, k: &str) -> Option<(Vec<u8>, u64)> {
+    fn item(db: &Keyspace, k: &str) -> Option<(Vec<u8>, u64)> {
         db.map
             .get(k.as_bytes())
             .map(|i| (i.value.to_vec(), i.expire_at))
@@ -499,7 +493,7 @@ mod tests {
 
     #[test]
     fn append_creates_extends_and_keeps_the_deadline() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         assert_eq!(
             run(&mut db, 0, c(&["APPEND", "a", "foo"])),
             OpResult::Int(3)
@@ -531,7 +525,7 @@ mod tests {
 
     #[test]
     fn append_refuses_past_the_size_limit() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         // Pretend-big value without allocating 512 MiB: the limit is on the sum.
         assert!(fits(MAX_STRING_LEN as u64 - 3, 3));
         assert!(!fits(MAX_STRING_LEN as u64 - 3, 4));
@@ -548,7 +542,7 @@ mod tests {
 
     #[test]
     fn setrange_pads_overwrites_and_keeps_the_deadline() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         // Nothing to write on a missing key: 0, and no key.
         assert_eq!(
             run(&mut db, 0, c(&["SETRANGE", "s", "0", ""])),
@@ -596,7 +590,7 @@ mod tests {
 
     #[test]
     fn getdel_returns_and_deletes() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         run(&mut db, 0, set("k", "v", 100));
         assert_eq!(run(&mut db, 0, c(&["GETDEL", "k"])), old("v"));
         assert_eq!(run(&mut db, 0, c(&["GETDEL", "k"])), OpResult::Old(None));
@@ -609,7 +603,7 @@ mod tests {
 
     #[test]
     fn getex_changes_the_deadline_after_reading() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         run(&mut db, 0, set("k", "v", 0));
         assert_eq!(run(&mut db, 10, c(&["GETEX", "k"])), old("v"));
         assert_eq!(item(&db, "k"), Some((b"v".to_vec(), 0)));
@@ -646,7 +640,7 @@ mod tests {
 
     #[test]
     fn malformed_records_are_refused_without_effect() {
-        let mut db = Db::default();
+        let mut db = Keyspace::default();
         run(&mut db, 0, set("k", "v", 0));
         let bad = OpResult::Error(ERR_BAD_RECORD);
         for rec in [
@@ -864,7 +858,7 @@ mod tests {
         assert_eq!(t.x("GETDEL k"), bulk("v"));
         assert_eq!(t.x("GETDEL k"), Value::Null);
         assert_eq!(t.x("EXISTS k"), int(0));
-        assert_eq!(t.ctx.store.read(|db| db.expiring()), 0);
+        assert_eq!(t.ctx.store.read(0, |db| db.expiring()), 0);
     }
 
     #[test]
@@ -1132,7 +1126,7 @@ mod tests {
     type Contents = (Vec<(Vec<u8>, Vec<u8>, u64)>, u64, usize);
 
     fn contents(ctx: &Context) -> Contents {
-        ctx.store.read(|db| {
+        ctx.store.read(0, |db| {
             let mut v: Vec<_> = db
                 .map
                 .iter()

@@ -19,7 +19,7 @@
 //! batch   := 0xB8 | len: u32 LE | crc32(salt ++ len ++ body): u32 LE | body
 //! body    := synced: u64 LE | count: u32 LE | record * count
 //! record  := len: u32 LE | entry
-//! entry   := version u8 | index u64 | epoch u64 | ts_ms u64 | op
+//! entry   := version u8 (2) | index u64 | epoch u64 | ts_ms u64 | db u32 | op
 //! ```
 //!
 //! `synced` is how far this segment had been fsync'd when the batch was written. The unit
@@ -30,12 +30,25 @@
 //! salt keeps a client's value, however crafted, from ever passing for a batch. Snapshots
 //! and `meta` are written whole and atomically, as frames `0xB7 | len | crc32 | payload`.
 //!
+//! In an entry, `epoch` is the leader's term (the cluster's fencing token), `ts_ms` the
+//! leader's wall clock when it accepted the write, which lets expiry be decided
+//! deterministically on replay (see `store.rs`), and `db` the database (Redis's `SELECT`
+//! index) the operation applies to. Commands that span databases name the others in their
+//! arguments (`MOVE key 3`, `SWAPDB 0 1`, `COPY a b DB 2`); `FLUSHALL` empties every
+//! database whatever its `db`. A transaction is one entry (`Op::Multi`).
+//!
 //! # Limits
 //!
 //! [`MAX_ENTRY`] and [`MAX_BATCH`] bound what the writer writes and what the reader
 //! accepts, in one place ([`Limits`]), so whatever the log accepts it reads back: an entry
 //! over the limit is refused by [`BatchBuf::push`] before anything is written (the store
 //! answers that write with an error and logs nothing of it).
+//!
+//! A snapshot file (`KVSNP`, version 2) is the header, then frames: `M` (index, epoch,
+//! key count), then for each database that has keys a `D` frame (db u32, its key count,
+//! so loading can size its table once) followed by one `K` frame (deadline, key, value)
+//! per key, and last `E` (the total count again). A version 1 snapshot, written before
+//! databases existed, has no `D` frames: its keys are in database 0.
 //!
 //! # Damage
 //!
@@ -101,8 +114,12 @@ const SEGMENT_MAGIC: &[u8; 8] = b"KVLOG\x00\x00\x02";
 /// Segment header: magic and format version, then the segment's salt (u64).
 const SEGMENT_HEADER_LEN: usize = 16;
 const SNAPSHOT_HEADER: &[u8; 8] = b"KVSNP\x00\x00\x02";
+/// Snapshots written before databases existed: no `D` frames, every key in database 0.
+const SNAPSHOT_HEADER_V1: &[u8; 8] = b"KVSNP\x00\x00\x01";
 const META_HEADER: &[u8; 8] = b"KVMETA\x00\x01";
 const ENTRY_VERSION: u8 = 2;
+/// Entries written before databases existed: no `db` field (database 0).
+const ENTRY_VERSION_V1: u8 = 1;
 
 /// When the log is fsync'd (`--fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +231,8 @@ pub struct Entry {
     pub epoch: u64,
     /// The leader's wall clock (Unix ms) when it accepted the write.
     pub ts_ms: u64,
+    /// The database (`SELECT` index) `op` applies to.
+    pub db: u32,
     pub op: Op,
 }
 
@@ -332,6 +351,7 @@ pub fn encode_payload(entry: &Entry, p: &mut Vec<u8>) {
     put_u64(p, entry.index);
     put_u64(p, entry.epoch);
     put_u64(p, entry.ts_ms);
+    put_u32(p, entry.db);
     encode_op(&entry.op, p);
 }
 
@@ -453,12 +473,17 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
         pos: 0,
     };
     let version = r.u8()?;
-    if version != ENTRY_VERSION {
+    if version != ENTRY_VERSION && version != ENTRY_VERSION_V1 {
         return Err(format!("unknown record version {version}"));
     }
     let index = r.u64()?;
     let epoch = r.u64()?;
     let ts_ms = r.u64()?;
+    let db = if version == ENTRY_VERSION_V1 {
+        0
+    } else {
+        r.u32()?
+    };
     let op = match r.u8()? {
         0 => Op::Noop,
         1 => {
@@ -528,6 +553,7 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
         index,
         epoch,
         ts_ms,
+        db,
         op,
     })
 }
@@ -1049,35 +1075,48 @@ pub fn read_meta(dir: &Path) -> Result<Meta, WalError> {
 /// One key of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotItem {
+    /// The database the key is in.
+    pub db: u32,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     /// Absolute expiry, Unix ms.
     pub expire_at_ms: Option<u64>,
 }
 
-/// Serialises a snapshot: header, one meta frame (index, epoch, count), one frame per key,
-/// and a closing frame with the count again so a truncated snapshot cannot pass as whole.
-pub fn encode_snapshot<'a>(
-    index: u64,
-    epoch: u64,
-    items: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8], Option<u64>)>,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + items.len() * 48);
+/// Serialises a snapshot: header, one meta frame (index, epoch, count), per database a
+/// `D` frame (its index and key count) and one frame per key, and a closing frame with
+/// the count again so a truncated snapshot cannot pass as whole. `databases` holds each
+/// database's index and its keys as (key, value, deadline); empty ones are left out.
+pub fn encode_snapshot<'a, I>(index: u64, epoch: u64, databases: Vec<(u32, I)>) -> Vec<u8>
+where
+    I: ExactSizeIterator<Item = (&'a [u8], &'a [u8], Option<u64>)>,
+{
+    let count: u64 = databases.iter().map(|(_, keys)| keys.len() as u64).sum();
+    let mut out = Vec::with_capacity(64 + (count as usize).saturating_mul(48));
     out.extend_from_slice(SNAPSHOT_HEADER);
-    let count = items.len() as u64;
     frame(&mut out, |p| {
         p.push(b'M');
         put_u64(p, index);
         put_u64(p, epoch);
         put_u64(p, count);
     });
-    for (k, v, exp) in items {
+    for (db, keys) in databases {
+        if keys.len() == 0 {
+            continue;
+        }
         frame(&mut out, |p| {
-            p.push(b'K');
-            put_u64(p, exp.unwrap_or(0));
-            put_bytes(p, k);
-            put_bytes(p, v);
+            p.push(b'D');
+            put_u32(p, db);
+            put_u64(p, keys.len() as u64);
         });
+        for (k, v, exp) in keys {
+            frame(&mut out, |p| {
+                p.push(b'K');
+                put_u64(p, exp.unwrap_or(0));
+                put_bytes(p, k);
+                put_bytes(p, v);
+            });
+        }
     }
     frame(&mut out, |p| {
         p.push(b'E');
@@ -1102,6 +1141,12 @@ pub enum SnapshotPart {
         epoch: u64,
         count: u64,
     },
+    /// The keys that follow, up to the next `Database`, are `count` keys of database
+    /// `db` (the count is the snapshot's claim: use it as a hint, capped).
+    Database {
+        db: u32,
+        count: u64,
+    },
     Item(SnapshotItem),
     /// The last part: every key was handed over and the snapshot checked whole.
     End,
@@ -1117,7 +1162,7 @@ pub fn decode_snapshot(path: &Path, buf: &[u8]) -> Result<Snapshot, WalError> {
             snap.epoch = epoch;
         }
         SnapshotPart::Item(it) => snap.items.push(it),
-        SnapshotPart::End => {}
+        SnapshotPart::Database { .. } | SnapshotPart::End => {}
     })?;
     Ok(snap)
 }
@@ -1136,9 +1181,11 @@ pub fn decode_snapshot_with(
         offset: offset as u64,
         reason,
     };
-    if buf.len() < 8 || &buf[..8] != SNAPSHOT_HEADER {
+    if buf.len() < 8 || (&buf[..8] != SNAPSHOT_HEADER && &buf[..8] != SNAPSHOT_HEADER_V1) {
         return Err(corrupt(0, "not a kvstore snapshot (bad header)".into()));
     }
+    let v1 = &buf[..8] == SNAPSHOT_HEADER_V1;
+    let mut db = 0u32;
     let mut pos = 8;
     let mut expected = None;
     let mut seen = 0u64;
@@ -1166,6 +1213,13 @@ pub fn decode_snapshot_with(
                 });
                 Ok(false)
             }
+            b'D' if expected.is_some() && !v1 => {
+                db = r.u32()?;
+                let count = r.u64()?;
+                r.done()?;
+                on_part(SnapshotPart::Database { db, count });
+                Ok(false)
+            }
             b'K' if expected.is_some() => {
                 let exp = r.u64()?;
                 let key = r.bytes()?;
@@ -1173,6 +1227,7 @@ pub fn decode_snapshot_with(
                 r.done()?;
                 seen += 1;
                 on_part(SnapshotPart::Item(SnapshotItem {
+                    db,
                     key,
                     value,
                     expire_at_ms: (exp != 0).then_some(exp),
@@ -1787,6 +1842,7 @@ mod tests {
             index: i,
             epoch: 1,
             ts_ms: 1000 + i,
+            db: (i % 3) as u32,
             op: Op::Set {
                 key: k.into(),
                 value: v.into(),
@@ -1859,6 +1915,7 @@ mod tests {
                 index: i as u64 + 1,
                 epoch: 7,
                 ts_ms: 123,
+                db: [0, 1, 15, u32::MAX][i % 4],
                 op,
             })
             .collect();
@@ -1899,6 +1956,53 @@ mod tests {
     }
 
     #[test]
+    fn version_1_records_read_as_database_0() {
+        // A version 1 entry as written before databases existed: no `db` field.
+        let mut buf = Vec::new();
+        frame(&mut buf, |p| {
+            p.push(ENTRY_VERSION_V1);
+            put_u64(p, 5);
+            put_u64(p, 1);
+            put_u64(p, 77);
+            encode_op(&Op::Noop, p);
+        });
+        let FrameRead::Frame(p, _) = read_frame(&buf) else {
+            panic!()
+        };
+        let e = decode_entry(p).unwrap();
+        assert_eq!((e.index, e.ts_ms, e.db, e.op), (5, 77, 0, Op::Noop));
+        // A version 1 snapshot: every key in database 0, and a `D` frame is refused.
+        let mut snap = SNAPSHOT_HEADER_V1.to_vec();
+        frame(&mut snap, |p| {
+            p.push(b'M');
+            put_u64(p, 4);
+            put_u64(p, 1);
+            put_u64(p, 1);
+        });
+        frame(&mut snap, |p| {
+            p.push(b'K');
+            put_u64(p, 0);
+            put_bytes(p, b"k");
+            put_bytes(p, b"v");
+        });
+        frame(&mut snap, |p| {
+            p.push(b'E');
+            put_u64(p, 1);
+        });
+        let s = decode_snapshot(Path::new("x"), &snap).unwrap();
+        assert_eq!((s.items[0].db, &s.items[0].key[..]), (0, &b"k"[..]));
+        // The same with a `D` frame is not version 1.
+        let one = vec![(&b"k"[..], &b"v"[..], None)].into_iter();
+        let mut snap = encode_snapshot(4, 1, vec![(2, one)]);
+        assert_eq!(
+            decode_snapshot(Path::new("x"), &snap).unwrap().items[0].db,
+            2
+        );
+        snap[..8].copy_from_slice(SNAPSHOT_HEADER_V1);
+        assert!(decode_snapshot(Path::new("x"), &snap).is_err());
+    }
+
+    #[test]
     fn zeros_are_not_a_frame() {
         assert!(matches!(read_frame(&[0u8; 64]), FrameRead::Invalid(_)));
         assert!(matches!(
@@ -1928,6 +2032,7 @@ mod tests {
             index: 1,
             epoch: 1,
             ts_ms: 1,
+            db: 0,
             op: Op::Del { keys: vec![] },
         };
         let mut p = payload(&e);
@@ -2007,22 +2112,36 @@ mod tests {
         assert_eq!(n, 10);
     }
 
+    /// A snapshot key as the tests write it: database, key, value, deadline.
+    type Row = (u32, Vec<u8>, Vec<u8>, Option<u64>);
+
     #[test]
     fn snapshot_round_trips_and_refuses_truncation() {
-        let items: Vec<(Vec<u8>, Vec<u8>, Option<u64>)> = vec![
-            (b"a".to_vec(), b"1".to_vec(), None),
-            (b"b".to_vec(), vec![], Some(5)),
+        let items: Vec<Row> = vec![
+            (0, b"a".to_vec(), b"1".to_vec(), None),
+            (0, b"b".to_vec(), vec![], Some(5)),
+            (3, b"a".to_vec(), b"other".to_vec(), None),
+            (3, b"c".to_vec(), b"x".to_vec(), Some(7)),
+            (15, b"a".to_vec(), b"last".to_vec(), None),
         ];
-        let bytes = encode_snapshot(
-            9,
-            2,
+        let of = |db: u32| {
             items
                 .iter()
-                .map(|(k, v, e)| (k.as_slice(), v.as_slice(), *e)),
-        );
+                .filter(move |i| i.0 == db)
+                .map(|(_, k, v, e)| (k.as_slice(), v.as_slice(), *e))
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let bytes = encode_snapshot(9, 2, vec![(0, of(0)), (1, of(1)), (3, of(3)), (15, of(15))]);
         let s = decode_snapshot(Path::new("x"), &bytes).unwrap();
-        assert_eq!((s.index, s.epoch, s.items.len()), (9, 2, 2));
+        assert_eq!((s.index, s.epoch, s.items.len()), (9, 2, 5));
         assert_eq!(s.items[1].expire_at_ms, Some(5));
+        let got: Vec<Row> = s
+            .items
+            .into_iter()
+            .map(|i| (i.db, i.key, i.value, i.expire_at_ms))
+            .collect();
+        assert_eq!(got, items, "every key comes back in its own database");
         for cut in 0..bytes.len() {
             assert!(
                 decode_snapshot(Path::new("x"), &bytes[..cut]).is_err(),
@@ -2315,7 +2434,11 @@ mod tests {
         let entries: Vec<Entry> = (1..=6).map(|i| set(i, &format!("k{i}"), "v")).collect();
         write_entries(&mut w, &entries[..3]);
         w.roll(4).unwrap();
-        let snap = encode_snapshot(3, 1, std::iter::once((&b"k"[..], &b"v"[..], None)));
+        let snap = encode_snapshot(
+            3,
+            1,
+            vec![(0, std::iter::once((&b"k"[..], &b"v"[..], None)))],
+        );
         Wal::write_snapshot_and_prune(dir.path(), 3, &snap).unwrap();
         write_entries(&mut w, &entries[3..]);
         drop(w);
@@ -2421,7 +2544,11 @@ mod tests {
         let entries: Vec<Entry> = (1..=20).map(|i| set(i, &format!("k{i}"), "v")).collect();
         write_entries(&mut w, &entries[..10]);
         w.roll(11).unwrap();
-        let snap = encode_snapshot(10, 1, std::iter::once((&b"k"[..], &b"v"[..], None)));
+        let snap = encode_snapshot(
+            10,
+            1,
+            vec![(0, std::iter::once((&b"k"[..], &b"v"[..], None)))],
+        );
         let freed = Wal::write_snapshot_and_prune(dir.path(), 10, &snap).unwrap();
         assert!(freed > 0);
         w.note_pruned(freed);
@@ -2441,6 +2568,7 @@ mod tests {
                     count: 1,
                     ..
                 },
+                SnapshotPart::Database { db: 0, count: 1 },
                 SnapshotPart::Item(_),
                 SnapshotPart::End
             ]

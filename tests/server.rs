@@ -544,7 +544,7 @@ fn connection_commands_ping_echo_select_time() {
     let r: Value = q(&mut con, "SELECT", &[b"0"]);
     assert_eq!(r, Value::Okay, "SELECT 0");
     assert_eq!(
-        query_err(&mut con, &cmd("SELECT", &[b"1"])),
+        query_err(&mut con, &cmd("SELECT", &[b"16"])),
         "ERR DB index is out of range"
     );
     assert_eq!(
@@ -1614,7 +1614,7 @@ fn config_get_shapes() {
     assert_eq!(pair(&mut con, "save"), vec!["save", ""]);
     assert_eq!(pair(&mut con, "appendonly"), vec!["appendonly", "yes"]);
     assert_eq!(pair(&mut con, "maxclients"), vec!["maxclients", "77"]);
-    assert_eq!(pair(&mut con, "databases"), vec!["databases", "1"]);
+    assert_eq!(pair(&mut con, "databases"), vec!["databases", "16"]);
     assert_eq!(pair(&mut con, "nosuchparam"), Vec::<String>::new());
     assert_eq!(pair(&mut con, "appendfsync"), vec!["appendfsync", "always"]);
 

@@ -672,6 +672,32 @@ def test_from_url(server, prefix, query):
 
 
 # --------------------------------------------------------------------------
+# Databases
+
+
+@pytest.mark.parametrize("db", [1, 15])
+def test_db_option_reads_and_writes_that_database(server, mode, prefix, db):
+    """redis-py's ``db=N`` (SELECT N on connect) reaches database N, never 0."""
+    other = make_client(server.port, mode, db=db)
+    zero = make_client(server.port, mode)
+    url = redis.Redis.from_url(
+        f"redis://127.0.0.1:{server.port}/{db}", socket_timeout=IO_TIMEOUT
+    )
+    try:
+        assert other.set(prefix + "k", "in-db") is True
+        assert zero.get(prefix + "k") is None
+        assert zero.set(prefix + "k", "in-zero") is True
+        assert other.get(prefix + "k") == b"in-db"
+        assert url.get(prefix + "k") == b"in-db"
+        assert str(as_str(other.client_info()["db"])) == str(db)
+    finally:
+        other.delete(prefix + "k")
+        zero.delete(prefix + "k")
+        for c in (other, zero, url):
+            c.close()
+
+
+# --------------------------------------------------------------------------
 # Raw sockets: the exact bytes
 
 

@@ -10,6 +10,7 @@
 //! assert_eq!(store.get(b"greeting").as_deref(), Some(&b"hello"[..]));
 //! # Ok::<(), kvstore::store::StoreError>(())
 //! ```
+pub mod auth;
 pub mod client;
 pub mod commands;
 pub mod exec;
@@ -19,6 +20,7 @@ pub mod info;
 pub mod keymap;
 pub mod keyspace;
 pub mod protocol;
+pub mod ratelog;
 pub mod repl;
 pub mod server;
 pub mod store;

@@ -68,6 +68,8 @@ pub const MAX_OUTPUT: usize = 1 << 30;
 const READ_CHUNK: usize = 16 * 1024;
 /// An idle connection's input buffer is shrunk back when it grew past this.
 const KEEP_INPUT_CAPACITY: usize = 4 << 20;
+/// An input buffer that must grow past this grows to the input cap at once.
+const GROW_TO_CAP_FROM: usize = 64 << 20;
 /// Descriptors a connection holds: its socket, nothing else (see [`WAKE_SIGNAL`]).
 pub const FDS_PER_CLIENT: u64 = 1;
 /// Descriptors kept for everything but clients: stdio, the listener, log segments,
@@ -567,6 +569,23 @@ impl Connection {
             self.input.drain(..self.consumed);
             self.consumed = 0;
         }
+        let limit = if self.session.authenticated {
+            self.limits.max_query_buffer
+        } else {
+            self.limits.max_query_buffer.min(UNAUTH_MAX_QUERY_BUFFER)
+        };
+        let len = self.input.len() + n;
+        if len > self.input.capacity() && len > GROW_TO_CAP_FROM {
+            // Doubling a large buffer copies it, holding old and new at once: 2x the
+            // input at that moment, and more if the allocator keeps the old pages. Past
+            // GROW_TO_CAP_FROM, reserve up to the cap in one step instead: its pages stay
+            // virtual until input fills them. (If that much address space cannot be
+            // had, extend below falls back to ordinary growth.)
+            let want = limit
+                .saturating_add(READ_CHUNK)
+                .saturating_sub(self.input.len());
+            let _ = self.input.try_reserve_exact(want);
+        }
         self.input.extend_from_slice(&self.chunk[..n]);
         let ctx = &self.shared.ctx;
         ctx.stats
@@ -575,11 +594,6 @@ impl Connection {
         // What this client makes us hold: unparsed input, and the arguments of an
         // unfinished request that the parser already copied out (Redis counts both).
         let held = self.input.len() + self.parser.buffered();
-        let limit = if self.session.authenticated {
-            self.limits.max_query_buffer
-        } else {
-            self.limits.max_query_buffer.min(UNAUTH_MAX_QUERY_BUFFER)
-        };
         if held <= limit {
             return true;
         }

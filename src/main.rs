@@ -220,6 +220,14 @@ fn run_server(a: ServerArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if a.proto_max_bulk_len as u64 > a.client_query_buffer_limit {
+        log::warn!(
+            "--proto-max-bulk-len ({}) is larger than --client-query-buffer-limit ({}): a \
+             client sending a bulk string that long is closed before it arrives",
+            a.proto_max_bulk_len,
+            a.client_query_buffer_limit
+        );
+    }
     let data_dir = a
         .data_dir
         .unwrap_or_else(|| PathBuf::from(format!("kvstore-data-{}", a.port)));

@@ -278,6 +278,10 @@ pub struct ServerStats {
     pub keyspace_misses: AtomicU64,
     pub net_input_bytes: AtomicU64,
     pub net_output_bytes: AtomicU64,
+    /// Failed AUTH / HELLO … AUTH (INFO `acl_access_denied_auth`).
+    pub acl_access_denied_auth: AtomicU64,
+    /// Clients closed past the input cap (INFO `client_query_buffer_limit_disconnections`).
+    pub client_qbuf_limit_disconnections: AtomicU64,
 }
 
 /// What CLIENT LIST shows of a connection.
@@ -964,10 +968,8 @@ fn auth(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 s.authenticated = true;
                 write_simple(out, "OK");
             } else {
-                write_error(
-                    out,
-                    "WRONGPASS invalid username-password pair or user is disabled.",
-                );
+                crate::auth::denied(ctx, s);
+                write_error(out, crate::auth::WRONGPASS);
             }
             return;
         }
@@ -978,15 +980,14 @@ fn auth(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
         );
         return;
     };
+    // The user name is no secret; the password is compared in constant time.
     let user_ok = args.len() == 2 || args[1] == b"default";
-    if user_ok && args[args.len() - 1] == pass.as_bytes() {
+    if crate::auth::password_matches(&args[args.len() - 1], pass.as_bytes()) && user_ok {
         s.authenticated = true;
         write_simple(out, "OK");
     } else {
-        write_error(
-            out,
-            "WRONGPASS invalid username-password pair or user is disabled.",
-        );
+        crate::auth::denied(ctx, s);
+        write_error(out, crate::auth::WRONGPASS);
     }
 }
 
@@ -1033,17 +1034,16 @@ fn hello(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
         }
     }
     if let Some((user, pass)) = auth {
+        // The same check as AUTH: constant-time, counted and logged when it fails.
         let ok = user == b"default"
             && ctx
                 .settings
                 .requirepass
                 .as_ref()
-                .is_none_or(|p| p.as_bytes() == pass);
-        if !ok || ctx.settings.requirepass.is_none() && user != b"default" {
-            write_error(
-                out,
-                "WRONGPASS invalid username-password pair or user is disabled.",
-            );
+                .is_none_or(|p| crate::auth::password_matches(pass, p.as_bytes()));
+        if !ok {
+            crate::auth::denied(ctx, s);
+            write_error(out, crate::auth::WRONGPASS);
             return;
         }
         s.authenticated = true;

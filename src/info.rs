@@ -169,6 +169,11 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
             ("evicted_keys", "0".into()),
             ("keyspace_hits", get(&st.keyspace_hits)),
             ("keyspace_misses", get(&st.keyspace_misses)),
+            (
+                "client_query_buffer_limit_disconnections",
+                get(&st.client_qbuf_limit_disconnections),
+            ),
+            ("acl_access_denied_auth", get(&st.acl_access_denied_auth)),
         ],
         "replication" => {
             let last = ctx.store.log_info().last_index;

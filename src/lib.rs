@@ -11,6 +11,7 @@
 //! # Ok::<(), kvstore::store::StoreError>(())
 //! ```
 pub mod admin;
+pub mod auth;
 pub mod client;
 pub mod commands;
 pub mod docs;
@@ -21,6 +22,7 @@ pub mod info;
 pub mod keymap;
 pub mod keyspace;
 pub mod protocol;
+pub mod ratelog;
 pub mod repl;
 pub mod server;
 pub mod store;

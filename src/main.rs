@@ -68,9 +68,21 @@ struct ServerArgs {
     /// Require clients to AUTH with this password.
     #[arg(long, env = "KVSTORE_REQUIREPASS", hide_env_values = true)]
     requirepass: Option<String>,
-    /// Refuse connections beyond this many clients.
+    /// Refuse connections beyond this many clients (lowered at start to what the
+    /// open-files limit allows, after raising it as far as possible).
     #[arg(long, env = "KVSTORE_MAX_CLIENTS", default_value_t = 10_000)]
     max_clients: usize,
+    /// Close a client whose unprocessed input (buffered bytes plus the arguments of an
+    /// unfinished request) exceeds this many bytes, as Redis's client-query-buffer-limit.
+    /// From 1 MiB to 1 GiB (a request of 1 GiB is the largest whose log entry always fits
+    /// the log's entry limit).
+    #[arg(
+        long,
+        env = "KVSTORE_CLIENT_QUERY_BUFFER_LIMIT",
+        default_value_t = kvstore::protocol::DEFAULT_QUERY_BUFFER_LIMIT as u64,
+        value_parser = clap::value_parser!(u64).range(1 << 20..=1 << 30)
+    )]
+    client_query_buffer_limit: u64,
     /// Largest bulk string a client may send, in bytes.
     #[arg(long, env = "KVSTORE_PROTO_MAX_BULK_LEN", default_value_t = 512 * 1024 * 1024)]
     proto_max_bulk_len: usize,
@@ -226,6 +238,23 @@ fn run_server(a: ServerArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // Before anything opens files: raise the descriptor limit, or fit the clients in it.
+    let max_clients = match server::fit_open_files_limit(a.max_clients) {
+        Ok(n) => n,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("kvstore: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if a.proto_max_bulk_len as u64 > a.client_query_buffer_limit {
+        log::warn!(
+            "--proto-max-bulk-len ({}) is larger than --client-query-buffer-limit ({}): a \
+             client sending a bulk string that long is closed before it arrives",
+            a.proto_max_bulk_len,
+            a.client_query_buffer_limit
+        );
+    }
     let data_dir = a
         .data_dir
         .unwrap_or_else(|| PathBuf::from(format!("kvstore-data-{}", a.port)));
@@ -243,7 +272,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
         },
         settings: Settings {
             requirepass: a.requirepass.filter(|p| !p.is_empty()),
-            max_clients: a.max_clients,
+            max_clients,
             port: a.port,
             bind: a.bind,
             proto_max_bulk_len: a.proto_max_bulk_len,
@@ -252,6 +281,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
         },
         limits: Limits {
             max_bulk_len: a.proto_max_bulk_len,
+            max_query_buffer: usize::try_from(a.client_query_buffer_limit).unwrap_or(usize::MAX),
             ..Limits::default()
         },
     };

@@ -51,6 +51,18 @@
 //! than `max_inline_len` bytes of them are refused too, since the caller
 //! keeps them buffered until the next request completes.
 //!
+//! Before the client has authenticated (on a server with a password,
+//! [`RequestParser::set_authenticated`]) only small requests are read, as in
+//! Redis 7: at most [`UNAUTH_MAX_ARRAY_LEN`] arguments of at most
+//! [`UNAUTH_MAX_BULK_LEN`] bytes each, so a stranger cannot make the server
+//! hold a large request for a password it does not know.
+//!
+//! What a whole connection may hold is the caller's to cap: the bytes it has
+//! buffered plus those the parser already copied out of the current request
+//! ([`RequestParser::buffered`]), against [`Limits::max_query_buffer`]. The
+//! caller may drop the bytes already copied out ([`RequestParser::release`]),
+//! so a large request is held once, not twice.
+//!
 //! Any [`ProtocolError`] is final: the connection replies with
 //! `-<error>` ([`write_error`] with the error's `Display`) and closes, like
 //! Redis, since the byte stream can no longer be trusted to be in sync.
@@ -76,14 +88,32 @@ pub struct Limits {
     pub max_bulk_len: usize,
     /// Most elements in one multibulk request (Redis: 1M... we use 1024*1024).
     pub max_array_len: usize,
+    /// Most bytes of one client's unprocessed input: what it has buffered plus the
+    /// arguments of the request being read (`--client-query-buffer-limit`, Redis's
+    /// `client-query-buffer-limit`). Past it the connection is closed. Enforced by the
+    /// connection, not the parser: it is about a client, not about one request.
+    pub max_query_buffer: usize,
 }
+
+/// Default of [`Limits::max_query_buffer`]: 1 GiB, as Redis. No request can be larger,
+/// which is also what bounds a log record (one request is one record).
+pub const DEFAULT_QUERY_BUFFER_LIMIT: usize = 1 << 30;
+/// Most arguments one request may have (Redis's 1M).
+pub const MAX_ARRAY_LEN: usize = 1024 * 1024;
+/// Before AUTH: most arguments in one multibulk request (Redis 7).
+pub const UNAUTH_MAX_ARRAY_LEN: usize = 10;
+/// Before AUTH: longest bulk string (Redis 7: 16 KiB).
+pub const UNAUTH_MAX_BULK_LEN: usize = 16 * 1024;
+/// Before AUTH: most unprocessed input a client may have (Redis 7: 1 MiB).
+pub const UNAUTH_MAX_QUERY_BUFFER: usize = 1 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_inline_len: 64 * 1024,
             max_bulk_len: 512 * 1024 * 1024,
-            max_array_len: 1024 * 1024,
+            max_array_len: MAX_ARRAY_LEN,
+            max_query_buffer: DEFAULT_QUERY_BUFFER_LIMIT,
         }
     }
 }
@@ -118,6 +148,10 @@ pub enum ProtocolError {
     TooBigBulkCount,
     /// Bulk payload not followed by CRLF.
     MissingCrlf,
+    /// Before AUTH, a `*<count>` above [`UNAUTH_MAX_ARRAY_LEN`].
+    UnauthenticatedMultibulkLength,
+    /// Before AUTH, a `$<len>` above [`UNAUTH_MAX_BULK_LEN`].
+    UnauthenticatedBulkLength,
     /// A reply starts with a byte that is no RESP2/RESP3 type.
     InvalidReplyType(u8),
     /// A reply is malformed; names the part that is wrong (e.g. `integer`).
@@ -140,6 +174,10 @@ impl fmt::Display for ProtocolError {
             ProtocolError::TooBigMultibulkCount => f.write_str("too big mbulk count string"),
             ProtocolError::TooBigBulkCount => f.write_str("too big bulk count string"),
             ProtocolError::MissingCrlf => f.write_str("expected CRLF after bulk string"),
+            ProtocolError::UnauthenticatedMultibulkLength => {
+                f.write_str("unauthenticated multibulk length")
+            }
+            ProtocolError::UnauthenticatedBulkLength => f.write_str("unauthenticated bulk length"),
             ProtocolError::InvalidReplyType(b) => {
                 write!(f, "invalid reply type byte {:?}", char::from(*b))
             }
@@ -191,6 +229,10 @@ pub struct RequestParser {
     bulk_len: Option<usize>,
     /// Arguments of the current multibulk request parsed so far.
     args: Vec<Vec<u8>>,
+    /// Total length of `args`, for the caller's input cap.
+    args_bytes: usize,
+    /// Refuse all but small requests (no AUTH yet on a server with a password).
+    unauthenticated: bool,
 }
 
 impl RequestParser {
@@ -203,7 +245,42 @@ impl RequestParser {
             pending: 0,
             bulk_len: None,
             args: Vec::new(),
+            args_bytes: 0,
+            unauthenticated: false,
         }
+    }
+
+    /// Whether the client has authenticated. Until it has, requests over the
+    /// `UNAUTH_*` limits are refused. Takes effect from the next request: call it
+    /// between requests (a connection calls it before every parse).
+    pub fn set_authenticated(&mut self, yes: bool) {
+        self.unauthenticated = !yes;
+    }
+
+    /// Bytes of the current, unfinished request already copied out of the
+    /// caller's buffer (its completed arguments). The caller counts them with its
+    /// buffer against [`Limits::max_query_buffer`].
+    pub fn buffered(&self) -> usize {
+        self.args_bytes
+    }
+
+    /// After `Ok(None)`: how many bytes at the front of the buffer last passed
+    /// are no longer needed (skipped lines, headers, arguments already copied
+    /// out). The caller must drop exactly that many from the front before the
+    /// next call, which then continues from the byte after them; the parser
+    /// forgets them here. Lets a request arriving in pieces be held once (as
+    /// its copied arguments), not twice.
+    ///
+    /// Only bytes of a multibulk request being read are released: skipped
+    /// blank lines ahead of nothing stay, so their limit keeps counting them.
+    pub fn release(&mut self) -> usize {
+        if self.pending == 0 {
+            return 0;
+        }
+        let n = self.pos;
+        self.pos = 0;
+        self.scanned = self.scanned.saturating_sub(n);
+        n
     }
 
     /// Parse one request from the front of `buf`.
@@ -230,6 +307,7 @@ impl RequestParser {
         self.pending = 0;
         self.bulk_len = None;
         self.args = Vec::new();
+        self.args_bytes = 0;
     }
 
     fn parse_inner(&mut self, buf: &[u8]) -> Result<Option<Request>, ProtocolError> {
@@ -253,6 +331,9 @@ impl RequestParser {
                     .ok_or(ProtocolError::InvalidMultibulkLength)?;
                 if count > 0 && count as u64 > self.limits.max_array_len as u64 {
                     return Err(ProtocolError::InvalidMultibulkLength);
+                }
+                if self.unauthenticated && count > UNAUTH_MAX_ARRAY_LEN as i64 {
+                    return Err(ProtocolError::UnauthenticatedMultibulkLength);
                 }
                 self.pos = cr + 2;
                 if count > 0 {
@@ -311,6 +392,9 @@ impl RequestParser {
                     if len < 0 || len as u64 > self.limits.max_bulk_len as u64 {
                         return Err(ProtocolError::InvalidBulkLength);
                     }
+                    if self.unauthenticated && len > UNAUTH_MAX_BULK_LEN as i64 {
+                        return Err(ProtocolError::UnauthenticatedBulkLength);
+                    }
                     self.pos = cr + 2;
                     self.bulk_len = Some(len as usize);
                     len as usize
@@ -325,6 +409,7 @@ impl RequestParser {
                 return Err(ProtocolError::MissingCrlf);
             }
             self.args.push(buf[self.pos..end].to_vec());
+            self.args_bytes += len;
             self.pos = end + 2;
             self.bulk_len = None;
             self.pending -= 1;
@@ -1164,6 +1249,30 @@ mod tests {
         Ok((requests, buf.len()))
     }
 
+    /// [`drive`] for a caller that drops what the parser releases after every
+    /// incomplete parse, as a connection does. Returns the requests and the most
+    /// bytes held at any time (buffer plus copied-out arguments).
+    fn drive_releasing(
+        limits: Limits,
+        chunks: &[&[u8]],
+    ) -> Result<(Requests, usize), ProtocolError> {
+        let mut parser = RequestParser::new(limits);
+        let mut buf = Vec::new();
+        let mut requests = Vec::new();
+        let mut peak = 0;
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            peak = peak.max(buf.len() + parser.buffered());
+            while let Some((args, consumed)) = parser.parse(&buf)? {
+                buf.drain(..consumed);
+                requests.push(args);
+            }
+            let n = parser.release();
+            buf.drain(..n);
+        }
+        Ok((requests, peak))
+    }
+
     /// Every way of cutting `input`: whole, at every single split point,
     /// at every pair of split points, and byte by byte. All must agree.
     fn drive_all_splits(limits: Limits, input: &[u8]) -> Result<(Requests, usize), ProtocolError> {
@@ -1197,6 +1306,21 @@ mod tests {
             "byte by byte: {:?}",
             String::from_utf8_lossy(input)
         );
+        // Dropping released bytes never changes what is parsed.
+        for i in 0..=input.len() {
+            let got = drive_releasing(limits, &[&input[..i], &input[i..]]).map(|(r, _)| r);
+            assert_eq!(
+                got,
+                whole.clone().map(|(r, _)| r),
+                "releasing, split at {i}"
+            );
+        }
+        let got = drive_releasing(limits, &bytes).map(|(r, _)| r);
+        assert_eq!(
+            got,
+            whole.clone().map(|(r, _)| r),
+            "releasing, byte by byte"
+        );
         whole
     }
 
@@ -1228,6 +1352,7 @@ mod tests {
         max_inline_len: 16,
         max_bulk_len: 8,
         max_array_len: 4,
+        max_query_buffer: 1 << 20,
     };
 
     /// Valid requests of every kind, with what they parse to.
@@ -1594,11 +1719,96 @@ mod tests {
     }
 
     #[test]
+    fn before_auth_only_small_requests_are_read() {
+        let unauth = || {
+            let mut p = RequestParser::new(Limits::default());
+            p.set_authenticated(false);
+            p
+        };
+        // Redis 7's limits, exactly: 10 arguments, 16 KiB each.
+        assert_eq!(unauth().parse(b"*10\r\n"), Ok(None));
+        let e = unauth().parse(b"*11\r\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ERR Protocol error: unauthenticated multibulk length"
+        );
+        assert_eq!(unauth().parse(b"*1\r\n$16384\r\n"), Ok(None));
+        let e = unauth().parse(b"*1\r\n$16385\r\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ERR Protocol error: unauthenticated bulk length"
+        );
+        // Over the general limits it is the general error, as in Redis.
+        assert_eq!(
+            unauth().parse(b"*1\r\n$536870913\r\n"),
+            Err(ProtocolError::InvalidBulkLength)
+        );
+        // A huge MSET is refused from its first big argument's header, before any
+        // payload: nothing of it is held.
+        let mut p = unauth();
+        let mset = b"*3\r\n$4\r\nMSET\r\n$1\r\nk\r\n$1500000000\r\n";
+        assert_eq!(
+            p.parse(mset),
+            Err(ProtocolError::InvalidBulkLength),
+            "over proto-max-bulk-len"
+        );
+        let mut p = unauth();
+        let mset = b"*3\r\n$4\r\nMSET\r\n$1\r\nk\r\n$100000\r\n";
+        assert_eq!(p.parse(mset), Err(ProtocolError::UnauthenticatedBulkLength));
+        // Authenticated, the same request is fine; AUTH itself is small.
+        let mut p = unauth();
+        let auth = b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n";
+        assert_eq!(
+            p.parse(auth),
+            Ok(Some((args(&[b"AUTH", b"pw"]), auth.len())))
+        );
+        p.set_authenticated(true);
+        assert_eq!(p.parse(b"*11\r\n"), Ok(None));
+    }
+
+    #[test]
+    fn released_bytes_are_held_once() {
+        // A request of many arguments arriving in small pieces: with released bytes
+        // dropped, buffer plus copied-out arguments stay about the request's size.
+        let mut req = b"*201\r\n$4\r\nMSET\r\n".to_vec();
+        for i in 0..100 {
+            req.extend_from_slice(format!("$3\r\nk{i:02}\r\n$100\r\n").as_bytes());
+            req.extend_from_slice(&[b'v'; 100]);
+            req.extend_from_slice(b"\r\n");
+        }
+        let chunks: Vec<&[u8]> = req.chunks(7).collect();
+        let (requests, peak) = drive_releasing(Limits::default(), &chunks).unwrap();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests[0].len(), 201);
+        let payload: usize = requests[0].iter().map(Vec::len).sum();
+        assert!(peak <= payload + 7 + 16, "peak {peak}, payload {payload}");
+
+        // buffered() counts the copied-out arguments of the unfinished request.
+        let mut p = RequestParser::new(Limits::default());
+        let part = b"*3\r\n$3\r\nSET\r\n$5\r\nhello\r\n$10\r\nabc";
+        assert_eq!(p.parse(part), Ok(None));
+        assert_eq!(p.buffered(), 8);
+        let n = p.release();
+        // The header of the argument being read is done with too.
+        assert_eq!(&part[n..], b"abc");
+        assert_eq!(p.release(), 0, "released bytes are forgotten");
+        let mut rest = part[n..].to_vec();
+        rest.extend_from_slice(b"defghij\r\n");
+        let done = p.parse(&rest).unwrap().unwrap();
+        assert_eq!(done, (args(&[b"SET", b"hello", b"abcdefghij"]), rest.len()));
+        assert_eq!(p.buffered(), 0);
+        // Nothing to release between requests (blank lines stay counted).
+        assert_eq!(p.parse(b"\r\n\r\n"), Ok(None));
+        assert_eq!(p.release(), 0);
+    }
+
+    #[test]
     fn unbounded_limits_do_not_wrap() {
         let limits = Limits {
             max_inline_len: usize::MAX,
             max_bulk_len: usize::MAX,
             max_array_len: usize::MAX,
+            max_query_buffer: usize::MAX,
         };
         let input = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n";
         assert_eq!(

@@ -13,12 +13,27 @@
 //!
 //! Flow control, so a client that pipelines without reading cannot deadlock us (DESIGN.md,
 //! "Limits on bad input"): replies are sent with `MSG_DONTWAIT`. If the client is not
-//! reading, the rest waits in the outbox and the thread `poll`s for both directions (and
-//! for an eventfd the log writer signals when it leaves replies unsent), still reading
-//! requests. Past [`OUTPUT_PAUSE`] unsent bytes it stops executing (but keeps buffering
-//! input up to [`MAX_QUERY_BUFFER`]); past [`MAX_OUTPUT`] it closes the connection, like
-//! Redis's `client-output-buffer-limit`. When nothing is owed and no write is in flight,
-//! the thread simply blocks in `recv`.
+//! reading, the rest waits in the outbox and the thread `ppoll`s for both directions,
+//! still reading requests. The log writer, when it leaves replies unsent, wakes the
+//! thread from `ppoll` with a signal ([`WAKE_SIGNAL`], blocked everywhere else) rather
+//! than through a descriptor, so a connection costs one descriptor, its socket. Past
+//! [`OUTPUT_PAUSE`] unsent bytes it stops executing, and input is only buffered; past
+//! [`MAX_OUTPUT`] (one huge reply can get there) it closes the connection, like Redis's
+//! `client-output-buffer-limit`. When nothing is owed and no write is in flight, the
+//! thread simply blocks in `recv`.
+//!
+//! Input is capped in every path ([`Limits::max_query_buffer`], 1 GiB, Redis's
+//! `client-query-buffer-limit`): after each read, the bytes buffered plus the arguments
+//! the parser already copied out of an unfinished request are counted, and a client
+//! over the cap is closed and logged. The parser releases the bytes it has copied out,
+//! so a big request is held once. Before AUTH (with `--requirepass`) the cap is 1 MiB
+//! and the parser reads only small requests, as in Redis 7.
+//!
+//! Descriptors: at start, [`fit_open_files_limit`] raises the soft `RLIMIT_NOFILE` as far
+//! as the hard one allows and lowers `--max-clients` to what fits (as Redis's
+//! `adjustOpenFilesLimit`), so the next client gets `-ERR max number of clients
+//! reached` instead of an accept that fails. If accept fails anyway (descriptors taken
+//! elsewhere), the loop backs off and warns at most once a second.
 //!
 //! Shutdown ([`ShutdownHandle::shutdown`], SIGTERM/SIGINT in the binary, the SHUTDOWN
 //! command through [`Context::request_shutdown`]): the accept loop
@@ -30,14 +45,16 @@
 
 use crate::commands::{self, Context, Dispatched, Reply, Session, Settings};
 use crate::protocol::Proto;
-use crate::protocol::{Limits, RequestParser, write_error};
+use crate::protocol::{Limits, RequestParser, UNAUTH_MAX_QUERY_BUFFER, write_error};
+use crate::ratelog::{RateLimit, suppressed_note};
 use crate::store::{OpResult, Options, Store, StoreError};
 use crate::wal::Op;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::fmt;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,11 +63,26 @@ use std::time::{Duration, Instant};
 
 /// Stop executing a connection's requests while this many reply bytes wait unsent.
 pub const OUTPUT_PAUSE: usize = 64 << 20;
-/// Close a connection whose unsent replies exceed this.
+/// Close a connection whose unsent replies exceed this. Execution pauses at
+/// [`OUTPUT_PAUSE`], so only a single reply larger than the difference gets here.
 pub const MAX_OUTPUT: usize = 1 << 30;
-/// Close a connection whose unparsed input exceeds this (Redis's client-query-buffer-limit).
-pub const MAX_QUERY_BUFFER: usize = 1 << 30;
 const READ_CHUNK: usize = 16 * 1024;
+/// An idle connection's input buffer is shrunk back when it grew past this.
+const KEEP_INPUT_CAPACITY: usize = 4 << 20;
+/// An input buffer that must grow past this grows to the input cap at once.
+const GROW_TO_CAP_FROM: usize = 64 << 20;
+/// Descriptors a connection holds: its socket, nothing else (see [`WAKE_SIGNAL`]).
+pub const FDS_PER_CLIENT: u64 = 1;
+/// Descriptors kept for everything but clients: stdio, the listener, log segments,
+/// snapshots, the data directory, the socket of a client being refused (Redis keeps
+/// the same 32, `CONFIG_MIN_RESERVED_FDS`).
+pub const RESERVED_FDS: u64 = 32;
+/// Wakes a connection thread from `ppoll` when the log writer hands it unsent replies.
+/// Blocked in that thread except inside `ppoll` (so it cannot be missed: one sent early
+/// stays pending), and handled by a no-op everywhere, so a stray one harms nothing.
+/// SIGURG because nothing else here uses it (we never ask for out-of-band data) and its
+/// default is to be ignored; Go's runtime uses it to interrupt threads the same way.
+pub const WAKE_SIGNAL: i32 = libc::SIGURG;
 /// Write batches one connection may have submitted and not yet answered.
 const MAX_INFLIGHT_BATCHES: usize = 64;
 
@@ -76,8 +108,8 @@ struct Shared {
     ctx: Arc<Context>,
     stopping: AtomicBool,
     addr: SocketAddr,
-    /// A clone of every open connection's socket, to shut its read side on shutdown.
-    conns: Mutex<HashMap<u64, TcpStream>>,
+    /// Every open connection, to shut its socket's read side on shutdown.
+    conns: Mutex<HashMap<u64, Arc<ConnShared>>>,
 }
 
 impl ShutdownHandle {
@@ -141,6 +173,7 @@ impl Server {
                 ShutdownHandle { inner }.shutdown();
             }
         });
+        install_wake_handler().map_err(|e| format!("cannot install the wake-up handler: {e}"))?;
         Ok(Server {
             listener,
             shared,
@@ -173,9 +206,25 @@ impl Server {
             let stream = match conn {
                 Ok(s) => s,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    log::warn!("accept failed: {e}");
-                    thread::sleep(Duration::from_millis(10));
+                    // Out of descriptors (or memory): the pending connection stays queued
+                    // and accept would fail again at once, so back off instead of
+                    // spinning, and say so at most once a second.
+                    static ACCEPT_LOG: RateLimit = RateLimit::new(Duration::from_secs(1));
+                    if let Some(n) = ACCEPT_LOG.check(Instant::now()) {
+                        log::warn!(
+                            "accepting a client connection failed: {e}{}",
+                            suppressed_note(n)
+                        );
+                    }
+                    let exhausted = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    );
+                    if exhausted {
+                        thread::sleep(Duration::from_millis(100));
+                    } else if e.kind() != io::ErrorKind::ConnectionAborted {
+                        thread::sleep(Duration::from_millis(10));
+                    }
                     continue;
                 }
             };
@@ -192,8 +241,8 @@ impl Server {
         }
         drop(self.listener);
         log::info!("shutting down: no longer accepting connections");
-        for s in self.shared.conns.lock().values() {
-            let _ = s.shutdown(Shutdown::Read);
+        for c in self.shared.conns.lock().values() {
+            let _ = c.stream.shutdown(Shutdown::Read);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while ctx.stats.connected_clients.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
@@ -216,9 +265,16 @@ impl Server {
         let session = ctx.register(addr);
         let id = session.id;
         ctx.stats.connected_clients.fetch_add(1, Ordering::SeqCst);
-        if let Ok(clone) = stream.try_clone() {
-            shared.conns.lock().insert(id, clone);
-        }
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(ConnShared {
+            ctx: ctx.clone(),
+            outbox: Mutex::new(Outbox {
+                buf: Vec::with_capacity(16 * 1024),
+                ..Outbox::default()
+            }),
+            stream,
+        });
+        shared.conns.lock().insert(id, conn.clone());
         let cleanup = {
             let shared = shared.clone();
             move || {
@@ -239,7 +295,7 @@ impl Server {
                 move || {
                     let _guard = Guard(Some(cleanup));
                     let r = catch_unwind(AssertUnwindSafe(|| {
-                        match Connection::new(ctx, session, stream, limits) {
+                        match Connection::new(conn, session, limits) {
                             Ok(c) => c.serve(),
                             Err(e) => log::error!("cannot set up connection {id}: {e}"),
                         }
@@ -293,6 +349,9 @@ struct Outbox {
     inflight: usize,
     /// The connection thread, parked until `inflight` is zero.
     waiter: Option<Thread>,
+    /// The connection thread while it runs (cleared, under this lock, before it ends, so
+    /// a completion never signals a thread that is gone).
+    owner: Option<(thread::ThreadId, libc::pthread_t)>,
 }
 
 impl Outbox {
@@ -323,35 +382,23 @@ impl Outbox {
     }
 }
 
-/// What a connection shares with the completions of its writes.
+/// What a connection shares with the completions of its writes (and, for shutdown,
+/// with the server). Holds the connection's only descriptor, its socket.
 struct ConnShared {
     ctx: Arc<Context>,
     outbox: Mutex<Outbox>,
     stream: TcpStream,
-    /// Signalled by a completion that could not send everything, so the connection
-    /// thread (perhaps asleep in `poll`) takes over the rest.
-    wake: OwnedFd,
-    owner: thread::ThreadId,
+}
+
+impl fmt::Debug for ConnShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnShared")
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnShared {
-    fn signal(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a valid buffer to our own eventfd.
-        unsafe {
-            libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8);
-        }
-    }
-
-    fn drain_signal(&self) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a valid buffer from our own (non-blocking)
-        // eventfd.
-        unsafe {
-            libc::read(self.wake.as_raw_fd(), buf.as_mut_ptr().cast(), 8);
-        }
-    }
-
     /// The completion of a batch of writes: render each result in order, and if running
     /// on the log writer's thread, send them right away.
     fn complete(&self, res: Result<Vec<OpResult>, StoreError>, hows: Vec<Reply>, proto: Proto) {
@@ -375,11 +422,19 @@ impl ConnShared {
         {
             w.unpark();
         }
-        if thread::current().id() != self.owner {
+        let owner = ob.owner;
+        if owner.is_none_or(|(id, _)| id != thread::current().id()) {
             // A send error means the client is gone; its thread will find out itself.
             let _ = ob.send(&self.stream, &self.ctx);
-            if ob.unsent() > 0 {
-                self.signal();
+            if ob.unsent() > 0
+                && let Some((_, pthread)) = owner
+            {
+                // The connection thread takes over the rest (it may be asleep in ppoll).
+                // SAFETY: `owner` is set only while that thread runs (cleared under this
+                // lock, which we hold, before it ends), so the pthread_t is valid.
+                unsafe {
+                    libc::pthread_kill(pthread, WAKE_SIGNAL);
+                }
             }
         }
     }
@@ -387,11 +442,14 @@ impl ConnShared {
 
 /// One client connection.
 struct Connection {
-    /// What completions need too; the server context is `shared.ctx`.
+    /// What completions need too (the socket is `shared.stream`, the server context
+    /// `shared.ctx`).
     shared: Arc<ConnShared>,
     session: Session,
-    stream: TcpStream,
     parser: RequestParser,
+    limits: Limits,
+    /// The signal mask for `ppoll`: this thread's, with [`WAKE_SIGNAL`] let through.
+    poll_mask: libc::sigset_t,
     input: Vec<u8>,
     /// Bytes of `input` already parsed.
     consumed: usize,
@@ -402,36 +460,41 @@ struct Connection {
     chunk: Box<[u8]>,
 }
 
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // From now on no completion may signal this thread (see `Outbox::owner`).
+        self.shared.outbox.lock().owner = None;
+    }
+}
+
 impl Connection {
-    fn new(
-        ctx: Arc<Context>,
-        session: Session,
-        stream: TcpStream,
-        limits: Limits,
-    ) -> io::Result<Self> {
-        let _ = stream.set_nodelay(true);
-        // SAFETY: eventfd returns a new descriptor we own, or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
-        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        let shared = Arc::new(ConnShared {
-            ctx,
-            outbox: Mutex::new(Outbox {
-                buf: Vec::with_capacity(16 * 1024),
-                ..Outbox::default()
-            }),
-            stream: stream.try_clone()?,
-            wake,
-            owner: thread::current().id(),
-        });
+    /// Sets up the connection on its own thread (the one that will serve it).
+    fn new(shared: Arc<ConnShared>, session: Session, limits: Limits) -> io::Result<Self> {
+        // Block the wake-up signal in this thread, so that one sent while we are not in
+        // ppoll waits for it; ppoll lets it through with `poll_mask` (the old mask, which
+        // keeps SIGTERM/SIGINT blocked, minus the wake-up signal).
+        // SAFETY: plain signal-set manipulation on initialised local sets.
+        let poll_mask = unsafe {
+            let mut block: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut block);
+            libc::sigaddset(&mut block, WAKE_SIGNAL);
+            let r = libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old);
+            if r != 0 {
+                return Err(io::Error::from_raw_os_error(r));
+            }
+            libc::sigdelset(&mut old, WAKE_SIGNAL);
+            old
+        };
+        // SAFETY: pthread_self has no preconditions.
+        let me = (thread::current().id(), unsafe { libc::pthread_self() });
+        shared.outbox.lock().owner = Some(me);
         Ok(Connection {
             shared,
             session,
-            stream,
             parser: RequestParser::new(limits),
+            limits,
+            poll_mask,
             input: Vec::new(),
             consumed: 0,
             pending: Vec::new(),
@@ -444,7 +507,7 @@ impl Connection {
         loop {
             let (unsent, inflight) = {
                 let mut ob = self.shared.outbox.lock();
-                if ob.unsent() > 0 && ob.send(&self.stream, &self.shared.ctx).is_err() {
+                if ob.unsent() > 0 && ob.send(&self.shared.stream, &self.shared.ctx).is_err() {
                     return;
                 }
                 (ob.unsent(), ob.inflight)
@@ -466,33 +529,37 @@ impl Connection {
             }
             if unsent == 0 && inflight == 0 {
                 // Nothing owed to the client and nothing can arrive for it: block for input.
-                match self.stream.read(&mut self.chunk) {
+                match (&self.shared.stream).read(&mut self.chunk) {
                     Ok(0) => self.closing = true,
-                    Ok(n) => self.take_input(n),
+                    Ok(n) => {
+                        if !self.take_input(n) {
+                            return;
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 }
             } else {
                 // Replies are queued or will be: wait for input, for room to send, or for
-                // the log writer to hand back replies it could not send.
-                let want_read =
-                    !self.closing && self.input.len() - self.consumed < MAX_QUERY_BUFFER;
-                let (readable, woken) = match poll(
-                    self.stream.as_raw_fd(),
-                    want_read,
+                // the log writer to hand back replies it could not send (a signal, which
+                // interrupts ppoll).
+                let readable = match poll(
+                    self.shared.stream.as_raw_fd(),
+                    !self.closing,
                     unsent > 0,
-                    self.shared.wake.as_raw_fd(),
+                    &self.poll_mask,
                 ) {
                     Ok(r) => r,
                     Err(_) => return,
                 };
-                if woken {
-                    self.shared.drain_signal();
-                }
                 if readable {
-                    match recv_nonblocking(&self.stream, &mut self.chunk) {
+                    match recv_nonblocking(&self.shared.stream, &mut self.chunk) {
                         Ok(Some(0)) => self.closing = true,
-                        Ok(Some(n)) => self.take_input(n),
+                        Ok(Some(n)) => {
+                            if !self.take_input(n) {
+                                return;
+                            }
+                        }
                         Ok(None) => {}
                         Err(_) => return,
                     }
@@ -504,18 +571,66 @@ impl Connection {
         }
     }
 
-    fn take_input(&mut self, n: usize) {
+    /// Appends `n` bytes just read. False if that took the client over its input cap:
+    /// it has been logged and counted, and the caller closes the connection.
+    fn take_input(&mut self, n: usize) -> bool {
         if self.consumed > 0 {
             // Keep only the unparsed tail; usually that is nothing and this is free.
             self.input.drain(..self.consumed);
             self.consumed = 0;
         }
+        let limit = if self.session.authenticated {
+            self.limits.max_query_buffer
+        } else {
+            self.limits.max_query_buffer.min(UNAUTH_MAX_QUERY_BUFFER)
+        };
+        let len = self.input.len() + n;
+        if len > self.input.capacity() && len > GROW_TO_CAP_FROM {
+            // Doubling a large buffer copies it, holding old and new at once: 2x the
+            // input at that moment, and more if the allocator keeps the old pages. Past
+            // GROW_TO_CAP_FROM, reserve up to the cap in one step instead: its pages stay
+            // virtual until input fills them. (If that much address space cannot be
+            // had, extend below falls back to ordinary growth.)
+            let want = limit
+                .saturating_add(READ_CHUNK)
+                .saturating_sub(self.input.len());
+            let _ = self.input.try_reserve_exact(want);
+        }
         self.input.extend_from_slice(&self.chunk[..n]);
-        self.shared
-            .ctx
-            .stats
+        let ctx = &self.shared.ctx;
+        ctx.stats
             .net_input_bytes
             .fetch_add(n as u64, Ordering::Relaxed);
+        // What this client makes us hold: unparsed input, and the arguments of an
+        // unfinished request that the parser already copied out (Redis counts both).
+        let held = self.input.len() + self.parser.buffered();
+        if held <= limit {
+            return true;
+        }
+        ctx.stats
+            .client_qbuf_limit_disconnections
+            .fetch_add(1, Ordering::Relaxed);
+        let addr = ctx
+            .clients
+            .lock()
+            .get(&self.session.id)
+            .map(|c| c.addr.clone())
+            .unwrap_or_default();
+        let head: String = self.input[..self.input.len().min(64)]
+            .escape_ascii()
+            .to_string();
+        // Redis's wording, so log searches find it.
+        log::warn!(
+            "Closing client that reached max query buffer length: id={} addr={addr} \
+             qbuf={held} limit={limit}{} (qbuf initial bytes: \"{head}\")",
+            self.session.id,
+            if self.session.authenticated {
+                ""
+            } else {
+                " (not authenticated)"
+            },
+        );
+        false
     }
 
     /// Parks until every submitted write has been answered.
@@ -548,13 +663,20 @@ impl Connection {
             if self.shared.outbox.lock().unsent() >= OUTPUT_PAUSE {
                 break;
             }
+            // AUTH may have just succeeded: the next request gets the larger limits.
+            self.parser.set_authenticated(self.session.authenticated);
             let parsed = self.parser.parse(&self.input[self.consumed..]);
             let args = match parsed {
                 Ok(Some((args, used))) => {
                     self.consumed += used;
                     args
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    // Drop what the parser copied out of the unfinished request, so it
+                    // is held once (as arguments), not twice.
+                    self.consumed += self.parser.release();
+                    break;
+                }
                 Err(e) => {
                     log::debug!("client {}: protocol error: {e}", self.session.id);
                     self.reply(|_, out| write_error(out, &e.to_string()));
@@ -585,6 +707,10 @@ impl Connection {
         if self.consumed == self.input.len() {
             self.input.clear();
             self.consumed = 0;
+            if self.input.capacity() > KEEP_INPUT_CAPACITY {
+                // One big request must not keep its buffer for the connection's life.
+                self.input.shrink_to(READ_CHUNK);
+            }
         }
     }
 
@@ -656,9 +782,10 @@ fn nonblocking(mut call: impl FnMut() -> isize) -> io::Result<Option<usize>> {
     }
 }
 
-/// Waits until `fd` is readable (if `read`) or writable (if `write`), or `wake` is
-/// readable. Returns (fd readable or closed, wake signalled).
-fn poll(fd: i32, read: bool, write: bool, wake: i32) -> io::Result<(bool, bool)> {
+/// Waits until `fd` is readable (if `read`) or writable (if `write`), or a signal that
+/// `mask` lets through arrives ([`WAKE_SIGNAL`]: the caller then looks at its outbox
+/// again). Returns whether `fd` is readable or closed.
+fn poll(fd: i32, read: bool, write: bool, mask: &libc::sigset_t) -> io::Result<bool> {
     let mut events = 0;
     if read {
         events |= libc::POLLIN;
@@ -666,34 +793,145 @@ fn poll(fd: i32, read: bool, write: bool, wake: i32) -> io::Result<(bool, bool)>
     if write {
         events |= libc::POLLOUT;
     }
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: two valid pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r >= 0 {
-            break;
-        }
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout, an initialised signal mask.
+    let r = unsafe { libc::ppoll(&mut pfd, 1, std::ptr::null(), mask) };
+    if r < 0 {
         let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        // Woken by the signal (or another one): the caller re-checks its state.
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    let hup = pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
+    Ok(pfd.revents & libc::POLLIN != 0 || (hup && read))
+}
+
+/// Installs the no-op handler for [`WAKE_SIGNAL`] (once per process). Without one the
+/// signal would be ignored and would not interrupt `ppoll`.
+fn install_wake_handler() -> io::Result<()> {
+    extern "C" fn on_wake(_: libc::c_int) {}
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    let r = INSTALLED.get_or_init(|| {
+        // SAFETY: installs an async-signal-safe (empty) handler with an initialised
+        // sigaction. SA_RESTART: a stray signal must not fail another thread's blocking
+        // call; ppoll is never restarted, whatever the flag, which is what wakes us.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_wake as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(WAKE_SIGNAL, &sa, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            }
+        }
+        Ok(())
+    });
+    r.map_err(io::Error::from_raw_os_error)
+}
+
+/// What [`fd_plan`] decided: the soft `RLIMIT_NOFILE` to ask for, and the clients
+/// that fit in what it gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FdPlan {
+    /// Descriptors `max_clients` would need.
+    needed: u64,
+    /// The soft limit to set (`None`: the current one is enough, or cannot be raised).
+    raise_to: Option<u64>,
+    /// Clients that fit.
+    max_clients: usize,
+}
+
+/// Pure arithmetic of [`fit_open_files_limit`]: with soft limit `soft` and hard limit
+/// `hard`, how far to raise the soft one and how many clients then fit. Err when not
+/// even one client fits.
+fn fd_plan(max_clients: usize, soft: u64, hard: u64) -> Result<FdPlan, String> {
+    let needed = (max_clients as u64)
+        .saturating_mul(FDS_PER_CLIENT)
+        .saturating_add(RESERVED_FDS);
+    if soft >= needed {
+        return Ok(FdPlan {
+            needed,
+            raise_to: None,
+            max_clients,
+        });
+    }
+    let best = needed.min(hard).max(soft);
+    if best <= RESERVED_FDS {
+        return Err(format!(
+            "Your current 'ulimit -n' of {soft} is not enough for the server to start. Please \
+             increase your open file limit to at least {needed}. Exiting."
+        ));
+    }
+    let fit = ((best - RESERVED_FDS) / FDS_PER_CLIENT).min(max_clients as u64) as usize;
+    Ok(FdPlan {
+        needed,
+        raise_to: (best > soft).then_some(best),
+        max_clients: fit,
+    })
+}
+
+/// Fits `--max-clients` to the process's descriptor limit, as Redis's
+/// `adjustOpenFilesLimit` does: raises the soft `RLIMIT_NOFILE` as far as the hard one
+/// allows (never above what is needed), and if that is still short, returns a lower
+/// number of clients, saying so in the log. Err (with Redis's message) if the limit is
+/// too low to start at all. Call once at start, before accepting.
+pub fn fit_open_files_limit(max_clients: usize) -> Result<usize, String> {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let e = io::Error::last_os_error();
+        let fit = 1024u64.saturating_sub(RESERVED_FDS) / FDS_PER_CLIENT;
+        let fit = (fit as usize).min(max_clients);
+        log::warn!(
+            "Unable to obtain the current NOFILE limit ({e}), assuming 1024 and setting the \
+             max clients configuration accordingly ({fit})."
+        );
+        return Ok(fit);
+    }
+    let (soft, hard) = (lim.rlim_cur as u64, lim.rlim_max as u64);
+    let mut plan = fd_plan(max_clients, soft, hard)?;
+    let mut os_error = None;
+    if let Some(to) = plan.raise_to {
+        lim.rlim_cur = to as libc::rlim_t;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            os_error = Some(io::Error::last_os_error());
+            plan = fd_plan(max_clients, soft, soft)?;
         }
     }
-    let hup = fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
-    Ok((
-        fds[0].revents & libc::POLLIN != 0 || (hup && read),
-        fds[1].revents & libc::POLLIN != 0,
-    ))
+    let now = plan.raise_to.unwrap_or(soft);
+    if plan.max_clients < max_clients {
+        let why = match os_error {
+            Some(e) => format!("because of OS error: {e}"),
+            None => format!("because the hard limit is {hard}"),
+        };
+        log::warn!(
+            "You requested maxclients of {max_clients} requiring at least {} max file \
+             descriptors.",
+            plan.needed
+        );
+        log::warn!(
+            "Server can't set maximum open files to {} {why}.",
+            plan.needed
+        );
+        log::warn!(
+            "Current maximum open files is {now}. maxclients has been reduced to {} to \
+             compensate for low ulimit. If you need higher maxclients increase 'ulimit -n'.",
+            plan.max_clients
+        );
+    } else if plan.raise_to.is_some() {
+        log::info!(
+            "Increased maximum number of open files to {now} (it was originally set to {soft})."
+        );
+    }
+    Ok(plan.max_clients)
 }
 
 /// SIGTERM and SIGINT, blocked so that only a dedicated thread receives them.
@@ -741,5 +979,60 @@ impl ShutdownSignals {
                 }
             })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_plan_raises_the_soft_limit_then_lowers_max_clients() {
+        let need = |clients: u64| clients * FDS_PER_CLIENT + RESERVED_FDS;
+        // Enough already: nothing changes.
+        assert_eq!(
+            fd_plan(100, 1_000_000, 1_000_000),
+            Ok(FdPlan {
+                needed: need(100),
+                raise_to: None,
+                max_clients: 100
+            })
+        );
+        // Soft too low, hard enough: raise to exactly what is needed.
+        assert_eq!(
+            fd_plan(10_000, 1024, 1 << 20),
+            Ok(FdPlan {
+                needed: need(10_000),
+                raise_to: Some(need(10_000)),
+                max_clients: 10_000
+            })
+        );
+        // Unlimited hard limit.
+        assert_eq!(
+            fd_plan(10_000, 1024, u64::MAX).unwrap().raise_to,
+            Some(need(10_000))
+        );
+        // Hard too low: raise to it and fit the clients in.
+        let p = fd_plan(10_000, 1024, 4096).unwrap();
+        assert_eq!(p.raise_to, Some(4096));
+        assert_eq!(
+            p.max_clients,
+            ((4096 - RESERVED_FDS) / FDS_PER_CLIENT) as usize
+        );
+        // Soft == hard, too low.
+        let p = fd_plan(10_000, 64, 64).unwrap();
+        assert_eq!(p.raise_to, None);
+        assert_eq!(
+            p.max_clients,
+            ((64 - RESERVED_FDS) / FDS_PER_CLIENT) as usize
+        );
+        // Not even one client fits.
+        let e = fd_plan(10, 32, 32).unwrap_err();
+        assert!(e.contains("'ulimit -n' of 32 is not enough"), "{e}");
+        // Huge requests do not overflow.
+        assert_eq!(
+            fd_plan(usize::MAX, 1024, u64::MAX).unwrap().needed,
+            u64::MAX
+        );
     }
 }

@@ -97,16 +97,26 @@ pub const BATCH_MAGIC: u8 = 0xB8;
 pub const FRAME_HEADER: usize = 9;
 /// Batch header: the frame header, then the fsync'd offset (u64) and the record count (u32).
 pub const BATCH_HEADER: usize = FRAME_HEADER + 12;
-/// Largest entry the log accepts, and so reads back. The server refuses any request over
-/// its 1 GiB input limit (Redis's `client-query-buffer-limit`); such a request encodes to
-/// fewer bytes than it took on the wire (RESP spends at least 5 bytes framing each
-/// argument, the log 4) plus a fixed header, so one command always fits. What does not
-/// is a transaction of several large commands: `Store::submit` refuses it before it is
-/// logged.
-pub const MAX_ENTRY: usize = (1 << 30) + (1 << 20);
+/// Largest entry the log accepts, and so reads back. The server closes a client whose
+/// request's arguments pass its input limit (Redis's `client-query-buffer-limit`, at most
+/// 1 GiB), and such a request's entry is its arguments plus 4 bytes for each of at most 1M
+/// arguments plus a small header (checked below), so one command always fits. What does
+/// not is a transaction of several large commands: `Store::submit` refuses it before it
+/// is logged.
+pub const MAX_ENTRY: usize = (1 << 30) + (8 << 20);
 /// Largest batch body, and largest snapshot or meta frame (a snapshot record holds a key
 /// and a value, each of which may be up to an entry's size). Fits the u32 length.
 pub const MAX_BATCH: usize = 2 * MAX_ENTRY;
+// The largest request the server reads always fits one entry: its arguments (the query
+// buffer limit, at most 1 GiB, counts their bytes), 4 bytes of length for each of at most
+// 1M of them, and a few dozen bytes of entry header and canonical rewriting (EXPIRE's
+// seconds become PEXPIREAT's milliseconds).
+const _: () = assert!(
+    MAX_ENTRY
+        >= crate::protocol::DEFAULT_QUERY_BUFFER_LIMIT
+            + 4 * crate::protocol::MAX_ARRAY_LEN
+            + (64 << 10)
+);
 // A batch always has room for one entry at the limit, and its length fits the u32.
 const _: () = assert!(MAX_BATCH >= MAX_ENTRY + BATCH_HEADER - FRAME_HEADER + 4);
 const _: () = assert!(MAX_BATCH <= u32::MAX as usize);

@@ -52,6 +52,7 @@ const R: &[&str] = &["readonly"];
 const RF: &[&str] = &["readonly", "fast"];
 const F: &[&str] = &["fast"];
 const NS: &[&str] = &["noscript", "loading", "stale", "fast"];
+const TX: &[&str] = &["noscript", "loading", "stale", "fast", "allow_busy"];
 const AUTHF: &[&str] = &[
     "noscript",
     "loading",
@@ -91,7 +92,9 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("decr", 2, WF, true, 1, 1, 1, "key", "Decrements the integer value of a key by one."),
     cmd!("decrby", 3, WF, true, 1, 1, 1, "key decrement", "Decrements the integer value of a key by a number."),
     cmd!("del", -2, W, true, 1, -1, 1, "key [key …]", "Deletes keys; returns how many existed."),
+    cmd!("discard", 1, TX, false, 0, 0, 0, "", "Discards the transaction (and the WATCHed keys)."),
     cmd!("echo", 2, F, false, 0, 0, 0, "message", "Returns the message."),
+    cmd!("exec", 1, &["noscript", "loading", "stale", "skip_slowlog"], false, 0, 0, 0, "", "Executes the queued commands as one atomic log entry (nil if a WATCHed key changed)."),
     cmd!("exists", -2, RF, false, 1, -1, 1, "key [key …]", "Counts how many of the keys exist."),
     cmd!("expire", -3, WF, true, 1, 1, 1, "key seconds [NX|XX|GT|LT]", "Sets a key's time to live in seconds."),
     cmd!("expireat", -3, WF, true, 1, 1, 1, "key unix-time-seconds [NX|XX|GT|LT]", "Sets a key's expiry as a Unix time in seconds."),
@@ -112,6 +115,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("mget", -2, RF, false, 1, -1, 1, "key [key …]", "Returns the values of several keys."),
     cmd!("mset", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys at once (atomically)."),
     cmd!("msetnx", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys only if none of them exists."),
+    cmd!("multi", 1, TX, false, 0, 0, 0, "", "Starts a transaction: later commands are queued until EXEC."),
     cmd!("persist", 2, WF, true, 1, 1, 1, "key", "Removes a key's expiry."),
     cmd!("pexpire", -3, WF, true, 1, 1, 1, "key milliseconds [NX|XX|GT|LT]", "Sets a key's time to live in milliseconds."),
     cmd!("pexpireat", -3, WF, true, 1, 1, 1, "key unix-time-milliseconds [NX|XX|GT|LT]", "Sets a key's expiry as a Unix time in milliseconds."),
@@ -138,7 +142,9 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("ttl", 2, RF, false, 1, 1, 1, "key", "Returns a key's time to live in seconds (-1 none, -2 no key)."),
     cmd!("type", 2, RF, false, 1, 1, 1, "key", "Returns the type of a key."),
     cmd!("unlink", -2, WD, true, 1, -1, 1, "key [key …]", "Deletes keys (same as DEL here)."),
+    cmd!("unwatch", 1, TX, false, 0, 0, 0, "", "Forgets every WATCHed key."),
     cmd!("wait", 3, NS, false, 0, 0, 0, "numreplicas timeout", "Waits until writes reach this many replicas."),
+    cmd!("watch", -2, TX, false, 1, -1, 1, "key [key …]", "Makes the next EXEC fail (nil) if any of the keys changes before it."),
 ];
 
 /// The command list as a Markdown table, for the README (kept equal by a test).
@@ -206,6 +212,7 @@ pub fn group(name: &str) -> &'static str {
         "auth" | "client" | "echo" | "hello" | "ping" | "quit" | "select" | "readonly"
         | "readwrite" => "connection",
         "command" | "config" | "dbsize" | "info" | "time" | "flushall" | "flushdb" => "server",
+        "multi" | "exec" | "discard" | "watch" | "unwatch" => "transactions",
         "del" | "exists" | "keys" | "scan" | "type" | "unlink" | "wait" | "copy" | "rename"
         | "renamenx" | "randomkey" | "touch" | "expire" | "pexpire" | "expireat" | "pexpireat"
         | "ttl" | "pttl" | "expiretime" | "pexpiretime" | "persist" => "generic",
@@ -307,11 +314,13 @@ impl Context {
             authenticated: self.settings.requirepass.is_none(),
             readonly: false,
             close: false,
+            multi: None,
         }
     }
 
     pub fn unregister(&self, id: u64) {
         self.clients.lock().remove(&id);
+        self.store.unwatch(id);
     }
 }
 
@@ -324,6 +333,8 @@ pub struct Session {
     pub readonly: bool,
     /// Set by QUIT: close once the replies so far are written.
     pub close: bool,
+    /// The open transaction, between MULTI and EXEC/DISCARD (`src/multi.rs`).
+    pub multi: Option<crate::multi::Transaction>,
 }
 
 /// The outcome of [`dispatch`].
@@ -634,6 +645,14 @@ pub fn render_result(r: &OpResult, how: Reply, p: Proto, out: &mut Vec<u8>) {
         OpResult::Old(None) => write_null(out, p),
         OpResult::Int(n) => write_integer(out, *n),
         OpResult::Error(e) => write_error(out, e),
+        OpResult::Status(s) => write_simple(out, s),
+        OpResult::Array(items) | OpResult::Multi(items) => {
+            write_array_len(out, items.len());
+            for r in items {
+                render_result(r, Reply::Standard, p, out);
+            }
+        }
+        OpResult::Aborted => write_null_array(out, p),
     }
 }
 

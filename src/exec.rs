@@ -34,6 +34,8 @@ impl Db {
                 self.exec_string(&args, now)
             }
             b"RENAME" | b"RENAMENX" | b"COPY" | b"FLUSHALL" => self.exec_keyspace(&args, now),
+            // Reads inside a transaction (`src/multi.rs`).
+            n if crate::multi::is_read_record(n) => self.exec_read(&args, now),
             _ => OpResult::Error("ERR unknown command in the log (written by a newer kvstore?)"),
         }
     }

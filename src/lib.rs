@@ -18,11 +18,13 @@ pub mod glob;
 pub mod info;
 pub mod keymap;
 pub mod keyspace;
+pub mod multi;
 pub mod protocol;
 pub mod repl;
 pub mod server;
 pub mod store;
 pub mod strings;
 pub mod wal;
+pub mod watch;
 
 pub use store::Store;

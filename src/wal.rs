@@ -155,6 +155,14 @@ pub enum Op {
     Cmd {
         args: Vec<Vec<u8>>,
     },
+    /// A MULTI/EXEC transaction: every op applied in order, as one entry, so that no other
+    /// entry (and, on a cluster, no follower's view) falls between them. Each op carries
+    /// the index of the database it addresses. Read-only commands queued in the
+    /// transaction are here too, as canonical read commands (`src/multi.rs`), so that
+    /// they see the state at their place inside it. Never nested.
+    Multi {
+        ops: Vec<(u32, Op)>,
+    },
 }
 
 /// One log record.
@@ -311,6 +319,14 @@ fn encode_op(op: &Op, p: &mut Vec<u8>) {
                 put_bytes(p, a);
             }
         }
+        Op::Multi { ops } => {
+            p.push(6);
+            put_u32(p, ops.len() as u32);
+            for (db, op) in ops {
+                put_u32(p, *db);
+                encode_op(op, p);
+            }
+        }
     }
 }
 
@@ -376,7 +392,19 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
     let index = r.u64()?;
     let epoch = r.u64()?;
     let ts_ms = r.u64()?;
-    let op = match r.u8()? {
+    let op = decode_op(&mut r, true)?;
+    r.done()?;
+    Ok(Entry {
+        index,
+        epoch,
+        ts_ms,
+        op,
+    })
+}
+
+/// Decodes one operation. Only a top-level op may be a transaction: its ops may not.
+fn decode_op(r: &mut Reader<'_>, top_level: bool) -> Result<Op, String> {
+    Ok(match r.u8()? {
         0 => Op::Noop,
         1 => {
             let flags = r.u8()?;
@@ -438,14 +466,19 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
             }
             Op::Cmd { args }
         }
+        6 if !top_level => return Err("nested transaction record".into()),
+        6 => {
+            // `count` bounds n by the bytes left (each op takes at least 5), so a damaged
+            // count cannot size a huge allocation.
+            let n = r.count()?;
+            let mut ops = Vec::with_capacity(n);
+            for _ in 0..n {
+                let db = r.u32()?;
+                ops.push((db, decode_op(r, false)?));
+            }
+            Op::Multi { ops }
+        }
         x => return Err(format!("unknown operation code {x}")),
-    };
-    r.done()?;
-    Ok(Entry {
-        index,
-        epoch,
-        ts_ms,
-        op,
     })
 }
 
@@ -1170,7 +1203,75 @@ mod tests {
             Op::Cmd {
                 args: vec![b"PEXPIREAT".to_vec(), b"k".to_vec(), b"123".to_vec()],
             },
+            Op::Multi { ops: vec![] },
+            Op::Multi {
+                ops: vec![
+                    (
+                        0,
+                        Op::Set {
+                            key: b"k".to_vec(),
+                            value: b"v".to_vec(),
+                            expiry: Expiry::At(7),
+                            condition: Condition::Always,
+                            get: true,
+                        },
+                    ),
+                    (
+                        15,
+                        Op::Cmd {
+                            args: vec![b"GET".to_vec(), b"k".to_vec()],
+                        },
+                    ),
+                    (u32::MAX, Op::Noop),
+                    (
+                        1,
+                        Op::Del {
+                            keys: vec![b"a".to_vec()],
+                        },
+                    ),
+                ],
+            },
         ]
+    }
+
+    fn payload(op: &Op) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.push(ENTRY_VERSION);
+        put_u64(&mut p, 1);
+        put_u64(&mut p, 1);
+        put_u64(&mut p, 1);
+        encode_op(op, &mut p);
+        p
+    }
+
+    #[test]
+    fn a_transaction_record_refuses_nesting_and_absurd_counts() {
+        let inner = Op::Multi {
+            ops: vec![(0, Op::Noop)],
+        };
+        // Hand-made nesting (the encoder has no reason to refuse it; the decoder must).
+        let nested = Op::Multi {
+            ops: vec![(0, inner)],
+        };
+        let err = decode_entry(&payload(&nested)).unwrap_err();
+        assert!(err.contains("nested transaction"), "{err}");
+        // A count of 2^32-1 ops in a record of a few bytes.
+        let mut p = payload(&Op::Multi { ops: vec![] });
+        let n = p.len();
+        p[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = decode_entry(&p).unwrap_err();
+        assert!(err.contains("exceeds the record"), "{err}");
+        // An inner op cut short.
+        let mut p = payload(&Op::Multi {
+            ops: vec![(
+                3,
+                Op::Del {
+                    keys: vec![b"abc".to_vec()],
+                },
+            )],
+        });
+        p.pop();
+        assert!(decode_entry(&p).is_err());
     }
 
     #[test]

@@ -346,11 +346,14 @@ fn watch_case(setup: &[&str], watch: &str, between: &[&str]) -> Value {
     transaction(&mut c, &["PING"])
 }
 
+/// A multi.tcl WATCH case: name, setup, watched keys, commands in between, EXEC's reply.
+type WatchCase<'a> = (&'a str, &'a [&'a str], &'a str, &'a [&'a str], &'a Value);
+
 #[test]
 fn redis_multi_tcl_watch_cases() {
     let done = Value::Array(vec![pong()]);
     let nil = Value::Nil;
-    let cases: &[(&str, &[&str], &str, &[&str], &Value)] = &[
+    let cases: &[WatchCase] = &[
         (
             "EXEC works on WATCHed key not modified",
             &[],

@@ -40,6 +40,17 @@ use crate::wal::Op;
 
 const ERR_EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
 
+/// Most bytes of arguments one transaction may queue. A queued command has left the input
+/// buffer, so the input cap (Redis's `client-query-buffer-limit`, the same 1 GiB) no
+/// longer bounds it: without this, MULTI followed by an endless stream of SETs would grow
+/// without limit. A command past it is refused (and EXEC answers EXECABORT).
+pub const MAX_QUEUED_BYTES: usize = 1 << 30;
+
+/// Bytes a queued command is counted for: its arguments and a little bookkeeping each.
+fn queued_cost(args: &[Vec<u8>]) -> usize {
+    args.iter().map(|a| a.len() + 16).sum()
+}
+
 /// One queued command.
 #[derive(Debug, Clone)]
 enum Queued {
@@ -53,6 +64,8 @@ enum Queued {
 #[derive(Debug, Clone, Default)]
 pub struct Transaction {
     queued: Vec<Queued>,
+    /// [`queued_cost`] of everything queued.
+    bytes: usize,
     /// A command was refused while queueing: EXEC will answer EXECABORT.
     failed: bool,
 }
@@ -75,11 +88,6 @@ pub fn handle(
     args: Vec<Vec<u8>>,
     out: &mut Vec<u8>,
 ) {
-    let refused = |s: &mut Session| {
-        if let Some(tx) = &mut s.multi {
-            tx.failed = true;
-        }
-    };
     let name = spec.map_or("", |c| c.name);
     let checked = spec.is_some_and(|c| {
         commands::arity_ok(c, args.len())
@@ -132,6 +140,13 @@ pub fn handle(
     }
 }
 
+/// Marks the open transaction (if any) to fail at EXEC.
+fn refused(s: &mut Session) {
+    if let Some(tx) = &mut s.multi {
+        tx.failed = true;
+    }
+}
+
 /// Checks and queues a command inside MULTI.
 fn queue(
     ctx: &Context,
@@ -141,6 +156,18 @@ fn queue(
     out: &mut Vec<u8>,
 ) {
     let Some(c) = spec else { return };
+    let cost = queued_cost(&args);
+    if s.multi
+        .as_ref()
+        .is_some_and(|tx| tx.bytes.saturating_add(cost) > MAX_QUEUED_BYTES)
+    {
+        refused(s);
+        write_error(
+            out,
+            &format!("ERR transaction too large: more than {MAX_QUEUED_BYTES} bytes queued"),
+        );
+        return;
+    }
     let item = if c.write {
         let mut early = Vec::new();
         match commands::dispatch_spec(ctx, s, spec, args, &mut early) {
@@ -162,6 +189,7 @@ fn queue(
     match item {
         Ok(q) => {
             tx.queued.push(q);
+            tx.bytes += cost;
             write_simple(out, "QUEUED");
         }
         Err(early) => {
@@ -642,6 +670,27 @@ mod tests {
             assert_eq!(run(ctx, &mut s, "multi"), ok());
             assert_eq!(run(ctx, &mut s, "exec"), Value::Null);
         });
+    }
+
+    #[test]
+    fn a_transaction_past_the_queue_limit_is_refused() {
+        let t = open(FsyncPolicy::No);
+        let mut s = t.ctx.register("t".into());
+        assert_eq!(run(&t.ctx, &mut s, "multi"), ok());
+        assert_eq!(run(&t.ctx, &mut s, "set a 1"), queued());
+        // As if nearly 1 GiB had been queued already.
+        if let Some(tx) = &mut s.multi {
+            tx.bytes = super::MAX_QUEUED_BYTES - 40;
+        }
+        assert_eq!(
+            run(&t.ctx, &mut s, "set b 1"),
+            err("ERR transaction too large: more than 1073741824 bytes queued")
+        );
+        assert_eq!(
+            run(&t.ctx, &mut s, "exec"),
+            err("EXECABORT Transaction discarded because of previous errors.")
+        );
+        assert_eq!(run(&t.ctx, &mut s, "exists a"), Value::Integer(0));
     }
 
     #[test]

@@ -40,13 +40,17 @@ use crate::wal::Op;
 
 const ERR_EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
 
-/// Most bytes of arguments one transaction may queue. A queued command has left the input
-/// buffer, so the input cap (Redis's `client-query-buffer-limit`, the same 1 GiB) no
-/// longer bounds it: without this, MULTI followed by an endless stream of SETs would grow
-/// without limit. A command past it is refused (and EXEC answers EXECABORT).
-pub const MAX_QUEUED_BYTES: usize = 1 << 30;
+/// Most bytes one transaction may queue, as counted by [`queued_cost`]. A queued command
+/// has left the input buffer, so the input cap no longer bounds it: without this, MULTI
+/// followed by an endless stream of SETs would grow without limit. It also keeps the
+/// transaction's log entry within the frame size the log reader accepts (what the log
+/// accepts it must read back): the cost counts 16 bytes per argument, more than an op's
+/// encoding adds, and the margin covers the entry's header. A command past it is refused
+/// (and EXEC answers EXECABORT).
+pub const MAX_QUEUED_BYTES: usize = crate::wal::MAX_FRAME - 4096;
 
-/// Bytes a queued command is counted for: its arguments and a little bookkeeping each.
+/// Bytes a queued command is counted for: its arguments and 16 bytes each (at least what
+/// encoding its op adds per argument: lengths, op code, flags, a deadline).
 fn queued_cost(args: &[Vec<u8>]) -> usize {
     args.iter().map(|a| a.len() + 16).sum()
 }
@@ -684,13 +688,69 @@ mod tests {
         }
         assert_eq!(
             run(&t.ctx, &mut s, "set b 1"),
-            err("ERR transaction too large: more than 1073741824 bytes queued")
+            err(&format!(
+                "ERR transaction too large: more than {} bytes queued",
+                super::MAX_QUEUED_BYTES
+            ))
         );
         assert_eq!(
             run(&t.ctx, &mut s, "exec"),
             err("EXECABORT Transaction discarded because of previous errors.")
         );
         assert_eq!(run(&t.ctx, &mut s, "exists a"), Value::Integer(0));
+    }
+
+    /// The queue cap keeps the log entry readable: an entry never encodes larger than
+    /// the cost counted for its commands plus the margin.
+    #[test]
+    fn the_counted_cost_bounds_the_encoded_entry() {
+        let t = open(FsyncPolicy::No);
+        let mut s = t.ctx.register("t".into());
+        assert_eq!(run(&t.ctx, &mut s, "multi"), ok());
+        for line in [
+            "set k v ex 1",
+            "set k v pxat 1 get nx",
+            "incr k",
+            "decrby k 1",
+            "expire k 1",
+            "pexpireat k 1 gt",
+            "getex k ex 1",
+            "mset a 1 b 2",
+            "del a b c",
+            "get k",
+            "mget a b",
+            "ttl k",
+            "getrange k 0 -1",
+            "setnx k v",
+            "copy a b replace",
+            "flushall",
+            "ping",
+        ] {
+            assert_eq!(run(&t.ctx, &mut s, line), queued(), "{line}");
+        }
+        let tx = s.multi.clone().unwrap();
+        let ops: Vec<(u32, crate::wal::Op)> = tx
+            .queued
+            .iter()
+            .filter_map(|q| match q {
+                super::Queued::Logged(op, _) => Some((u32::MAX, op.clone())),
+                super::Queued::Local(_) => None,
+            })
+            .collect();
+        let entry = crate::wal::Entry {
+            index: u64::MAX,
+            epoch: u64::MAX,
+            ts_ms: u64::MAX,
+            op: crate::wal::Op::Multi { ops },
+        };
+        let mut buf = Vec::new();
+        crate::wal::encode_entry(&entry, &mut buf);
+        assert!(
+            buf.len() <= tx.bytes + 64,
+            "{} > {} + 64",
+            buf.len(),
+            tx.bytes
+        );
     }
 
     #[test]

@@ -478,6 +478,30 @@ fn redis_multi_tcl_watch_expired_key() {
     assert_eq!(transaction(&mut c, &["PING"]), Value::Nil);
 }
 
+/// WATCH stale keys should not fail EXEC; nor deleting (or reading, which deletes
+/// lazily) or flushing them: an expired key is absent, and stays absent.
+#[test]
+fn redis_multi_tcl_stale_keys() {
+    let server = Server::start(&[]);
+    let mut c = server.conn();
+    let cases: &[&[&str]] = &[&[], &["EXISTS x"], &["DEL x"], &["FLUSHDB"]];
+    for between in cases {
+        ok(&mut c, "SET x foo PX 1");
+        common::wait_until(std::time::Duration::from_secs(10), "x to expire", || {
+            ok(&mut server.conn(), "PTTL x") == Value::Int(-2)
+        });
+        ok(&mut c, "WATCH x");
+        for line in *between {
+            ok(&mut c, line);
+        }
+        assert_eq!(
+            transaction(&mut c, &["PING"]),
+            Value::Array(vec![pong()]),
+            "{between:?}"
+        );
+    }
+}
+
 #[test]
 fn closing_a_connection_drops_its_watches() {
     let server = Server::start(&[]);

@@ -15,7 +15,13 @@
 //! ```text
 //! frame   := MAGIC (0xB7) | len: u32 LE | crc32(len bytes ++ payload): u32 LE | payload
 //! entry   := version u8 | index u64 | epoch u64 | ts_ms u64 | op
+//! op      := code u8 | fields            (0 Noop, 1 Set, 2 Del, 3 MSet, 4 IncrBy, 5 Cmd)
+//!          | 6 | n: u32 LE | n × (db: u32 LE | op)
 //! ```
+//!
+//! Code 6 is a MULTI/EXEC transaction ([`Op::Multi`]): one entry, so it is applied (and
+//! will be replicated) whole or not at all. Its ops are never transactions themselves, and
+//! the decoder refuses a count larger than the record could hold.
 //!
 //! The leading magic byte means a frame is never all zeros, so the zero-filled tail that a
 //! power cut can leave reads as a torn write, not as records. The CRC covers the length too,

@@ -7,12 +7,12 @@
 //! - a write, already parsed into its log [`Op`] by [`commands::dispatch_spec`] (so its
 //!   relative times count from when it was queued);
 //! - a read of the key space, as a canonical *read record* (`GET k`, `MGET k…`, …,
-//!   see [`read_record`]);
+//!   see `read_record`);
 //! - anything else (PING, ECHO, CLIENT, INFO, SCAN, RANDOMKEY, …): its arguments, run at
 //!   EXEC time.
 //!
 //! EXEC logs the writes and the read records together as ONE entry, [`Op::Multi`]
-//! ([`Store::exec`]): applied in order under one map lock, so nothing else happens in the
+//! ([`Store::exec`](crate::Store::exec)): applied in order under one map lock, so nothing else happens in the
 //! middle, a GET after a SET in the same transaction sees the SET, and a cluster will
 //! replicate the transaction as one entry. Logging the reads costs a few bytes per read
 //! and a lookup on replay; the other ways to make them atomic (holding the map lock from
@@ -40,7 +40,7 @@ use crate::wal::Op;
 
 const ERR_EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
 
-/// Most bytes one transaction may queue, as counted by [`queued_cost`]. A queued command
+/// Most bytes one transaction may queue, as counted by `queued_cost`. A queued command
 /// has left the input buffer, so the input cap no longer bounds it: without this, MULTI
 /// followed by an endless stream of SETs would grow without limit. It also keeps the
 /// transaction's log entry within the frame size the log reader accepts (what the log

@@ -65,6 +65,7 @@ const SHUT: &[&str] = &[
     "allow_busy",
 ];
 const LASTSAVE: &[&str] = &["loading", "stale", "fast"];
+const TX: &[&str] = &["noscript", "loading", "stale", "fast", "allow_busy"];
 const AUTHF: &[&str] = &[
     "noscript",
     "loading",
@@ -106,7 +107,9 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("decr", 2, WF, true, 1, 1, 1, "key", "Decrements the integer value of a key by one."),
     cmd!("decrby", 3, WF, true, 1, 1, 1, "key decrement", "Decrements the integer value of a key by a number."),
     cmd!("del", -2, W, true, 1, -1, 1, "key [key …]", "Deletes keys; returns how many existed."),
+    cmd!("discard", 1, TX, false, 0, 0, 0, "", "Discards the transaction (and the WATCHed keys)."),
     cmd!("echo", 2, F, false, 0, 0, 0, "message", "Returns the message."),
+    cmd!("exec", 1, &["noscript", "loading", "stale", "skip_slowlog"], false, 0, 0, 0, "", "Executes the queued commands as one atomic log entry (nil if a WATCHed key changed)."),
     cmd!("exists", -2, RF, false, 1, -1, 1, "key [key …]", "Counts how many of the keys exist."),
     cmd!("expire", -3, WF, true, 1, 1, 1, "key seconds [NX|XX|GT|LT]", "Sets a key's time to live in seconds."),
     cmd!("expireat", -3, WF, true, 1, 1, 1, "key unix-time-seconds [NX|XX|GT|LT]", "Sets a key's expiry as a Unix time in seconds."),
@@ -129,6 +132,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("move", 3, WD, true, 1, 1, 1, "key db", "Moves a key (and its expiry) to another database."),
     cmd!("mset", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys at once (atomically)."),
     cmd!("msetnx", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys only if none of them exists."),
+    cmd!("multi", 1, TX, false, 0, 0, 0, "", "Starts a transaction: later commands are queued until EXEC."),
     cmd!("persist", 2, WF, true, 1, 1, 1, "key", "Removes a key's expiry."),
     cmd!("pexpire", -3, WF, true, 1, 1, 1, "key milliseconds [NX|XX|GT|LT]", "Sets a key's time to live in milliseconds."),
     cmd!("pexpireat", -3, WF, true, 1, 1, 1, "key unix-time-milliseconds [NX|XX|GT|LT]", "Sets a key's expiry as a Unix time in milliseconds."),
@@ -159,7 +163,9 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("ttl", 2, RF, false, 1, 1, 1, "key", "Returns a key's time to live in seconds (-1 none, -2 no key)."),
     cmd!("type", 2, RF, false, 1, 1, 1, "key", "Returns the type of a key."),
     cmd!("unlink", -2, WD, true, 1, -1, 1, "key [key …]", "Deletes keys (same as DEL here)."),
+    cmd!("unwatch", 1, TX, false, 0, 0, 0, "", "Forgets every WATCHed key."),
     cmd!("wait", 3, NS, false, 0, 0, 0, "numreplicas timeout", "Waits until writes reach this many replicas."),
+    cmd!("watch", -2, TX, false, 1, -1, 1, "key [key …]", "Makes the next EXEC fail (nil) if any of the keys changes before it."),
 ];
 
 /// The command list as a Markdown table, for the README (kept equal by a test).
@@ -230,6 +236,7 @@ pub fn group(name: &str) -> &'static str {
             "server"
         }
         "bgrewriteaof" | "bgsave" | "lastsave" | "role" | "save" | "shutdown" => "server",
+        "multi" | "exec" | "discard" | "watch" | "unwatch" => "transactions",
         "del" | "exists" | "keys" | "scan" | "type" | "unlink" | "wait" | "copy" | "rename"
         | "renamenx" | "randomkey" | "touch" | "expire" | "pexpire" | "expireat" | "pexpireat"
         | "ttl" | "pttl" | "expiretime" | "pexpiretime" | "persist" | "move" => "generic",
@@ -372,11 +379,13 @@ impl Context {
             readonly: false,
             close: false,
             db: 0,
+            multi: None,
         }
     }
 
     pub fn unregister(&self, id: u64) {
         self.clients.lock().remove(&id);
+        self.store.unwatch(id);
     }
 }
 
@@ -392,6 +401,8 @@ pub struct Session {
     /// The selected database (SELECT; always below the store's `databases`): reads look
     /// here, and writes are logged in it.
     pub db: u32,
+    /// The open transaction, between MULTI and EXEC/DISCARD (`src/multi.rs`).
+    pub multi: Option<crate::multi::Transaction>,
 }
 
 /// The outcome of [`dispatch`].
@@ -717,6 +728,14 @@ pub fn render_result(r: &OpResult, how: Reply, p: Proto, out: &mut Vec<u8>) {
         OpResult::Old(None) => write_null(out, p),
         OpResult::Int(n) => write_integer(out, *n),
         OpResult::Error(e) => write_error(out, e),
+        OpResult::Status(s) => write_simple(out, s),
+        OpResult::Array(items) | OpResult::Multi(items) => {
+            write_array_len(out, items.len());
+            for r in items {
+                render_result(r, Reply::Standard, p, out);
+            }
+        }
+        OpResult::Aborted => write_null_array(out, p),
     }
 }
 

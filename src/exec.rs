@@ -39,6 +39,8 @@ impl Keyspace {
             b"RENAME" | b"RENAMENX" | b"COPY" | b"FLUSHDB" | b"FLUSHALL" => {
                 self.exec_keyspace(&args, now)
             }
+            // Reads inside a transaction (`src/multi.rs`).
+            n if crate::multi::is_read_record(n) => self.exec_read(&args, now),
             _ => OpResult::Error("ERR unknown command in the log (written by a newer kvstore?)"),
         }
     }

@@ -21,6 +21,7 @@ pub mod glob;
 pub mod info;
 pub mod keymap;
 pub mod keyspace;
+pub mod multi;
 pub mod protocol;
 pub mod ratelog;
 pub mod repl;
@@ -28,5 +29,6 @@ pub mod server;
 pub mod store;
 pub mod strings;
 pub mod wal;
+pub mod watch;
 
 pub use store::Store;

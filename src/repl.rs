@@ -16,7 +16,12 @@ use std::path::Path;
 /// Executes one command line against `ctx` and returns the decoded reply.
 pub fn execute(ctx: &Context, session: &mut Session, args: Vec<Vec<u8>>) -> Value {
     let mut out = Vec::new();
-    match commands::dispatch(ctx, session, args, &mut out) {
+    let spec = args.first().and_then(|n| commands::lookup(n));
+    if crate::multi::intercepts(session, spec) {
+        crate::multi::handle(ctx, session, spec, args, &mut out);
+        return decode(&out);
+    }
+    match commands::dispatch_spec(ctx, session, spec, args, &mut out) {
         Dispatched::Done => {}
         Dispatched::Write(op, how) => match ctx.store.write(session.db, vec![op]) {
             Ok(results) => {
@@ -27,7 +32,11 @@ pub fn execute(ctx: &Context, session: &mut Session, args: Vec<Vec<u8>>) -> Valu
             Err(e) => write_error(&mut out, &commands::store_error_reply(&e)),
         },
     }
-    match protocol::parse_value(&out) {
+    decode(&out)
+}
+
+fn decode(out: &[u8]) -> Value {
+    match protocol::parse_value(out) {
         Ok(Some((v, _))) => v,
         _ => Value::Error("ERR internal error: unreadable reply".into()),
     }

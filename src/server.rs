@@ -686,6 +686,17 @@ impl Connection {
                 }
             };
             let spec = commands::lookup(&args[0]);
+            if crate::multi::intercepts(&self.session, spec) {
+                // A transaction's place in the log must follow this connection's earlier
+                // writes (and WATCH's barrier must cover them): submit them and wait for
+                // their replies first. EXEC and WATCH then block this thread until done.
+                self.submit();
+                self.wait_for_inflight();
+                let mut out = Vec::new();
+                crate::multi::handle(&ctx, &mut self.session, spec, args, &mut out);
+                self.shared.outbox.lock().buf.extend_from_slice(&out);
+                continue;
+            }
             if !spec.is_some_and(|c| c.write) {
                 self.reply(|session, out| {
                     let _ = commands::dispatch_spec(&ctx, session, spec, args, out);

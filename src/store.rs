@@ -59,6 +59,7 @@ use crate::wal::{
     self, BatchBuf, Condition, Entry, Expiry, FsyncPolicy, Op, RecoveryReport, SnapshotItem,
     SnapshotPart, Wal, WalError, WalOptions,
 };
+use crate::watch::{KeyState, Watches};
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::fmt;
@@ -205,6 +206,14 @@ pub enum OpResult {
     Int(i64),
     /// The operation was refused without effect; the text is the Redis error reply.
     Error(&'static str),
+    /// A read inside a transaction that answers a status (TYPE).
+    Status(&'static str),
+    /// A read inside a transaction that answers an array (MGET, KEYS).
+    Array(Vec<OpResult>),
+    /// A transaction's results, one per op in order.
+    Multi(Vec<OpResult>),
+    /// A transaction not logged because a key its client WATCHed changed (EXEC's nil).
+    Aborted,
 }
 
 /// A stored value.
@@ -339,6 +348,19 @@ impl Db {
     /// exist is `ERR DB index is out of range` without effect: dispatch checks indexes
     /// against the same count, so only a log written with more databases meets it.
     pub fn apply_op(&mut self, db: u32, op: Op, now: u64) -> OpResult {
+        if let Op::Multi { ops } = op {
+            // Every op in order, each in its own database, under the one map lock the
+            // caller holds: no reader sees the transaction half done. The decoder refuses
+            // nesting, so this recursion is one level.
+            return OpResult::Multi(
+                ops.into_iter()
+                    .map(|(db, op)| match op {
+                        Op::Multi { .. } => OpResult::Error(crate::exec::ERR_BAD_RECORD),
+                        op => self.apply_op(db, op, now),
+                    })
+                    .collect(),
+            );
+        }
         if let Op::Cmd { args } = &op
             && crate::keyspace::spans_databases(args)
         {
@@ -617,6 +639,9 @@ impl Keyspace {
     pub(crate) fn apply_op(&mut self, op: Op, now: u64) -> OpResult {
         match op {
             Op::Noop => OpResult::Ok,
+            // A transaction spans databases, so `Db::apply_op` takes it apart; one here is
+            // nested inside another, which the decoder refuses.
+            Op::Multi { .. } => OpResult::Error(crate::exec::ERR_BAD_RECORD),
             Op::Cmd { args } => self.exec(args, now),
             Op::Set {
                 key,
@@ -804,6 +829,8 @@ struct Inner {
     /// Keys a reader found expired (database, key), for the expirer to delete soon (lazy
     /// expiry).
     expiry_hints: crossbeam_channel::Sender<(u32, Vec<u8>)>,
+    /// WATCHed keys: told of every write as it is queued (`src/watch.rs`).
+    watches: Watches,
     stats: Stats,
     recovery: RecoveryReport,
     /// The meta file's contents as last written (the lock orders writers of the file).
@@ -923,6 +950,7 @@ impl Store {
             last_fsync_nanos: AtomicU64::new(0),
             writer: std::sync::OnceLock::new(),
             expiry_hints: hints_tx,
+            watches: Watches::default(),
             stats: Stats::default(),
             meta: Mutex::new(recovery.meta),
             recovery,
@@ -1109,15 +1137,26 @@ impl Store {
     /// (written, and fsync'd under `--fsync always`) and applied, and returns one result
     /// per op.
     pub fn write(&self, db: u32, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
+        self.write_guarded(db, ops, None)
+    }
+
+    /// [`Store::write`] with [`Store::submit_guarded`]'s WATCH check.
+    fn write_guarded(
+        &self,
+        db: u32,
+        ops: Vec<Op>,
+        exec_of: Option<u64>,
+    ) -> Result<Vec<OpResult>, StoreError> {
         if self.inner.opts.fsync != FsyncPolicy::Always {
-            return self.write_direct(db, ops);
+            return self.write_direct(db, ops, exec_of);
         }
         let slot = Arc::new(Mutex::new(None));
         let me = thread::current();
         let filled = slot.clone();
-        self.submit(
+        self.submit_guarded(
             db,
             ops,
+            exec_of,
             Box::new(move |r| {
                 *filled.lock() = Some(r);
                 me.unpark();
@@ -1140,6 +1179,14 @@ impl Store {
     /// fsync and runs `done` for each submitter, so a caller need not wait (the server's
     /// connections go back to reading while the writer answers their clients).
     pub fn submit(&self, db: u32, ops: Vec<Op>, done: Done) {
+        self.submit_guarded(db, ops, None, done)
+    }
+
+    /// [`Store::submit`], but when `exec_of` names a client, the ops are logged only if no
+    /// key that client WATCHes has changed; otherwise nothing is logged and `done` gets
+    /// `[OpResult::Aborted]`. The check is made under the queue lock that fixes log order
+    /// (see `src/watch.rs`), so it holds exactly at the ops' place in the log.
+    fn submit_guarded(&self, db: u32, ops: Vec<Op>, exec_of: Option<u64>, done: Done) {
         if ops.is_empty() {
             done(Ok(Vec::new()));
             return;
@@ -1149,7 +1196,7 @@ impl Store {
             return;
         }
         if self.inner.opts.fsync != FsyncPolicy::Always {
-            done(self.write_direct(db, ops));
+            done(self.write_direct(db, ops, exec_of));
             return;
         }
         let ts_ms = self.now_ms();
@@ -1158,6 +1205,13 @@ impl Store {
         let refused = {
             let mut guard = self.inner.queue.lock();
             let q = &mut *guard;
+            if !self.inner.watches.on_queue(db, &ops, exec_of, ts_ms) {
+                drop(guard);
+                if let Some(done) = done.take() {
+                    done(Ok(vec![OpResult::Aborted]));
+                }
+                return;
+            }
             let n = ops.len();
             let mark = q.buf.mark();
             let first = q.next_index;
@@ -1199,17 +1253,25 @@ impl Store {
     /// The commit path without an fsync to share: a flush is one short `write()`, so
     /// taking the writer lock (which spins before it sleeps) and writing our own entries
     /// costs less than queueing, parking and being unparked by another thread.
-    fn write_direct(&self, db: u32, ops: Vec<Op>) -> Result<Vec<OpResult>, StoreError> {
+    fn write_direct(
+        &self,
+        db: u32,
+        ops: Vec<Op>,
+        exec_of: Option<u64>,
+    ) -> Result<Vec<OpResult>, StoreError> {
         let inner = &*self.inner;
         let mut wal = inner.wal.lock();
         if let Some(why) = inner.failed.get() {
             return Err(StoreError::WriteFailed(why.clone()));
         }
+        let ts_ms = self.now_ms();
         let (first, mut buf) = {
             let mut q = inner.queue.lock();
+            if !inner.watches.on_queue(db, &ops, exec_of, ts_ms) {
+                return Ok(vec![OpResult::Aborted]);
+            }
             (q.next_index, std::mem::take(&mut q.buf))
         };
-        let ts_ms = self.now_ms();
         let epoch = inner.epoch.load(Ordering::Relaxed);
         let entries: Vec<Entry> = ops
             .into_iter()
@@ -1248,6 +1310,77 @@ impl Store {
         };
         self.maybe_compact(&mut wal, live_bytes);
         Ok(results)
+    }
+
+    /// WATCH: from now on, a write queued to any of `keys` makes `client`'s next
+    /// [`Store::exec`] abort. Returns once every write queued before the call is applied,
+    /// so that what the client reads next is not older than its WATCH (the state its
+    /// EXEC is checked against).
+    pub fn watch(&self, client: u64, db: u32, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        // Registered first, then the barrier: a write queued after the registration marks
+        // the client dirty; one queued before is applied by the time the barrier returns,
+        // so the state read below is the state at the registration.
+        self.inner.watches.watch(client, db, keys);
+        {
+            let mut wal = self.inner.wal.lock();
+            let deliveries = self.flush(&mut wal);
+            drop(wal);
+            drop(deliveries);
+        }
+        if let Some(why) = self.inner.failed.get() {
+            return Err(StoreError::WriteFailed(why.clone()));
+        }
+        let now = self.now_ms();
+        let db = self.inner.db.lock();
+        self.inner
+            .watches
+            .settle(client, |d, k| match db.keyspace(d).get(k, now) {
+                Some(item) => KeyState::Present {
+                    deadline: item.expire_at,
+                },
+                // A missing key and one already expired are alike: deleting either changes
+                // nothing a client can see (Redis's "stale keys" rule).
+                None => KeyState::Absent,
+            });
+        Ok(())
+    }
+
+    /// Number of WATCHed (client, key) pairs.
+    pub fn watched_keys(&self) -> usize {
+        self.inner.watches.len()
+    }
+
+    /// UNWATCH (also after EXEC and DISCARD, and when a connection closes).
+    pub fn unwatch(&self, client: u64) {
+        self.inner.watches.unwatch(client);
+    }
+
+    /// EXEC: logs `op` (a transaction) as one entry, unless a key `client` WATCHes
+    /// changed since its WATCH: then logs nothing and returns `None`. Blocks until the
+    /// entry is committed and applied. Clears the client's watches either way.
+    pub fn exec(&self, client: u64, op: Op) -> Result<Option<OpResult>, StoreError> {
+        let r = if matches!(&op, Op::Multi { ops } if ops.is_empty()) {
+            // Nothing to log (an empty transaction, or one of commands that read no key):
+            // the watch check alone, at the current end of the log order.
+            let now = self.now_ms();
+            let q = self.inner.queue.lock();
+            let ok = self.inner.watches.on_queue(0, &[], Some(client), now);
+            drop(q);
+            Ok(vec![if ok {
+                OpResult::Multi(Vec::new())
+            } else {
+                OpResult::Aborted
+            }])
+        } else {
+            // The transaction's ops each name their database; the entry's own is unused.
+            self.write_guarded(0, vec![op], Some(client))
+        };
+        self.unwatch(client);
+        match r?.pop() {
+            Some(OpResult::Aborted) => Ok(None),
+            Some(r) => Ok(Some(r)),
+            None => Ok(Some(OpResult::Multi(Vec::new()))),
+        }
     }
 
     /// Group commit's batching delay (PostgreSQL's `commit_delay`, made adaptive): when

@@ -20,6 +20,8 @@
 //! body    := synced: u64 LE | count: u32 LE | record * count
 //! record  := len: u32 LE | entry
 //! entry   := version u8 (2) | index u64 | epoch u64 | ts_ms u64 | db u32 | op
+//! op      := code u8 | fields            (0 Noop, 1 Set, 2 Del, 3 MSet, 4 IncrBy, 5 Cmd)
+//!          | 6 | n: u32 LE | n × (db: u32 LE | op)
 //! ```
 //!
 //! `synced` is how far this segment had been fsync'd when the batch was written. The unit
@@ -35,7 +37,18 @@
 //! deterministically on replay (see `store.rs`), and `db` the database (Redis's `SELECT`
 //! index) the operation applies to. Commands that span databases name the others in their
 //! arguments (`MOVE key 3`, `SWAPDB 0 1`, `COPY a b DB 2`); `FLUSHALL` empties every
-//! database whatever its `db`. A transaction is one entry (`Op::Multi`).
+//! database whatever its `db`.
+//!
+//! Code 6 is a MULTI/EXEC transaction ([`Op::Multi`]): one entry, so it is applied (and
+//! will be replicated) whole or not at all; each of its ops names its own database (SELECT
+//! may come between them). Its ops are never transactions themselves, and the decoder
+//! refuses a count larger than the record could hold.
+//!
+//! A snapshot file (`KVSNP`, version 2) is the header, then frames: `M` (index, epoch,
+//! key count), then for each database that has keys a `D` frame (db u32, its key count,
+//! so loading can size its table once) followed by one `K` frame (deadline, key, value)
+//! per key, and last `E` (the total count again). A version 1 snapshot, written before
+//! databases existed, has no `D` frames: its keys are in database 0.
 //!
 //! # Limits
 //!
@@ -43,12 +56,6 @@
 //! accepts, in one place ([`Limits`]), so whatever the log accepts it reads back: an entry
 //! over the limit is refused by [`BatchBuf::push`] before anything is written (the store
 //! answers that write with an error and logs nothing of it).
-//!
-//! A snapshot file (`KVSNP`, version 2) is the header, then frames: `M` (index, epoch,
-//! key count), then for each database that has keys a `D` frame (db u32, its key count,
-//! so loading can size its table once) followed by one `K` frame (deadline, key, value)
-//! per key, and last `E` (the total count again). A version 1 snapshot, written before
-//! databases existed, has no `D` frames: its keys are in database 0.
 //!
 //! # Damage
 //!
@@ -231,6 +238,14 @@ pub enum Op {
     /// log without a new record type.
     Cmd {
         args: Vec<Vec<u8>>,
+    },
+    /// A MULTI/EXEC transaction: every op applied in order, as one entry, so that no other
+    /// entry (and, on a cluster, no follower's view) falls between them. Each op carries
+    /// the index of the database it addresses. Read-only commands queued in the
+    /// transaction are here too, as canonical read commands (`src/multi.rs`), so that
+    /// they see the state at their place inside it. Never nested.
+    Multi {
+        ops: Vec<(u32, Op)>,
     },
 }
 
@@ -424,6 +439,14 @@ fn encode_op(op: &Op, p: &mut Vec<u8>) {
                 put_bytes(p, a);
             }
         }
+        Op::Multi { ops } => {
+            p.push(6);
+            put_u32(p, ops.len() as u32);
+            for (db, op) in ops {
+                put_u32(p, *db);
+                encode_op(op, p);
+            }
+        }
     }
 }
 
@@ -494,7 +517,20 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
     } else {
         r.u32()?
     };
-    let op = match r.u8()? {
+    let op = decode_op(&mut r, true)?;
+    r.done()?;
+    Ok(Entry {
+        index,
+        epoch,
+        ts_ms,
+        db,
+        op,
+    })
+}
+
+/// Decodes one operation. Only a top-level op may be a transaction: its ops may not.
+fn decode_op(r: &mut Reader<'_>, top_level: bool) -> Result<Op, String> {
+    Ok(match r.u8()? {
         0 => Op::Noop,
         1 => {
             let flags = r.u8()?;
@@ -556,15 +592,19 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
             }
             Op::Cmd { args }
         }
+        6 if !top_level => return Err("nested transaction record".into()),
+        6 => {
+            // `count` bounds n by the bytes left (each op takes at least 5), so a damaged
+            // count cannot size a huge allocation.
+            let n = r.count()?;
+            let mut ops = Vec::with_capacity(n);
+            for _ in 0..n {
+                let db = r.u32()?;
+                ops.push((db, decode_op(r, false)?));
+            }
+            Op::Multi { ops }
+        }
         x => return Err(format!("unknown operation code {x}")),
-    };
-    r.done()?;
-    Ok(Entry {
-        index,
-        epoch,
-        ts_ms,
-        db,
-        op,
     })
 }
 
@@ -1898,6 +1938,34 @@ mod tests {
             Op::Cmd {
                 args: vec![b"PEXPIREAT".to_vec(), b"k".to_vec(), b"123".to_vec()],
             },
+            Op::Multi { ops: vec![] },
+            Op::Multi {
+                ops: vec![
+                    (
+                        0,
+                        Op::Set {
+                            key: b"k".to_vec(),
+                            value: b"v".to_vec(),
+                            expiry: Expiry::At(7),
+                            condition: Condition::Always,
+                            get: true,
+                        },
+                    ),
+                    (
+                        15,
+                        Op::Cmd {
+                            args: vec![b"GET".to_vec(), b"k".to_vec()],
+                        },
+                    ),
+                    (u32::MAX, Op::Noop),
+                    (
+                        1,
+                        Op::Del {
+                            keys: vec![b"a".to_vec()],
+                        },
+                    ),
+                ],
+            },
         ]
     }
 
@@ -1914,6 +1982,46 @@ mod tests {
         let mut p = Vec::new();
         encode_payload(e, &mut p);
         p
+    }
+
+    fn op_payload(op: &Op) -> Vec<u8> {
+        payload(&Entry {
+            index: 1,
+            epoch: 1,
+            ts_ms: 1,
+            db: 0,
+            op: op.clone(),
+        })
+    }
+
+    #[test]
+    fn a_transaction_record_refuses_nesting_and_absurd_counts() {
+        let inner = Op::Multi {
+            ops: vec![(0, Op::Noop)],
+        };
+        // Hand-made nesting (the encoder has no reason to refuse it; the decoder must).
+        let nested = Op::Multi {
+            ops: vec![(0, inner)],
+        };
+        let err = decode_entry(&op_payload(&nested)).unwrap_err();
+        assert!(err.contains("nested transaction"), "{err}");
+        // A count of 2^32-1 ops in a record of a few bytes.
+        let mut p = op_payload(&Op::Multi { ops: vec![] });
+        let n = p.len();
+        p[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = decode_entry(&p).unwrap_err();
+        assert!(err.contains("exceeds the record"), "{err}");
+        // An inner op cut short.
+        let mut p = op_payload(&Op::Multi {
+            ops: vec![(
+                3,
+                Op::Del {
+                    keys: vec![b"abc".to_vec()],
+                },
+            )],
+        });
+        p.pop();
+        assert!(decode_entry(&p).is_err());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 #
 # Creates a virtualenv in target/pyenv with redis==8.1.0 and pytest (once),
 # builds the debug binary (cargo build: a no-op when up to date) and runs
-# pytest. Exits non-zero when a test fails. With KVSTORE_BIN set, tests that
+# pytest, then tests/node/run.sh (ioredis and node-redis). Exits non-zero when a test
+# fails. With KVSTORE_BIN set, tests that
 # binary and builds nothing; with KVSTORE_TEST_REDIS_SERVER=/path/to/redis-server,
 # runs the same tests against real Redis (to check the tests themselves).
 set -euo pipefail
@@ -50,4 +51,11 @@ fi
 
 # No .pytest_cache or __pycache__ left in the source tree.
 export PYTHONDONTWRITEBYTECODE=1
-exec "$PY" -m pytest -q -p no:cacheprovider tests/python "$@"
+"$PY" -m pytest -q -p no:cacheprovider tests/python "$@"
+
+# The Node.js clients' transactions (ioredis, node-redis): they need node and npm, and
+# fail, naming them, when they are missing.
+if [ -z "${KVSTORE_TEST_REDIS_SERVER:-}" ]; then
+  echo "--- tests/node/run.sh"
+  bash tests/node/run.sh
+fi

@@ -566,6 +566,62 @@ def test_pipeline_1000_commands(r, prefix):
 
 
 # --------------------------------------------------------------------------
+# Transactions (redis-py's default pipeline is MULTI ... EXEC)
+
+
+def test_default_pipeline_is_an_atomic_transaction(r, prefix):
+    k, n = prefix + "k", prefix + "n"
+    pipe = r.pipeline()  # transaction=True by default
+    pipe.set(k, "v").get(k).incr(n).incrby(n, 4).mget(k, n).exists(k, n)
+    assert pipe.execute() == [True, b"v", 1, 5, [b"v", b"5"], 2]
+
+    # A runtime error is one result; the rest applies (as Redis).
+    pipe = r.pipeline()
+    pipe.incr(k).set(prefix + "after", "1")
+    results = pipe.execute(raise_on_error=False)
+    assert isinstance(results[0], redis.ResponseError)
+    assert str(results[0]) == "value is not an integer or out of range"
+    assert results[1] is True
+    assert r.get(prefix + "after") == b"1"
+
+    # A command refused while queueing: EXECABORT, nothing applied.
+    pipe = r.pipeline()
+    pipe.set(prefix + "never", "1").execute_command("GET")
+    with pytest.raises(redis.ResponseError) as e:
+        pipe.execute()
+    # redis-py answers EXECABORT by raising the first queueing error.
+    assert "wrong number of arguments for 'get' command" in str(e.value)
+    assert r.exists(prefix + "never") == 0
+    # The connection is usable afterwards.
+    assert r.ping() is True
+
+
+def test_watch_transaction(connect, prefix):
+    """redis-py's optimistic locking: WATCH, read, MULTI, write, EXEC; WatchError when
+    the key changed in between."""
+    r, other = connect(), connect()
+    k = prefix + "balance"
+    r.set(k, 10)
+
+    def add(pipe):
+        value = int(pipe.get(k))
+        pipe.multi()
+        pipe.set(k, value + 5)
+
+    assert r.transaction(add, k) == [True]
+    assert r.get(k) == b"15"
+
+    with r.pipeline() as pipe:
+        pipe.watch(k)
+        other.set(k, 100)
+        pipe.multi()
+        pipe.set(k, 0)
+        with pytest.raises(redis.WatchError):
+            pipe.execute()
+    assert r.get(k) == b"100"
+
+
+# --------------------------------------------------------------------------
 # Errors
 
 

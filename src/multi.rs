@@ -1,0 +1,873 @@
+//! Transactions: MULTI, EXEC, DISCARD, WATCH and UNWATCH, as in Redis 7.
+//!
+//! A connection's transaction state is [`Session::multi`]. The connection loop (and the
+//! repl) hands every request to [`handle`] while a transaction is open, and the five
+//! transaction commands always ([`intercepts`]). Between MULTI and EXEC each command is
+//! checked and queued (`+QUEUED`) as one of:
+//! - a write, already parsed into its log [`Op`] by [`commands::dispatch_spec`] (so its
+//!   relative times count from when it was queued);
+//! - a read of the key space, as a canonical *read record* (`GET k`, `MGET k…`, …,
+//!   see `read_record`);
+//! - anything else (PING, ECHO, CLIENT, INFO, SCAN, RANDOMKEY, …): its arguments, run at
+//!   EXEC time.
+//!
+//! EXEC logs the writes and the read records together as ONE entry, [`Op::Multi`]
+//! ([`Store::exec`](crate::Store::exec)): applied in order under one map lock, so nothing else happens in the
+//! middle, a GET after a SET in the same transaction sees the SET, and a cluster will
+//! replicate the transaction as one entry. Logging the reads costs a few bytes per read
+//! and a lookup on replay; the other ways to make them atomic (holding the map lock from
+//! the queueing of the entry to its apply, or a leader-only hook into the apply loop)
+//! either stall every reader for an fsync or make the apply path differ between leader
+//! and follower. Commands of the third kind do not read the key space (SCAN and
+//! RANDOMKEY promise no particular state anyway), so they run on the connection's thread
+//! after the entry is applied, their replies put at their place in EXEC's array.
+//!
+//! Errors, as in Redis: a command refused while queueing (unknown, or the wrong number of
+//! arguments) answers its error and makes EXEC answer `-EXECABORT …` with nothing
+//! applied. A command whose arguments are wrong (`SET k v XX NX`) is queued, and its
+//! error is its element of EXEC's array (it is not logged); errors that depend on the
+//! data (INCR of a non-integer) are per command in the array too, and the rest applies.
+//!
+//! WATCH registers keys with the store's watch registry (`src/watch.rs`); EXEC answers
+//! nil, logging nothing, when one changed. EXEC, DISCARD and UNWATCH clear the watches,
+//! and so does closing the connection ([`Context::unregister`]).
+
+use crate::commands::{self, CommandSpec, Context, Dispatched, Reply, Session};
+use crate::protocol::{write_array_len, write_error, write_null_array, write_simple};
+use crate::store::{Keyspace, OpResult, StoreError, parse_i64};
+use crate::wal::Op;
+
+const ERR_EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
+
+/// Most bytes one transaction may queue, as counted by `queued_cost`. A queued command
+/// has left the input buffer, so the input cap no longer bounds it: without this, MULTI
+/// followed by an endless stream of SETs would grow without limit. It also keeps the
+/// transaction's log entry within the frame size the log reader accepts (what the log
+/// accepts it must read back): the cost counts 16 bytes per argument, more than an op's
+/// encoding adds, and the margin covers the entry's header. A command past it is refused
+/// (and EXEC answers EXECABORT).
+pub const MAX_QUEUED_BYTES: usize = crate::wal::MAX_ENTRY - 4096;
+
+/// Bytes a queued command is counted for: its arguments and 16 bytes each (at least what
+/// encoding its op adds per argument: lengths, op code, flags, a deadline).
+fn queued_cost(args: &[Vec<u8>]) -> usize {
+    args.iter().map(|a| a.len() + 16).sum()
+}
+
+/// One queued command.
+#[derive(Debug, Clone)]
+enum Queued {
+    /// Part of the logged entry, in the database given: replied as `Reply` says.
+    Logged(u32, Op, Reply),
+    /// Run at EXEC time, after the entry is applied.
+    Local(Vec<Vec<u8>>),
+    /// Refused for its arguments when queued: this error reply is its place in EXEC's
+    /// array (Redis finds such errors only when it executes the command).
+    Refused(Vec<u8>),
+}
+
+/// An open transaction (between MULTI and EXEC or DISCARD).
+#[derive(Debug, Clone, Default)]
+pub struct Transaction {
+    queued: Vec<Queued>,
+    /// The database the next queued command runs in: the connection's at MULTI, then as
+    /// each queued SELECT leaves it (SELECT itself runs at EXEC, in its place).
+    db: u32,
+    /// [`queued_cost`] of everything queued.
+    bytes: usize,
+    /// A command was refused while queueing: EXEC will answer EXECABORT.
+    failed: bool,
+}
+
+/// Whether [`handle`] takes this request rather than the normal dispatch.
+pub fn intercepts(s: &Session, spec: Option<&CommandSpec>) -> bool {
+    s.multi.is_some()
+        || spec
+            .is_some_and(|c| matches!(c.name, "multi" | "exec" | "discard" | "watch" | "unwatch"))
+}
+
+/// Executes or queues one request for a connection in (or entering) a transaction. May
+/// block: EXEC waits for its entry to be committed, WATCH for earlier writes to apply. The
+/// caller must have submitted (and had answered) the connection's earlier writes, so that
+/// they come before this in the log.
+pub fn handle(
+    ctx: &Context,
+    s: &mut Session,
+    spec: Option<&'static CommandSpec>,
+    args: Vec<Vec<u8>>,
+    out: &mut Vec<u8>,
+) {
+    let name = spec.map_or("", |c| c.name);
+    let checked = spec.is_some_and(|c| {
+        commands::arity_ok(c, args.len())
+            && (s.authenticated || matches!(c.name, "auth" | "hello" | "quit"))
+    });
+    if !checked {
+        // Unknown command, wrong arity or not authenticated: the dispatcher words the
+        // error (and executes nothing for these).
+        let _ = commands::dispatch_spec(ctx, s, spec, args, out);
+        refused(s);
+        return;
+    }
+    match (name, s.multi.is_some()) {
+        ("multi", true) => write_error(out, "ERR MULTI calls can not be nested"),
+        ("watch", true) => write_error(out, "ERR WATCH inside MULTI is not allowed"),
+        ("multi", false) => {
+            s.multi = Some(Transaction {
+                db: s.db,
+                ..Transaction::default()
+            });
+            write_simple(out, "OK");
+        }
+        ("exec", false) => write_error(out, "ERR EXEC without MULTI"),
+        ("discard", false) => write_error(out, "ERR DISCARD without MULTI"),
+        ("discard", true) => {
+            s.multi = None;
+            ctx.store.unwatch(s.id);
+            write_simple(out, "OK");
+        }
+        ("watch", false) => match ctx.store.watch(s.id, s.db, &args[1..]) {
+            Ok(()) => write_simple(out, "OK"),
+            Err(e) => write_error(out, &format!("IOERR {e}")),
+        },
+        ("unwatch", _) => {
+            // Inside MULTI too, as Redis: it is queued there, and then clears at EXEC,
+            // which clears anyway; answering it at once is indistinguishable.
+            if s.multi.is_some() {
+                queue(ctx, s, spec, args, out);
+            } else {
+                ctx.store.unwatch(s.id);
+                write_simple(out, "OK");
+            }
+        }
+        ("exec", true) => {
+            let tx = s.multi.take().unwrap_or_default();
+            exec(ctx, s, tx, out);
+        }
+        // QUIT is never queued (Redis runs it at once).
+        ("quit", true) => {
+            let _ = commands::dispatch_spec(ctx, s, spec, args, out);
+        }
+        _ => queue(ctx, s, spec, args, out),
+    }
+}
+
+/// Marks the open transaction (if any) to fail at EXEC.
+fn refused(s: &mut Session) {
+    if let Some(tx) = &mut s.multi {
+        tx.failed = true;
+    }
+}
+
+/// Checks and queues a command inside MULTI.
+fn queue(
+    ctx: &Context,
+    s: &mut Session,
+    spec: Option<&'static CommandSpec>,
+    args: Vec<Vec<u8>>,
+    out: &mut Vec<u8>,
+) {
+    let Some(c) = spec else { return };
+    let cost = queued_cost(&args);
+    if s.multi
+        .as_ref()
+        .is_some_and(|tx| tx.bytes.saturating_add(cost) > MAX_QUEUED_BYTES)
+    {
+        refused(s);
+        write_error(
+            out,
+            &format!("ERR transaction too large: more than {MAX_QUEUED_BYTES} bytes queued"),
+        );
+        return;
+    }
+    let db = s.multi.as_ref().map_or(s.db, |tx| tx.db);
+    if c.name == "select"
+        && let Ok(new) = crate::keyspace::parse_db(&args[1], ctx.store.databases())
+        && let Some(tx) = &mut s.multi
+    {
+        // Queued like any command that reads no key (it answers at EXEC), but the commands
+        // queued after it run in the database it selects.
+        tx.db = new;
+    }
+    let item = if c.write {
+        let mut early = Vec::new();
+        // Dispatched as if the transaction's SELECTs had run (MOVE and COPY compare
+        // databases).
+        let own = std::mem::replace(&mut s.db, db);
+        let dispatched = commands::dispatch_spec(ctx, s, spec, args, &mut early);
+        s.db = own;
+        match dispatched {
+            Dispatched::Write(op, how) => Ok(Queued::Logged(db, op, how)),
+            Dispatched::Done => Err(early),
+        }
+    } else {
+        match read_record(c.name, args) {
+            ReadRecord::Log(op) => Ok(Queued::Logged(db, op, Reply::Standard)),
+            ReadRecord::Local(args) => Ok(Queued::Local(args)),
+            ReadRecord::Refused(msg) => {
+                let mut early = Vec::new();
+                write_error(&mut early, msg);
+                Err(early)
+            }
+        }
+    };
+    let Some(tx) = &mut s.multi else { return };
+    match item {
+        Ok(q) => {
+            tx.queued.push(q);
+            tx.bytes += cost;
+            write_simple(out, "QUEUED");
+        }
+        Err(early) => {
+            tx.queued.push(Queued::Refused(early));
+            tx.bytes += cost;
+            write_simple(out, "QUEUED");
+        }
+    }
+}
+
+/// EXEC of `tx`: logs its entry (unless aborted) and renders the array of its replies.
+fn exec(ctx: &Context, s: &mut Session, tx: Transaction, out: &mut Vec<u8>) {
+    if tx.failed {
+        ctx.store.unwatch(s.id);
+        write_error(out, ERR_EXECABORT);
+        return;
+    }
+    let ops: Vec<(u32, Op)> = tx
+        .queued
+        .iter()
+        .filter_map(|q| match q {
+            Queued::Logged(db, op, _) => Some((*db, op.clone())),
+            Queued::Local(_) | Queued::Refused(_) => None,
+        })
+        .collect();
+    let results = match ctx.store.exec(s.id, Op::Multi { ops }) {
+        Ok(Some(OpResult::Multi(r))) => r,
+        Ok(Some(other)) => vec![other],
+        Ok(None) => {
+            write_null_array(out, s.proto);
+            return;
+        }
+        Err(e @ StoreError::WriteFailed(_)) => {
+            // The entry may be on disk: not an EXECABORT, whose promise is "not applied".
+            write_error(out, &format!("IOERR {e}"));
+            return;
+        }
+        Err(e) => {
+            write_error(
+                out,
+                &format!("EXECABORT Transaction discarded because of: {e}"),
+            );
+            return;
+        }
+    };
+    let mut results = results.into_iter();
+    write_array_len(out, tx.queued.len());
+    for q in tx.queued {
+        match q {
+            Queued::Logged(_, _, how) => match results.next() {
+                Some(r) => commands::render_result(&r, how, s.proto, out),
+                None => write_error(out, "ERR internal error: missing transaction result"),
+            },
+            Queued::Refused(reply) => out.extend_from_slice(&reply),
+            Queued::Local(args) => {
+                let spec = commands::lookup(&args[0]);
+                if spec.is_some_and(|c| c.name == "unwatch") {
+                    // EXEC has cleared the watches already.
+                    write_simple(out, "OK");
+                } else if let Dispatched::Write(..) =
+                    commands::dispatch_spec(ctx, s, spec, args, out)
+                {
+                    write_error(out, "ERR internal error: write run outside its transaction");
+                }
+            }
+        }
+    }
+}
+
+/// Names of the canonical read records a transaction logs.
+const READ_RECORDS: &[&str] = &[
+    "DBSIZE",
+    "EXISTS",
+    "EXPIRETIME",
+    "GET",
+    "GETRANGE",
+    "KEYS",
+    "MGET",
+    "PEXPIRETIME",
+    "PTTL",
+    "STRLEN",
+    "TTL",
+    "TYPE",
+];
+
+/// Whether `name` is a read record's (they change nothing: the watch registry skips them).
+pub fn is_read_record(name: &[u8]) -> bool {
+    READ_RECORDS.iter().any(|r| r.as_bytes() == name)
+}
+
+/// What a read-only command becomes inside MULTI.
+enum ReadRecord {
+    /// A read record, logged with the transaction.
+    Log(Op),
+    /// A command that does not read the key space: run at EXEC time.
+    Local(Vec<Vec<u8>>),
+    /// Arguments refused (GETRANGE offsets that are not integers).
+    Refused(&'static str),
+}
+
+fn read_record(name: &str, mut args: Vec<Vec<u8>>) -> ReadRecord {
+    let canonical: &str = match name {
+        "get" | "mget" | "exists" | "strlen" | "type" | "ttl" | "pttl" | "expiretime"
+        | "pexpiretime" | "dbsize" | "keys" => name,
+        // TOUCH only counts keys here (no access times are kept).
+        "touch" => "exists",
+        "getrange" | "substr" => {
+            if parse_i64(&args[2]).is_none() || parse_i64(&args[3]).is_none() {
+                return ReadRecord::Refused(crate::store::ERR_NOT_INTEGER);
+            }
+            "getrange"
+        }
+        _ => return ReadRecord::Local(args),
+    };
+    args[0] = canonical.to_ascii_uppercase().into_bytes();
+    ReadRecord::Log(Op::Cmd { args })
+}
+
+impl Keyspace {
+    /// Applies a read record at the transaction's time `now`: the answer the command
+    /// would give at that point of the log. Changes nothing.
+    pub(crate) fn exec_read(&self, args: &[Vec<u8>], now: u64) -> OpResult {
+        let bad = OpResult::Error(crate::exec::ERR_BAD_RECORD);
+        let Some((name, rest)) = args.split_first() else {
+            return bad;
+        };
+        let value = |k: &[u8]| self.get(k, now).map(|i| i.value.to_vec());
+        match (name.as_slice(), rest) {
+            (b"GET", [k]) => OpResult::Old(value(k)),
+            (b"MGET", keys) => {
+                OpResult::Array(keys.iter().map(|k| OpResult::Old(value(k))).collect())
+            }
+            (b"EXISTS", keys) => {
+                OpResult::Int(keys.iter().filter(|k| self.get(k, now).is_some()).count() as i64)
+            }
+            (b"STRLEN", [k]) => OpResult::Int(self.get(k, now).map_or(0, |i| i.value.len()) as i64),
+            (b"TYPE", [k]) => OpResult::Status(if self.get(k, now).is_some() {
+                "string"
+            } else {
+                "none"
+            }),
+            (b"TTL" | b"PTTL" | b"EXPIRETIME" | b"PEXPIRETIME", [k]) => {
+                OpResult::Int(match self.get(k, now).map(|i| i.expire_at) {
+                    None => -2,
+                    Some(0) => -1,
+                    // As the commands compute it outside a transaction (commands.rs).
+                    Some(at) => match name.as_slice() {
+                        b"TTL" => ((at - now + 500) / 1000) as i64,
+                        b"PTTL" => (at - now) as i64,
+                        b"EXPIRETIME" => ((at + 500) / 1000) as i64,
+                        _ => at as i64,
+                    },
+                })
+            }
+            (b"GETRANGE", [k, start, end]) => match (parse_i64(start), parse_i64(end)) {
+                (Some(start), Some(end)) => OpResult::Old(Some(
+                    self.get(k, now)
+                        .map_or(&[][..], |i| crate::strings::substring(&i.value, start, end))
+                        .to_vec(),
+                )),
+                _ => bad,
+            },
+            (b"DBSIZE", []) => OpResult::Int(self.len() as i64),
+            (b"KEYS", [pattern]) => OpResult::Array(
+                self.iter(now)
+                    .filter(|(k, _)| crate::glob::glob_match(pattern, k, false))
+                    .map(|(k, _)| OpResult::Old(Some(k.to_vec())))
+                    .collect(),
+            ),
+            _ => bad,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::commands::{Context, Session, Settings};
+    use crate::protocol::Value;
+    use crate::repl::execute;
+    use crate::store::{Clock, Options, Store};
+    use crate::wal::FsyncPolicy;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const T0: u64 = 1_700_000_000_000;
+
+    /// A store on a fake clock, without the background expirer (tests call it).
+    struct T {
+        _dir: tempfile::TempDir,
+        ctx: Context,
+        clock: Arc<AtomicU64>,
+    }
+
+    fn open(fsync: FsyncPolicy) -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(AtomicU64::new(T0));
+        let c = clock.clone();
+        let opts = Options {
+            fsync,
+            clock: Clock::new(move || c.load(Ordering::SeqCst)),
+            active_expiry: false,
+            ..Options::default()
+        };
+        let ctx = Context::new(Store::open(dir.path(), opts).unwrap(), Settings::default());
+        T {
+            _dir: dir,
+            ctx,
+            clock,
+        }
+    }
+
+    /// Both commit paths: the caller's own (`no`) and the log writer's (`always`).
+    fn each_store(f: impl Fn(T)) {
+        for fsync in [FsyncPolicy::No, FsyncPolicy::Always] {
+            f(open(fsync));
+        }
+    }
+
+    fn run(ctx: &Context, s: &mut Session, line: &str) -> Value {
+        execute(ctx, s, crate::client::split_args(line).unwrap())
+    }
+
+    fn ok() -> Value {
+        Value::Simple("OK".into())
+    }
+    fn queued() -> Value {
+        Value::Simple("QUEUED".into())
+    }
+    fn bulk(b: &str) -> Value {
+        Value::Bulk(b.as_bytes().to_vec())
+    }
+    fn pong() -> Value {
+        Value::Simple("PONG".into())
+    }
+    fn err(e: &str) -> Value {
+        Value::Error(e.into())
+    }
+    fn arr(v: Vec<Value>) -> Value {
+        Value::Array(v)
+    }
+
+    fn last_index(t: &T) -> u64 {
+        t.ctx.store.read_all(|db| db.applied_index())
+    }
+
+    #[test]
+    fn exec_applies_the_queue_as_one_entry_with_each_reply() {
+        each_store(|t| {
+            let mut s = t.ctx.register("t".into());
+            let mut r = |line: &str| run(&t.ctx, &mut s, line);
+            assert_eq!(r("set n 5"), ok());
+            let before = last_index(&t);
+            assert_eq!(r("multi"), ok());
+            for line in [
+                "set k 1",
+                "get k",
+                "incr k",
+                "setnx k 9",
+                "mget k nope",
+                "type k",
+                "exists k n nope",
+                "ttl k",
+                "getrange k 0 0",
+                "strlen k",
+                "ping",
+                "echo hi",
+                "del n",
+                "get n",
+                "unwatch",
+            ] {
+                assert_eq!(r(line), queued(), "{line}");
+            }
+            assert_eq!(
+                r("exec"),
+                arr(vec![
+                    ok(),
+                    bulk("1"),
+                    Value::Integer(2),
+                    Value::Integer(0),
+                    arr(vec![bulk("2"), Value::Null]),
+                    Value::Simple("string".into()),
+                    Value::Integer(2),
+                    Value::Integer(-1),
+                    bulk("2"),
+                    Value::Integer(1),
+                    pong(),
+                    bulk("hi"),
+                    Value::Integer(1),
+                    Value::Null,
+                    ok(),
+                ])
+            );
+            // One log entry for the whole transaction.
+            assert_eq!(last_index(&t), before + 1);
+            assert_eq!(r("get k"), bulk("2"));
+        });
+    }
+
+    #[test]
+    fn an_empty_transaction_answers_an_empty_array_and_logs_nothing() {
+        each_store(|t| {
+            let mut s = t.ctx.register("t".into());
+            let before = last_index(&t);
+            assert_eq!(run(&t.ctx, &mut s, "multi"), ok());
+            assert_eq!(run(&t.ctx, &mut s, "exec"), arr(vec![]));
+            assert_eq!(run(&t.ctx, &mut s, "multi"), ok());
+            assert_eq!(run(&t.ctx, &mut s, "ping"), queued());
+            assert_eq!(run(&t.ctx, &mut s, "exec"), arr(vec![pong()]));
+            assert_eq!(last_index(&t), before);
+        });
+    }
+
+    #[test]
+    fn a_command_refused_while_queueing_aborts_exec() {
+        let t = open(FsyncPolicy::No);
+        let mut s = t.ctx.register("t".into());
+        let mut r = |line: &str| run(&t.ctx, &mut s, line);
+        let abort = err("EXECABORT Transaction discarded because of previous errors.");
+        for bad in ["nosuchcommand x", "get"] {
+            assert_eq!(r("multi"), ok());
+            assert_eq!(r("set foo1 bar1"), queued());
+            assert!(matches!(r(bad), Value::Error(_)), "{bad}");
+            assert_eq!(r("set foo2 bar2"), queued());
+            assert_eq!(r("exec"), abort, "{bad}");
+            assert_eq!(r("exists foo1 foo2"), Value::Integer(0), "{bad}");
+            // The transaction is over.
+            assert_eq!(r("ping"), pong());
+            assert_eq!(r("exec"), err("ERR EXEC without MULTI"));
+        }
+        // Arguments refused: queued, answered in their place, the rest applies (Redis).
+        assert_eq!(r("multi"), ok());
+        assert_eq!(r("set foo1 bar1"), queued());
+        assert_eq!(r("set k v nx xx"), queued());
+        assert_eq!(r("getrange k a b"), queued());
+        assert_eq!(
+            r("exec"),
+            arr(vec![
+                ok(),
+                err("ERR syntax error"),
+                err("ERR value is not an integer or out of range"),
+            ])
+        );
+        assert_eq!(r("exists foo1 k"), Value::Integer(1));
+        // Errors that are not the queued command's: the transaction goes on.
+        assert_eq!(r("multi"), ok());
+        assert_eq!(r("multi"), err("ERR MULTI calls can not be nested"));
+        assert_eq!(r("watch x"), err("ERR WATCH inside MULTI is not allowed"));
+        assert_eq!(r("set x 1"), queued());
+        assert_eq!(r("exec"), arr(vec![ok()]));
+    }
+
+    #[test]
+    fn runtime_errors_are_per_command_and_the_rest_applies() {
+        each_store(|t| {
+            let mut s = t.ctx.register("t".into());
+            let mut r = |line: &str| run(&t.ctx, &mut s, line);
+            assert_eq!(r("set a x"), ok());
+            assert_eq!(r("multi"), ok());
+            assert_eq!(r("incr a"), queued());
+            assert_eq!(r("set b 1"), queued());
+            assert_eq!(
+                r("exec"),
+                arr(vec![
+                    err("ERR value is not an integer or out of range"),
+                    ok()
+                ])
+            );
+            assert_eq!(r("get b"), bulk("1"));
+        });
+    }
+
+    #[test]
+    fn discard_and_the_without_multi_errors() {
+        let t = open(FsyncPolicy::No);
+        let mut s = t.ctx.register("t".into());
+        let mut r = |line: &str| run(&t.ctx, &mut s, line);
+        assert_eq!(r("exec"), err("ERR EXEC without MULTI"));
+        assert_eq!(r("discard"), err("ERR DISCARD without MULTI"));
+        assert_eq!(r("set l 1"), ok());
+        assert_eq!(r("multi"), ok());
+        assert_eq!(r("del l"), queued());
+        assert_eq!(r("discard"), ok());
+        assert_eq!(r("get l"), bulk("1"));
+        assert_eq!(r("unwatch"), ok());
+        assert_eq!(
+            r("watch"),
+            err("ERR wrong number of arguments for 'watch' command")
+        );
+    }
+
+    #[test]
+    fn exec_is_nil_when_a_watched_key_was_written() {
+        each_store(|t| {
+            let mut s = t.ctx.register("t".into());
+            let mut o = t.ctx.register("other".into());
+            let ctx = &t.ctx;
+            assert_eq!(run(ctx, &mut s, "set x 30"), ok());
+            assert_eq!(run(ctx, &mut s, "watch a b x k z"), ok());
+            assert_eq!(run(ctx, &mut o, "set x 40"), ok());
+            assert_eq!(run(ctx, &mut s, "multi"), ok());
+            assert_eq!(run(ctx, &mut s, "set y 1"), queued());
+            assert_eq!(run(ctx, &mut s, "exec"), Value::Null);
+            assert_eq!(run(ctx, &mut s, "exists y"), Value::Integer(0));
+            // EXEC cleared the watch: the next one applies.
+            assert_eq!(run(ctx, &mut o, "set x 50"), ok());
+            assert_eq!(run(ctx, &mut s, "multi"), ok());
+            assert_eq!(run(ctx, &mut s, "ping"), queued());
+            assert_eq!(run(ctx, &mut s, "exec"), arr(vec![pong()]));
+            // Unmodified keys: applies.
+            assert_eq!(run(ctx, &mut s, "watch x"), ok());
+            assert_eq!(run(ctx, &mut o, "set other 1"), ok());
+            assert_eq!(run(ctx, &mut s, "multi"), ok());
+            assert_eq!(run(ctx, &mut s, "incr x"), queued());
+            assert_eq!(run(ctx, &mut s, "exec"), arr(vec![Value::Integer(51)]));
+            // UNWATCH and DISCARD forget the key and the dirt.
+            for clear in ["unwatch", "multi|discard"] {
+                assert_eq!(run(ctx, &mut s, "watch x"), ok());
+                assert_eq!(run(ctx, &mut o, "set x 10"), ok());
+                for line in clear.split('|') {
+                    assert_eq!(run(ctx, &mut s, line), ok());
+                }
+                assert_eq!(run(ctx, &mut s, "multi"), ok());
+                assert_eq!(run(ctx, &mut s, "incr x"), queued());
+                assert_eq!(run(ctx, &mut s, "exec"), arr(vec![Value::Integer(11)]));
+            }
+            assert_eq!(ctx.store.watched_keys(), 0);
+        });
+    }
+
+    /// Runs WATCH x, then `between` (on another connection), then MULTI PING EXEC;
+    /// returns EXEC's reply.
+    fn watch_then(t: &T, setup: &[&str], between: &[&str]) -> Value {
+        let mut s = t.ctx.register("t".into());
+        let mut o = t.ctx.register("other".into());
+        for line in setup {
+            run(&t.ctx, &mut o, line);
+        }
+        assert_eq!(run(&t.ctx, &mut s, "watch x"), ok());
+        for line in between {
+            run(&t.ctx, &mut o, line);
+        }
+        assert_eq!(run(&t.ctx, &mut s, "multi"), ok());
+        assert_eq!(run(&t.ctx, &mut s, "ping"), queued());
+        let r = run(&t.ctx, &mut s, "exec");
+        t.ctx.unregister(s.id);
+        t.ctx.unregister(o.id);
+        run(&t.ctx, &mut t.ctx.register("c".into()), "flushall");
+        r
+    }
+
+    #[test]
+    fn watch_follows_redis_rules_for_flush_expire_and_stale_keys() {
+        each_store(|t| {
+            let done = arr(vec![pong()]);
+            let nil = Value::Null;
+            // FLUSHALL/FLUSHDB touch a watched key only if it existed.
+            assert_eq!(watch_then(&t, &["set x 30"], &["flushall"]), nil);
+            assert_eq!(watch_then(&t, &["set x 30"], &["flushdb"]), nil);
+            assert_eq!(watch_then(&t, &["del x"], &["flushall"]), done);
+            // EXPIRE on the key touches it; DEL of a missing key does not.
+            assert_eq!(watch_then(&t, &["set x foo"], &["expire x 10"]), nil);
+            assert_eq!(watch_then(&t, &[], &["del x"]), done);
+            assert_eq!(watch_then(&t, &["set x 1"], &["del x"]), nil);
+            // A stale (expired, not yet deleted) key: WATCH, then deleting or flushing
+            // it changes nothing.
+            for between in [&[][..], &["del x"], &["exists x"], &["flushdb"]] {
+                let stale = ["set x foo px 1"];
+                t.clock.fetch_add(2, Ordering::SeqCst);
+                let mut s = t.ctx.register("t".into());
+                run(&t.ctx, &mut s, stale[0]);
+                t.clock.fetch_add(2, Ordering::SeqCst);
+                assert_eq!(watch_then(&t, &[], between), done, "{between:?}");
+                t.ctx.store.expire_due(&[]).unwrap();
+            }
+        });
+    }
+
+    #[test]
+    fn a_watched_key_expiring_before_exec_aborts_it() {
+        each_store(|t| {
+            let ctx = &t.ctx;
+            let mut s = ctx.register("t".into());
+            assert_eq!(run(ctx, &mut s, "set key 1 px 100"), ok());
+            assert_eq!(run(ctx, &mut s, "watch key"), ok());
+            t.clock.fetch_add(101, Ordering::SeqCst);
+            assert_eq!(run(ctx, &mut s, "multi"), ok());
+            assert_eq!(run(ctx, &mut s, "incr key"), queued());
+            assert_eq!(run(ctx, &mut s, "exec"), Value::Null);
+            // Also once the expirer has deleted it.
+            assert_eq!(run(ctx, &mut s, "set key 1 px 100"), ok());
+            assert_eq!(run(ctx, &mut s, "watch key"), ok());
+            t.clock.fetch_add(101, Ordering::SeqCst);
+            assert_eq!(ctx.store.expire_due(&[]).unwrap(), 1);
+            assert_eq!(run(ctx, &mut s, "multi"), ok());
+            assert_eq!(run(ctx, &mut s, "exec"), Value::Null);
+        });
+    }
+
+    #[test]
+    fn a_transaction_past_the_queue_limit_is_refused() {
+        let t = open(FsyncPolicy::No);
+        let mut s = t.ctx.register("t".into());
+        assert_eq!(run(&t.ctx, &mut s, "multi"), ok());
+        assert_eq!(run(&t.ctx, &mut s, "set a 1"), queued());
+        // As if nearly 1 GiB had been queued already.
+        if let Some(tx) = &mut s.multi {
+            tx.bytes = super::MAX_QUEUED_BYTES - 40;
+        }
+        assert_eq!(
+            run(&t.ctx, &mut s, "set b 1"),
+            err(&format!(
+                "ERR transaction too large: more than {} bytes queued",
+                super::MAX_QUEUED_BYTES
+            ))
+        );
+        assert_eq!(
+            run(&t.ctx, &mut s, "exec"),
+            err("EXECABORT Transaction discarded because of previous errors.")
+        );
+        assert_eq!(run(&t.ctx, &mut s, "exists a"), Value::Integer(0));
+    }
+
+    /// The queue cap keeps the log entry readable: an entry never encodes larger than
+    /// the cost counted for its commands plus the margin.
+    #[test]
+    fn the_counted_cost_bounds_the_encoded_entry() {
+        let t = open(FsyncPolicy::No);
+        let mut s = t.ctx.register("t".into());
+        assert_eq!(run(&t.ctx, &mut s, "multi"), ok());
+        for line in [
+            "set k v ex 1",
+            "set k v pxat 1 get nx",
+            "incr k",
+            "decrby k 1",
+            "expire k 1",
+            "pexpireat k 1 gt",
+            "getex k ex 1",
+            "mset a 1 b 2",
+            "del a b c",
+            "get k",
+            "mget a b",
+            "ttl k",
+            "getrange k 0 -1",
+            "setnx k v",
+            "copy a b replace",
+            "flushall",
+            "ping",
+        ] {
+            assert_eq!(run(&t.ctx, &mut s, line), queued(), "{line}");
+        }
+        let tx = s.multi.clone().unwrap();
+        let ops: Vec<(u32, crate::wal::Op)> = tx
+            .queued
+            .iter()
+            .filter_map(|q| match q {
+                super::Queued::Logged(_, op, _) => Some((u32::MAX, op.clone())),
+                super::Queued::Local(_) | super::Queued::Refused(_) => None,
+            })
+            .collect();
+        let entry = crate::wal::Entry {
+            index: u64::MAX,
+            epoch: u64::MAX,
+            ts_ms: u64::MAX,
+            db: u32::MAX,
+            op: crate::wal::Op::Multi { ops },
+        };
+        let mut buf = Vec::new();
+        crate::wal::encode_entry(&entry, &mut buf);
+        assert!(
+            buf.len() <= tx.bytes + 64,
+            "{} > {} + 64",
+            buf.len(),
+            tx.bytes
+        );
+    }
+
+    #[test]
+    fn select_inside_multi_moves_the_commands_after_it() {
+        each_store(|t| {
+            let mut s = t.ctx.register("t".into());
+            let mut r = |line: &str| run(&t.ctx, &mut s, line);
+            assert_eq!(r("multi"), ok());
+            assert_eq!(r("set a zero"), queued());
+            assert_eq!(r("select 2"), queued());
+            assert_eq!(r("set a two"), queued());
+            assert_eq!(r("get a"), queued());
+            assert_eq!(r("exec"), arr(vec![ok(), ok(), ok(), bulk("two")]));
+            // The connection is in database 2 now, as after a SELECT outside MULTI.
+            assert_eq!(r("get a"), bulk("two"));
+            assert_eq!(r("select 0"), ok());
+            assert_eq!(r("get a"), bulk("zero"));
+        });
+    }
+
+    /// Redis's multi.tcl: "WATCH is able to remember the DB a key belongs to".
+    #[test]
+    fn watch_remembers_the_database_of_a_key() {
+        each_store(|t| {
+            let mut s = t.ctx.register("t".into());
+            let mut r = |line: &str| run(&t.ctx, &mut s, line);
+            assert_eq!(r("select 5"), ok());
+            assert_eq!(r("set x 30"), ok());
+            assert_eq!(r("watch x"), ok());
+            assert_eq!(r("select 1"), ok());
+            assert_eq!(r("set x 10"), ok());
+            assert_eq!(r("select 5"), ok());
+            assert_eq!(r("multi"), ok());
+            assert_eq!(r("ping"), queued());
+            assert_eq!(r("exec"), arr(vec![pong()]));
+            // And a write in the watched key's own database still aborts.
+            assert_eq!(r("watch x"), ok());
+            assert_eq!(r("set x 31"), ok());
+            assert_eq!(r("multi"), ok());
+            assert_eq!(r("ping"), queued());
+            assert_eq!(r("exec"), Value::Null);
+        });
+    }
+
+    #[test]
+    fn closing_a_connection_forgets_its_watches() {
+        let t = open(FsyncPolicy::No);
+        let mut s = t.ctx.register("t".into());
+        assert_eq!(run(&t.ctx, &mut s, "watch a b c"), ok());
+        assert_eq!(t.ctx.store.watched_keys(), 3);
+        t.ctx.unregister(s.id);
+        assert_eq!(t.ctx.store.watched_keys(), 0);
+    }
+
+    #[test]
+    fn a_transaction_survives_a_restart_as_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options {
+            fsync: FsyncPolicy::Always,
+            ..Options::default()
+        };
+        {
+            let ctx = Context::new(
+                Store::open(dir.path(), opts.clone()).unwrap(),
+                Settings::default(),
+            );
+            let mut s = ctx.register("t".into());
+            for line in ["multi", "set a 1", "incrby a 5", "get a", "set b x"] {
+                run(&ctx, &mut s, line);
+            }
+            assert_eq!(
+                run(&ctx, &mut s, "exec"),
+                arr(vec![ok(), Value::Integer(6), bulk("6"), ok()])
+            );
+        }
+        let store = Store::open(dir.path(), opts).unwrap();
+        assert_eq!(store.recovery().entries_replayed, 1);
+        assert_eq!(store.get(b"a").as_deref(), Some(&b"6"[..]));
+        assert_eq!(store.get(b"b").as_deref(), Some(&b"x"[..]));
+    }
+}

@@ -817,46 +817,24 @@ fn scan(ctx: &Context, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
         }
         i += 2;
     }
-    // One pass under the lock keeps the `count + 1` smallest hashes at or above the
-    // cursor in a bounded heap: no key is copied but the ones returned.
+    // Redis's loop (scanGenericCommand): whole buckets until `count` keys are collected,
+    // the pass ends, or ten buckets per key asked for were empty. O(count) a call; only
+    // what is returned is copied, and COUNT sizes nothing (`Vec` grows as keys come).
     let (found, next): (Vec<Vec<u8>>, u64) = ctx.store.read(|db| {
-        // Cursor 0 means "start" and "done"; real positions are above it.
-        let hash = |k: &[u8]| db.key_hash(k).max(1);
-        let mut heap: std::collections::BinaryHeap<(u64, &[u8])> =
-            std::collections::BinaryHeap::with_capacity(count + 2);
-        for (k, _) in db.iter(now) {
-            let h = hash(k);
-            if h < cursor {
-                continue;
-            }
-            if heap.len() <= count {
-                heap.push((h, k));
-            } else if heap.peek().is_some_and(|(top, _)| h < *top) {
-                heap.pop();
-                heap.push((h, k));
+        let mut found = Vec::new();
+        let mut cursor = cursor;
+        let mut buckets = count.saturating_mul(10);
+        loop {
+            cursor = db.map.scan(cursor, |k, i| {
+                if !i.expired(now) {
+                    found.push(k.to_vec());
+                }
+            });
+            buckets -= 1;
+            if cursor == 0 || buckets == 0 || found.len() >= count {
+                return (found, cursor);
             }
         }
-        if heap.len() <= count {
-            return (heap.into_iter().map(|(_, k)| k.to_vec()).collect(), 0);
-        }
-        // The largest kept hash is where the next call starts; keys with that hash all go
-        // next time, so no key is split across calls...
-        let boundary = heap.peek().map_or(0, |(h, _)| *h);
-        let below: Vec<Vec<u8>> = heap
-            .into_iter()
-            .filter(|(h, _)| *h < boundary)
-            .map(|(_, k)| k.to_vec())
-            .collect();
-        if !below.is_empty() {
-            return (below, boundary);
-        }
-        // ...unless more than `count` keys share one hash: then they all go now.
-        let same: Vec<Vec<u8>> = db
-            .iter(now)
-            .filter(|(k, _)| hash(k) == boundary)
-            .map(|(k, _)| k.to_vec())
-            .collect();
-        (same, boundary.checked_add(1).unwrap_or(0))
     });
     let keep = |k: &[u8]| {
         pattern.is_none_or(|p| glob_match(p, k, false))

@@ -706,4 +706,40 @@ mod tests {
         let all: Vec<_> = m.iter_from(12345).map(|(k, _)| k.to_vec()).collect();
         assert_eq!(all, vec![key(7).to_vec()]);
     }
+
+    /// The pause of the one insert that doubles the table, against std's `HashMap` (the
+    /// `hashbrown` table the key space used before, with the same SipHash keys). A
+    /// measurement, not a test: run it in a release build with
+    /// `cargo test --release --lib keymap::tests::resize_pause -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; see the doc comment"]
+    fn resize_pause() {
+        use std::time::{Duration, Instant};
+        let n = (1 << 21) + 1;
+        let keys: Vec<Box<[u8]>> = (0..n)
+            .map(|i| format!("key:{i:012}").into_bytes().into())
+            .collect();
+        let mut ours = KeyMap::default();
+        let mut std_map: HashMap<Box<[u8]>, Item> = HashMap::new();
+        let (mut worst_ours, mut worst_std) = ((0, Duration::ZERO), (0, Duration::ZERO));
+        for k in &keys {
+            let (a, b) = (k.clone(), k.clone());
+            let t = Instant::now();
+            ours.insert(a, item("v", 0));
+            let e = t.elapsed();
+            if e > worst_ours.1 {
+                worst_ours = (ours.len(), e);
+            }
+            let t = Instant::now();
+            std_map.insert(b, item("v", 0));
+            let e = t.elapsed();
+            if e > worst_std.1 {
+                worst_std = (std_map.len(), e);
+            }
+        }
+        println!(
+            "slowest insert of {n} keys: KeyMap {:?} at key {}; std HashMap {:?} at key {}",
+            worst_ours.1, worst_ours.0, worst_std.1, worst_std.0
+        );
+    }
 }

@@ -15,15 +15,16 @@
 //!
 //! Redis's dict, in safe Rust: a power-of-two array of buckets, each the head of a chain
 //! of boxed nodes; a key lives in bucket `hash & mask`. Each node stores its key's hash,
-//! so growing never rehashes a key and a chain walk compares keys only when the hashes
-//! agree. Hashes are SipHash with a per-process random key (std's `RandomState`), so a
-//! client cannot choose keys that collide; nothing on disk depends on them.
+//! so moving it to another table never rehashes the key, and a chain walk compares keys
+//! only when the hashes agree. Hashes are SipHash with a per-process random key (std's
+//! `RandomState`), so a client cannot choose keys that collide; nothing on disk depends
+//! on them.
 //!
 //! A node is 56 bytes (next, hash, key, value, deadline) plus 8 to 16 bytes of bucket
 //! array per key (the table grows at one key per bucket and shrinks below one in
-//! eight): with a million keys that is about 64 bytes a key besides the key and value
-//! bytes, where `hashbrown`'s open table (which we used before) took 41 bytes a slot at
-//! 48% load there, 86 a key.
+//! eight): with a million keys about 64 bytes a key besides the key and value bytes,
+//! where `hashbrown`'s open table (which we used before) took 41 bytes a slot at 48%
+//! load there, 86 a key (bench/memory.sh: 0.90× Redis's RSS before, 0.84× after).
 //!
 //! # Why our own table
 //!
@@ -40,15 +41,21 @@
 //! RANDOMKEY likewise picks a random non-empty bucket, then a random node of its chain:
 //! O(1) expected, as in Redis.
 //!
-//! # Resizing all at once
+//! # Incremental resizing
 //!
-//! Redis rehashes incrementally (two tables, a few buckets moved per operation). Here a
-//! resize relinks every node in one go, under the caller's lock, as `hashbrown` did
-//! before. It only moves pointers (the hash is stored: no key is read or hashed), so it
-//! is cheaper than the `hashbrown` resize it replaces, and it happens once per doubling
-//! (amortised O(1) a write). The pause is a few ms per million keys in a release build
-//! (bench/scan.sh reports it); incremental rehashing would make every lookup probe two
-//! tables to save that, which we judged not worth it yet.
+//! Relinking every node at once stalls the whole key space (the caller holds the store
+//! lock): 130 ms at two million keys on our shared machine, where `hashbrown`'s resize,
+//! which the key space had before, took 0.5 to 0.9 s (it rehashes every key; see the
+//! `resize_pause` measurement below). So, as Redis does, a resize allocates the new
+//! table and moves the old one over a few buckets at a time: every [`KeyMap::slot`] (the
+//! path of every insert and removal) first moves [`REHASH_STEP`] non-empty buckets.
+//! Meanwhile a key is in the old table if its bucket there is not yet moved, else in the
+//! new one; new keys go to the new table; SCAN visits a bucket of the smaller table and
+//! every bucket of the larger one it expands to (dictScan's two-table case). A doubling
+//! started at `n` keys is done after at most `n / REHASH_STEP` more writes, before the
+//! next one is due; should a resize be needed while one runs, the running one is
+//! finished first. Reads take the lock shared and never move buckets; a table left
+//! mid-resize by a pause in writes costs lookups one more bucket probe.
 
 use crate::store::Item;
 use std::hash::{BuildHasher, RandomState};
@@ -56,22 +63,45 @@ use std::hash::{BuildHasher, RandomState};
 /// The fewest buckets a non-empty table has.
 const MIN_BUCKETS: usize = 4;
 
+/// Non-empty buckets moved per write while a resize runs (and ten times as many empty
+/// ones at most, as Redis's `dictRehash`).
+const REHASH_STEP: usize = 2;
+
 /// Random buckets [`KeyMap::random`] tries before it walks to the next non-empty one
 /// (only a table much emptier than its shrink threshold, after `reserve`, gets there).
 const RANDOM_TRIES: usize = 32;
 
+/// `Clone` only so that `vec![None; n]` can build a table: for `Option<Box<_>>` that is
+/// one zeroed allocation, whose pages the OS hands out lazily as buckets are first
+/// written (a filled-in table of millions of buckets took tens of ms to allocate).
+#[derive(Clone)]
 struct Node {
-    next: Option<Box<Node>>,
-    /// The key's hash (growing needs no rehash; walks skip other keys cheaply).
+    next: Link,
+    /// The key's hash (moving needs no rehash; walks skip other keys cheaply).
     hash: u64,
     /// As a pair, so that [`OccupiedEntry::get`] can lend it as one.
     entry: (Box<[u8]>, Item),
 }
 
+type Link = Option<Box<Node>>;
+
+/// Which of the two tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Table {
+    /// The table (or, during a resize, the one being emptied).
+    Old,
+    /// During a resize, the table being filled.
+    New,
+}
+
 /// Keys to items.
 pub struct KeyMap {
     /// Empty, or a power of two of chains.
-    buckets: Box<[Option<Box<Node>>]>,
+    old: Box<[Link]>,
+    /// Non-empty exactly while a resize runs: the table the keys move to.
+    new: Box<[Link]>,
+    /// While a resize runs: buckets of `old` below this index are moved (empty).
+    moved: usize,
     len: usize,
     hasher: RandomState,
 }
@@ -82,22 +112,29 @@ impl Default for KeyMap {
         // keys have the same expiry index (tests compare them).
         static HASHER: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
         KeyMap {
-            buckets: Box::new([]),
+            old: Box::new([]),
+            new: Box::new([]),
+            moved: 0,
             len: 0,
             hasher: HASHER.get_or_init(RandomState::new).clone(),
         }
     }
 }
 
-impl Drop for KeyMap {
-    /// Frees chain by chain, iteratively: a node's own drop would recurse down its chain.
-    fn drop(&mut self) {
-        for b in self.buckets.iter_mut() {
-            let mut cur = b.take();
-            while let Some(mut n) = cur {
-                cur = n.next.take();
-            }
+/// Frees chain by chain, iteratively: a node's own drop would recurse down its chain.
+fn free(buckets: &mut [Link]) {
+    for b in buckets.iter_mut() {
+        let mut cur = b.take();
+        while let Some(mut n) = cur {
+            cur = n.next.take();
         }
+    }
+}
+
+impl Drop for KeyMap {
+    fn drop(&mut self) {
+        free(&mut self.old);
+        free(&mut self.new);
     }
 }
 
@@ -105,9 +142,20 @@ impl std::fmt::Debug for KeyMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyMap")
             .field("len", &self.len)
-            .field("buckets", &self.buckets.len())
+            .field("buckets", &self.old.len())
+            .field("resizing_to", &self.new.len())
             .finish()
     }
+}
+
+/// `n` empty buckets.
+fn table(n: usize) -> Box<[Link]> {
+    vec![None; n].into_boxed_slice()
+}
+
+/// The chain starting at `head`.
+fn chain(head: &Link) -> impl Iterator<Item = &Node> {
+    std::iter::successors(head.as_deref(), |n| n.next.as_deref())
 }
 
 /// Where [`KeyMap::slot`] found a key, or where it would go.
@@ -116,11 +164,10 @@ pub enum Slot<'a> {
     Vacant(VacantEntry<'a>),
 }
 
-/// A key that is in the map: the `depth`th node of bucket `bucket`'s chain.
+/// A key that is in the map: the `depth`th node of a bucket's chain.
 pub struct OccupiedEntry<'a> {
     map: &'a mut KeyMap,
-    bucket: usize,
-    depth: usize,
+    pos: Pos,
 }
 
 /// A key that is not in the map, with its hash.
@@ -129,18 +176,28 @@ pub struct VacantEntry<'a> {
     hash: u64,
 }
 
+/// A node's place: table, bucket, position in the chain.
+#[derive(Clone, Copy, Debug)]
+struct Pos {
+    table: Table,
+    bucket: usize,
+    depth: usize,
+}
+
 impl OccupiedEntry<'_> {
     pub fn get(&self) -> &(Box<[u8]>, Item) {
-        let mut n = self.map.buckets[self.bucket].as_deref();
-        for _ in 0..self.depth {
-            n = n.and_then(|n| n.next.as_deref());
-        }
-        &n.expect("an occupied entry's node exists").entry
+        let p = self.pos;
+        let head = &self.map.buckets(p.table)[p.bucket];
+        &chain(head)
+            .nth(p.depth)
+            .expect("an occupied entry's node exists")
+            .entry
     }
 
     pub fn get_mut(&mut self) -> &mut (Box<[u8]>, Item) {
-        let mut n = self.map.buckets[self.bucket].as_deref_mut();
-        for _ in 0..self.depth {
+        let p = self.pos;
+        let mut n = self.map.buckets_mut(p.table)[p.bucket].as_deref_mut();
+        for _ in 0..p.depth {
             n = n.and_then(|n| n.next.as_deref_mut());
         }
         &mut n.expect("an occupied entry's node exists").entry
@@ -148,8 +205,9 @@ impl OccupiedEntry<'_> {
 
     /// Takes the key and item out (the second element mirrors `hashbrown`'s entry API).
     pub fn remove(self) -> ((Box<[u8]>, Item), ()) {
-        let mut link = &mut self.map.buckets[self.bucket];
-        for _ in 0..self.depth {
+        let p = self.pos;
+        let mut link = &mut self.map.buckets_mut(p.table)[p.bucket];
+        for _ in 0..p.depth {
             link = &mut link.as_mut().expect("an occupied entry's node exists").next;
         }
         let mut node = link.take().expect("an occupied entry's node exists");
@@ -181,66 +239,89 @@ impl KeyMap {
         self.len == 0
     }
 
-    /// Makes room for `n` more keys without a resize.
-    pub fn reserve(&mut self, n: usize) {
-        let want = self.len.saturating_add(n);
-        if want > self.buckets.len() {
-            self.resize(want.checked_next_power_of_two().unwrap_or(1 << 62));
+    fn resizing(&self) -> bool {
+        !self.new.is_empty()
+    }
+
+    fn buckets(&self, t: Table) -> &[Link] {
+        match t {
+            Table::Old => &self.old,
+            Table::New => &self.new,
         }
     }
 
-    fn mask(&self) -> usize {
-        self.buckets.len().wrapping_sub(1)
+    fn buckets_mut(&mut self, t: Table) -> &mut [Link] {
+        match t {
+            Table::Old => &mut self.old,
+            Table::New => &mut self.new,
+        }
     }
 
-    /// The bucket and chain position of `key`.
-    fn position(&self, hash: u64, key: &[u8]) -> Option<(usize, usize)> {
-        if self.buckets.is_empty() {
+    /// The buckets new keys go to: the table being filled during a resize.
+    fn target(&self) -> Table {
+        if self.resizing() {
+            Table::New
+        } else {
+            Table::Old
+        }
+    }
+
+    /// The bucket a hash designates in table `t`, if it may hold keys (the old table's
+    /// moved buckets are empty).
+    fn bucket(&self, t: Table, hash: u64) -> Option<usize> {
+        let b = self.buckets(t);
+        if b.is_empty() {
             return None;
         }
-        let bucket = hash as usize & self.mask();
-        let mut n = self.buckets[bucket].as_deref();
-        let mut depth = 0;
-        while let Some(node) = n {
-            if node.hash == hash && *node.entry.0 == *key {
-                return Some((bucket, depth));
+        let i = hash as usize & (b.len() - 1);
+        (t == Table::New || !self.resizing() || i >= self.moved).then_some(i)
+    }
+
+    /// Every node that may have this hash: its chain in each table.
+    fn candidates(&self, hash: u64) -> impl Iterator<Item = &Node> {
+        [Table::Old, Table::New]
+            .into_iter()
+            .filter_map(move |t| self.bucket(t, hash).map(|i| &self.buckets(t)[i]))
+            .flat_map(chain)
+    }
+
+    /// Makes room for `n` more keys without growing again.
+    pub fn reserve(&mut self, n: usize) {
+        let want = self.len.saturating_add(n);
+        if want > self.buckets(self.target()).len() {
+            self.start_resize(want.checked_next_power_of_two().unwrap_or(1 << 62));
+        }
+    }
+
+    /// The place of `key`.
+    fn position(&self, hash: u64, key: &[u8]) -> Option<Pos> {
+        for table in [Table::Old, Table::New] {
+            let Some(bucket) = self.bucket(table, hash) else {
+                continue;
+            };
+            let found = chain(&self.buckets(table)[bucket])
+                .position(|n| n.hash == hash && *n.entry.0 == *key);
+            if let Some(depth) = found {
+                return Some(Pos {
+                    table,
+                    bucket,
+                    depth,
+                });
             }
-            n = node.next.as_deref();
-            depth += 1;
         }
         None
     }
 
-    fn chain(&self, hash: u64) -> impl Iterator<Item = &Node> {
-        let head = if self.buckets.is_empty() {
-            None
-        } else {
-            self.buckets[hash as usize & self.mask()].as_deref()
-        };
-        std::iter::successors(head, |n| n.next.as_deref())
-    }
-
     pub fn get(&self, key: &[u8]) -> Option<&Item> {
         let h = self.hash(key);
-        self.chain(h)
+        self.candidates(h)
             .find(|n| n.hash == h && *n.entry.0 == *key)
             .map(|n| &n.entry.1)
     }
 
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut Item> {
-        let h = self.hash(key);
-        if self.buckets.is_empty() {
-            return None;
-        }
-        let bucket = h as usize & self.mask();
-        let mut n = self.buckets[bucket].as_deref_mut();
-        while let Some(node) = n {
-            if node.hash == h && *node.entry.0 == *key {
-                return Some(&mut node.entry.1);
-            }
-            n = node.next.as_deref_mut();
-        }
-        None
+        let pos = self.position(self.hash(key), key)?;
+        Some(&mut OccupiedEntry { map: self, pos }.into_mut().1)
     }
 
     pub fn contains_key(&self, key: &[u8]) -> bool {
@@ -265,63 +346,97 @@ impl KeyMap {
         }
     }
 
-    /// The entry for `key`, with one hash and one walk of one chain: the SET hot path
-    /// decides what to do from it. A vacant slot stores whatever key it is given (under
-    /// `key`'s hash: give it `key`).
+    /// The entry for `key`, with one hash and one walk of (at most two) chains: the SET
+    /// hot path decides what to do from it. A vacant slot stores whatever key it is
+    /// given (under `key`'s hash: give it `key`). Moves a step of a running resize first.
     pub fn slot(&mut self, key: &[u8]) -> Slot<'_> {
+        self.rehash(REHASH_STEP);
         let hash = self.hash(key);
         match self.position(hash, key) {
-            Some((bucket, depth)) => Slot::Occupied(OccupiedEntry {
-                map: self,
-                bucket,
-                depth,
-            }),
+            Some(pos) => Slot::Occupied(OccupiedEntry { map: self, pos }),
             None => Slot::Vacant(VacantEntry { map: self, hash }),
         }
     }
 
-    /// Links a new node at the head of its chain, growing first at one key per bucket.
+    /// Links a new node at the head of its chain, starting a doubling at one key per
+    /// bucket.
     fn push(&mut self, hash: u64, entry: (Box<[u8]>, Item)) {
-        if self.len >= self.buckets.len() {
-            let n = (self.buckets.len() * 2).max(MIN_BUCKETS);
-            self.resize(n);
+        let size = self.buckets(self.target()).len();
+        if self.len >= size {
+            self.start_resize((size * 2).max(MIN_BUCKETS));
         }
-        let bucket = hash as usize & self.mask();
-        let next = self.buckets[bucket].take();
-        self.buckets[bucket] = Some(Box::new(Node { next, hash, entry }));
+        let t = self.target();
+        let b = self.buckets_mut(t);
+        let i = hash as usize & (b.len() - 1);
+        let next = b[i].take();
+        b[i] = Some(Box::new(Node { next, hash, entry }));
         self.len += 1;
     }
 
-    /// Halves (or more) a table that fell below one key in eight buckets, as Redis does at
-    /// 10%: a key space that was large once does not keep its bucket array for ever.
+    /// Starts halving (or more) a table that fell below one key in eight buckets, as
+    /// Redis does at 10%: a key space that was large once does not keep its bucket array
+    /// for ever. Not while a resize runs (the next removal after it will).
     fn maybe_shrink(&mut self) {
-        let n = self.buckets.len();
-        if n > MIN_BUCKETS && self.len.saturating_mul(8) < n {
-            if self.len == 0 {
-                // Nothing to keep: back to the unallocated state of a new map.
-                self.buckets = Box::new([]);
-            } else {
-                self.resize(self.len.next_power_of_two().max(MIN_BUCKETS));
-            }
+        if self.len == 0 {
+            // Nothing to keep: back to the unallocated state of a new map.
+            self.old = Box::new([]);
+            self.new = Box::new([]);
+            self.moved = 0;
+            return;
+        }
+        let n = self.old.len();
+        if !self.resizing() && n > MIN_BUCKETS && self.len.saturating_mul(8) < n {
+            self.start_resize(self.len.next_power_of_two().max(MIN_BUCKETS));
         }
     }
 
-    /// Relinks every node into `n` (a power of two) buckets. Only pointers move: each
-    /// node's bucket comes from its stored hash.
-    fn resize(&mut self, n: usize) {
+    /// Resizes to `n` (a power of two) buckets: at once if there is nothing to move,
+    /// else by starting an incremental move (finishing a running one first).
+    fn start_resize(&mut self, n: usize) {
         debug_assert!(n.is_power_of_two());
-        let mut new: Box<[Option<Box<Node>>]> = std::iter::repeat_with(|| None).take(n).collect();
-        let mask = n - 1;
-        for b in self.buckets.iter_mut() {
-            let mut cur = b.take();
+        if self.resizing() {
+            self.rehash(usize::MAX);
+        }
+        if self.len == 0 {
+            self.old = table(n);
+        } else if n != self.old.len() {
+            self.new = table(n);
+            self.moved = 0;
+        }
+    }
+
+    /// Moves up to `steps` non-empty buckets (visiting ten times as many empty ones at
+    /// most) of a running resize; ends the resize when the old table is empty. Only
+    /// pointers move: each node's bucket comes from its stored hash.
+    fn rehash(&mut self, steps: usize) {
+        if !self.resizing() {
+            return;
+        }
+        let mask = self.new.len() - 1;
+        let mut steps = steps;
+        let mut empty = steps.saturating_mul(10);
+        while steps > 0 && self.moved < self.old.len() {
+            let mut cur = self.old[self.moved].take();
+            self.moved += 1;
+            if cur.is_none() {
+                empty -= 1;
+                if empty == 0 {
+                    break;
+                }
+                continue;
+            }
+            steps -= 1;
             while let Some(mut node) = cur {
                 cur = node.next.take();
                 let i = node.hash as usize & mask;
-                node.next = new[i].take();
-                new[i] = Some(node);
+                node.next = self.new[i].take();
+                self.new[i] = Some(node);
             }
         }
-        self.buckets = new;
+        if self.moved == self.old.len() {
+            self.old = std::mem::replace(&mut self.new, Box::new([]));
+            self.moved = 0;
+        }
     }
 
     /// The entry whose key hashes to `hash` and for which `pred` holds.
@@ -330,7 +445,7 @@ impl KeyMap {
         hash: u64,
         mut pred: impl FnMut(&[u8], &Item) -> bool,
     ) -> Option<(&[u8], &Item)> {
-        self.chain(hash)
+        self.candidates(hash)
             .find(|n| n.hash == hash && pred(&n.entry.0, &n.entry.1))
             .map(|n| (&*n.entry.0, &n.entry.1))
     }
@@ -338,43 +453,69 @@ impl KeyMap {
     /// Every key and item, bucket by bucket.
     pub fn iter(&self) -> Iter<'_> {
         Iter {
-            buckets: self.buckets.iter(),
+            buckets: self.old.iter().chain(self.new.iter()),
             node: None,
         }
     }
 
     /// Every key and item, starting at a bucket chosen by `r` and wrapping around.
     pub fn iter_from(&self, r: u64) -> impl Iterator<Item = (&[u8], &Item)> {
-        let start = r as usize & self.mask();
-        let (before, after) = self.buckets.split_at(start.min(self.buckets.len()));
-        after
-            .iter()
-            .chain(before)
-            .flat_map(|b| std::iter::successors(b.as_deref(), |n| n.next.as_deref()))
+        let all = self.old.len() + self.new.len();
+        let start = if all == 0 {
+            0
+        } else {
+            (r % all as u64) as usize
+        };
+        let both = || self.old.iter().chain(self.new.iter());
+        both()
+            .skip(start)
+            .chain(both().take(start))
+            .flat_map(chain)
             .map(|n| (&*n.entry.0, &n.entry.1))
     }
 
-    /// SCAN's step: calls `f` with every key of the bucket `cursor` designates and returns
-    /// the cursor of the next bucket, 0 when the pass is over (see the module doc).
+    /// SCAN's step: calls `f` with every key of the bucket `cursor` designates (during a
+    /// resize: that bucket of the smaller table and every bucket of the larger one it
+    /// expands to) and returns the cursor of the next one, 0 when the pass is over. See
+    /// the module doc; this is Redis's `dictScan`.
     ///
     /// Any `u64` is a valid cursor (a stale or made-up one just starts somewhere); the
     /// returned cursor is below the bucket count, so below 2^53 for any table that fits in
     /// memory.
     pub fn scan(&self, cursor: u64, mut f: impl FnMut(&[u8], &Item)) -> u64 {
-        if self.buckets.is_empty() {
+        if self.len == 0 {
             return 0;
         }
-        let mask = self.mask() as u64;
-        let head = self.buckets[(cursor & mask) as usize].as_deref();
-        for n in std::iter::successors(head, |n| n.next.as_deref()) {
-            f(&n.entry.0, &n.entry.1);
+        let mut emit = |head: &Link| {
+            for n in chain(head) {
+                f(&n.entry.0, &n.entry.1);
+            }
+        };
+        // Increment the reversed bits under `mask`: set the bits above it so the carry
+        // runs off the top, add one to the reversed value, reverse back.
+        let next = |v: u64, mask: u64| (v | !mask).reverse_bits().wrapping_add(1).reverse_bits();
+        let mut v = cursor;
+        if !self.resizing() {
+            let m0 = (self.old.len() - 1) as u64;
+            emit(&self.old[(v & m0) as usize]);
+            return next(v, m0);
         }
-        // Increment the reversed cursor: set the bits above the mask so the carry runs
-        // off the top, add one to the reversed value, reverse back.
-        (cursor | !mask)
-            .reverse_bits()
-            .wrapping_add(1)
-            .reverse_bits()
+        let (small, large) = if self.old.len() <= self.new.len() {
+            (&self.old, &self.new)
+        } else {
+            (&self.new, &self.old)
+        };
+        let m0 = (small.len() - 1) as u64;
+        let m1 = (large.len() - 1) as u64;
+        emit(&small[(v & m0) as usize]);
+        // Every bucket of the larger table whose low bits are this bucket's index.
+        loop {
+            emit(&large[(v & m1) as usize]);
+            v = next(v, m1);
+            if v & (m0 ^ m1) == 0 {
+                return v;
+            }
+        }
     }
 
     /// A key and its item, picked at random from `r` (any 64 random bits): a random
@@ -385,26 +526,46 @@ impl KeyMap {
         if self.len == 0 {
             return None;
         }
-        let mask = self.mask();
+        // The buckets that may hold keys: the old table's unmoved ones, then the new
+        // table's.
+        let old = &self.old[self.moved.min(self.old.len())..];
+        let all = (old.len() + self.new.len()) as u64;
+        let at = |i: u64| {
+            let i = i as usize;
+            old.get(i).unwrap_or_else(|| &self.new[i - old.len()])
+        };
         let mut bits = r;
         let mut head = None;
         for _ in 0..RANDOM_TRIES {
             bits = mix(bits);
-            head = self.buckets[bits as usize & mask].as_deref();
-            if head.is_some() {
+            let b = at(bits % all);
+            if b.is_some() {
+                head = Some(b);
                 break;
             }
         }
         // A very sparse table (reserved ahead of its keys): the next non-empty bucket.
         let head = head.or_else(|| {
-            let start = bits as usize & mask;
-            (0..self.buckets.len()).find_map(|i| self.buckets[(start + i) & mask].as_deref())
+            let start = bits % all;
+            (0..all)
+                .map(|i| at((start + i) % all))
+                .find(|b| b.is_some())
         })?;
-        let len = std::iter::successors(Some(head), |n| n.next.as_deref()).count();
-        let pick = (mix(bits) % len as u64) as usize;
-        std::iter::successors(Some(head), |n| n.next.as_deref())
-            .nth(pick)
+        let len = chain(head).count() as u64;
+        chain(head)
+            .nth((mix(bits) % len) as usize)
             .map(|n| (&*n.entry.0, &n.entry.1))
+    }
+}
+
+impl<'a> OccupiedEntry<'a> {
+    fn into_mut(self) -> &'a mut (Box<[u8]>, Item) {
+        let p = self.pos;
+        let mut n = self.map.buckets_mut(p.table)[p.bucket].as_deref_mut();
+        for _ in 0..p.depth {
+            n = n.and_then(|n| n.next.as_deref_mut());
+        }
+        &mut n.expect("an occupied entry's node exists").entry
     }
 }
 
@@ -419,7 +580,7 @@ pub fn mix(x: u64) -> u64 {
 
 /// Iterator over a [`KeyMap`]'s keys and items.
 pub struct Iter<'a> {
-    buckets: std::slice::Iter<'a, Option<Box<Node>>>,
+    buckets: std::iter::Chain<std::slice::Iter<'a, Link>, std::slice::Iter<'a, Link>>,
     node: Option<&'a Node>,
 }
 
@@ -456,6 +617,16 @@ mod tests {
             value: v.as_bytes().into(),
             expire_at: at,
         }
+    }
+
+    /// Buckets of the table keys go to (the new one during a resize).
+    fn size(m: &KeyMap) -> usize {
+        m.buckets(m.target()).len()
+    }
+
+    /// Buckets of the larger table: every cursor is below this.
+    fn largest(m: &KeyMap) -> u64 {
+        m.old.len().max(m.new.len()) as u64
     }
 
     fn key(i: usize) -> Box<[u8]> {
@@ -539,8 +710,12 @@ mod tests {
                 }
                 assert_eq!(m.len(), model.len());
             }
-            let table = m.buckets.len();
-            assert!(m.len() <= table && (table <= MIN_BUCKETS || m.len() * 8 >= table));
+            m.rehash(usize::MAX);
+            let table = size(&m);
+            assert!(!m.resizing());
+            assert!(
+                m.len() <= table && table <= (m.len().next_power_of_two() * 16).max(MIN_BUCKETS)
+            );
             let all: HashMap<Box<[u8]>, Item> =
                 m.iter().map(|(k, i)| (k.clone(), i.clone())).collect();
             assert_eq!(all, model, "round {round}");
@@ -553,7 +728,7 @@ mod tests {
             m.remove(&k);
         }
         assert_eq!(
-            (m.len(), m.buckets.len()),
+            (m.len(), m.old.len() + m.new.len()),
             (0, 0),
             "an emptied map frees its table"
         );
@@ -623,17 +798,19 @@ mod tests {
                     add(&mut m, &mut transient);
                 }
             }
-            let start_table = m.buckets.len();
+            let start_table = size(&m);
+            let mut mid_resize = false;
             let mut r = seed;
             let mut seen: HashMap<Box<[u8]>, usize> = HashMap::new();
             let mut cursor = 0u64;
             let mut shrank = false;
             let mut max_table = 0;
             'pass: loop {
-                let before = m.buckets.len();
+                let before = size(&m);
                 for _ in 0..steps {
+                    mid_resize |= m.resizing();
                     cursor = m.scan(cursor, |k, _| *seen.entry(k.into()).or_default() += 1);
-                    assert!(cursor < m.buckets.len() as u64, "cursor within the table");
+                    assert!(cursor < largest(&m), "cursor within the table");
                     if cursor == 0 {
                         break 'pass;
                     }
@@ -646,8 +823,8 @@ mod tests {
                     let i = (r % transient.len() as u64) as usize;
                     m.remove(&transient.swap_remove(i));
                 }
-                shrank |= m.buckets.len() < before;
-                max_table = max_table.max(m.buckets.len());
+                shrank |= size(&m) < before;
+                max_table = max_table.max(size(&m));
             }
             for k in &stable {
                 let n = seen.get(k).copied().unwrap_or(0);
@@ -661,6 +838,9 @@ mod tests {
                     max_table > start_table,
                     "seed {seed}: the table grew during the pass"
                 );
+            }
+            if grow != shrink {
+                assert!(mid_resize, "seed {seed}: some calls ran during a resize");
             }
             if shrink > grow {
                 assert!(shrank, "seed {seed}: the table shrank during the pass");
@@ -677,7 +857,7 @@ mod tests {
         }
         for c in [1u64, 7, u64::MAX, 1 << 53, 0x8000_0000_0000_0000] {
             let next = m.scan(c, |_, _| {});
-            assert!(next < m.buckets.len() as u64, "{c} -> {next}");
+            assert!(next < largest(&m), "{c} -> {next}");
         }
     }
 

@@ -314,9 +314,13 @@ impl KeyMap {
 
     pub fn get(&self, key: &[u8]) -> Option<&Item> {
         let h = self.hash(key);
-        self.candidates(h)
-            .find(|n| n.hash == h && *n.entry.0 == *key)
-            .map(|n| &n.entry.1)
+        let is_it = |n: &&Node| n.hash == h && *n.entry.0 == *key;
+        if !self.resizing() {
+            // The GET path: one chain, no second table to consider.
+            let head = self.old.get(h as usize & self.old.len().wrapping_sub(1))?;
+            return chain(head).find(is_it).map(|n| &n.entry.1);
+        }
+        self.candidates(h).find(is_it).map(|n| &n.entry.1)
     }
 
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut Item> {
@@ -921,5 +925,58 @@ mod tests {
             "slowest insert of {n} keys: KeyMap {:?} at key {}; std HashMap {:?} at key {}",
             worst_ours.1, worst_ours.0, worst_std.1, worst_std.0
         );
+    }
+
+    /// Lookups and overwrites of 100,000 keys in random order, against std's `HashMap`
+    /// (`hashbrown`, what the key space used before). A measurement, not a test:
+    /// `cargo test --release --lib keymap::tests::lookup_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; see the doc comment"]
+    fn lookup_speed() {
+        use std::time::Instant;
+        let n = 100_000;
+        let keys: Vec<Box<[u8]>> = (0..n)
+            .map(|i| format!("key:{i:012}").into_bytes().into())
+            .collect();
+        let mut order: Vec<usize> = (0..2_000_000)
+            .map(|i| (mix(i) % n as u64) as usize)
+            .collect();
+        order.shrink_to_fit();
+        let mut ours = KeyMap::default();
+        let mut std_map: HashMap<Box<[u8]>, Item> = HashMap::new();
+        for k in &keys {
+            ours.insert(k.clone(), item("v", 0));
+            std_map.insert(k.clone(), item("v", 0));
+        }
+        for round in 0..3 {
+            let t = Instant::now();
+            let mut hits = 0;
+            for &i in &order {
+                hits += ours.get(&keys[i]).map_or(0, |it| it.value.len());
+            }
+            let get_ours = t.elapsed() / order.len() as u32;
+            let t = Instant::now();
+            for &i in &order {
+                hits += std_map.get(&keys[i]).map_or(0, |it| it.value.len());
+            }
+            let get_std = t.elapsed() / order.len() as u32;
+            let t = Instant::now();
+            for &i in &order[..500_000] {
+                if let Slot::Occupied(mut o) = ours.slot(&keys[i]) {
+                    o.get_mut().1.expire_at += 1;
+                }
+            }
+            let set_ours = t.elapsed() / 500_000;
+            let t = Instant::now();
+            for &i in &order[..500_000] {
+                if let Some(it) = std_map.get_mut(&keys[i]) {
+                    it.expire_at += 1;
+                }
+            }
+            let set_std = t.elapsed() / 500_000;
+            println!(
+                "round {round}: get {get_ours:?} (std {get_std:?}), slot+get_mut {set_ours:?} (std get_mut {set_std:?}), {hits}"
+            );
+        }
     }
 }

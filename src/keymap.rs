@@ -738,6 +738,61 @@ mod tests {
         );
     }
 
+    /// Everything a reader can ask agrees with the keys present while a resize is half
+    /// done, growing and shrinking.
+    #[test]
+    fn reads_agree_in_the_middle_of_a_resize() {
+        let check = |m: &KeyMap, model: &HashSet<Box<[u8]>>| {
+            assert!(m.resizing(), "the check runs mid-resize");
+            assert_eq!(m.len(), model.len());
+            let all: Vec<Box<[u8]>> = m.iter().map(|(k, _)| k.clone()).collect();
+            assert_eq!(all.len(), model.len());
+            assert_eq!(all.into_iter().collect::<HashSet<_>>(), *model);
+            let from: HashSet<Box<[u8]>> = m.iter_from(77).map(|(k, _)| k.into()).collect();
+            assert_eq!(from, *model);
+            let scanned: HashSet<Box<[u8]>> = full_scan(m).into_iter().collect();
+            assert_eq!(scanned, *model);
+            for k in model {
+                assert!(m.get(k).is_some() && m.contains_key(k));
+                assert!(m.find_by_hash(m.hash(k), |kk, _| kk == &k[..]).is_some());
+            }
+            assert!(m.get(b"absent").is_none());
+            for r in 0..200 {
+                let (k, _) = m.random(r).expect("non-empty");
+                assert!(model.contains(k));
+            }
+        };
+        let mut m = KeyMap::default();
+        let mut model = HashSet::new();
+        // 1024 keys fill 1024 buckets; the next insert starts a doubling, and a few
+        // writes move only a few buckets of it.
+        for i in 0..1030 {
+            m.insert(key(i), item("v", 0));
+            model.insert(key(i));
+        }
+        check(&m, &model);
+        // Overwrites and removals mid-resize land in the right table.
+        for i in 0..20 {
+            m.get_mut(&key(i)).expect("present").expire_at = 5;
+            assert!(m.remove(&key(i + 500)).is_some());
+            model.remove(&key(i + 500));
+        }
+        check(&m, &model);
+        assert!((0..20).all(|i| m.get(&key(i)).is_some_and(|it| it.expire_at == 5)));
+        // Shrinking: below 256 keys a table of 2048 buckets starts to shrink.
+        m.rehash(usize::MAX);
+        assert_eq!(size(&m), 2048);
+        let mut i = 0;
+        while !m.resizing() {
+            if m.remove(&key(i)).is_some() {
+                model.remove(&key(i));
+            }
+            i += 1;
+        }
+        assert!(m.len() < 256 && size(&m) < 2048, "a shrink started");
+        check(&m, &model);
+    }
+
     /// A full pass from cursor 0 to cursor 0, returning every key it sees.
     fn full_scan(m: &KeyMap) -> Vec<Box<[u8]>> {
         let mut seen = Vec::new();

@@ -362,6 +362,50 @@ fn hostile_numbers_in_every_command_leave_the_server_serving() {
     assert!(covered.contains("scan") && covered.contains("setrange") && probes > 1000);
 }
 
+/// Hostile lengths in the RESP framing itself (array and bulk headers): each gets an
+/// error or is ignored (a null array), never an allocation of that size; the server keeps
+/// serving. Each payload is followed by an inline PING on the same connection, so that
+/// whatever the server makes of it, it answers or closes instead of waiting for more.
+#[test]
+fn hostile_lengths_in_the_protocol_leave_the_server_serving() {
+    let mut server = Server::start(&[]);
+    let port = server.port;
+    let payloads: &[&[u8]] = &[
+        b"*9223372036854775807\r\n",
+        b"*18446744073709551616\r\n",
+        b"*-9223372036854775808\r\n",
+        b"*-1\r\n",
+        b"*2000000\r\n",
+        b"*1\r\n$9223372036854775807\r\n",
+        b"*1\r\n$18446744073709551616\r\n",
+        b"*1\r\n$-2\r\n",
+        b"*1\r\n$4294967296\r\n",
+        b"*1\r\n$1e308\r\n",
+        b"*1e308\r\n",
+    ];
+    for p in payloads {
+        let mut s = raw(port);
+        let mut msg = p.to_vec();
+        msg.extend_from_slice(b"PING\r\n");
+        s.write_all(&msg).expect("send");
+        let mut r = BufReader::new(s);
+        let mut first = String::new();
+        // A reply (error or PONG) or EOF: either way, not a hang (the socket times out).
+        r.read_line(&mut first).unwrap_or_else(|e| {
+            panic!(
+                "{:?}: no reply and no close: {e}",
+                String::from_utf8_lossy(p)
+            )
+        });
+        assert!(
+            server.is_running(),
+            "{:?} killed the server",
+            String::from_utf8_lossy(p)
+        );
+        assert_eq!(ping(port).ok().as_deref(), Some("+PONG"));
+    }
+}
+
 /// The requests of the issue, one by one, with the replies Redis gives.
 #[test]
 fn huge_counts_and_offsets_get_redis_errors() {

@@ -51,7 +51,7 @@
 //! which the key space had before, took 0.5 to 0.9 s (it rehashes every key; see the
 //! `resize_pause` measurement below). So, as Redis does, a resize allocates the new
 //! table and moves the old one over a few buckets at a time: every [`KeyMap::slot`] (the
-//! path of every insert and removal) first moves [`REHASH_STEP`] non-empty buckets.
+//! path of every insert and removal) first moves `REHASH_STEP` (2) non-empty buckets.
 //! Meanwhile a key is in the old table if its bucket there is not yet moved, else in the
 //! new one; new keys go to the new table; SCAN visits a bucket of the smaller table and
 //! every bucket of the larger one it expands to (dictScan's two-table case). A doubling

@@ -41,9 +41,9 @@
 //!
 //! RANDOMKEY picks a random bucket of the table, then a random key of its chain
 //! ([`KeyMap::random`], as Redis does): O(1) expected. An expired pick is reported and
-//! another is drawn, up to `RANDOM_TRIES` (16); if all of those were expired (nearly every
-//! key is, and the expirer is behind), it walks from a random bucket to the first live
-//! key, so nil always means that no key is live. Keys in short chains are somewhat
+//! another is drawn, up to `RANDOM_TRIES` (16); if all of those were expired (nearly
+//! every key is, and the expirer is behind), it walks from a random bucket to the first
+//! live key, so nil always means that no key is live. Keys in short chains are somewhat
 //! likelier to be picked; Redis's pick is not uniform either.
 
 use crate::commands::{Context, Dispatched, Reply, Session};

@@ -774,10 +774,12 @@ fn parse_expire(name: &str, args: &[Vec<u8>], now: u64) -> Result<Op, String> {
     Ok(Op::Cmd { args: canonical })
 }
 
-/// SCAN: the cursor is a position in hash order (the key space's SipHash), so
-/// a key present for the whole iteration is returned, and returned once, however the map
-/// grows or shrinks meanwhile. Each call is O(keys) (it has to find the next COUNT hashes
-/// above the cursor); keys with equal hashes are never split across calls.
+/// SCAN: the cursor is a bucket of the key space's table in reverse-binary order
+/// ([`crate::keymap::KeyMap::scan`], Redis's `dictScan`), so a key present for the whole
+/// iteration is returned however the table grows or shrinks meanwhile (twice only if it
+/// shrank), each call costs O(COUNT), and cursors stay below the bucket count (node-redis
+/// v4 needs them below 2^53). MATCH and TYPE filter after the buckets are read, so a
+/// call may return fewer than COUNT keys, or none, before the pass ends, as in Redis.
 fn scan(ctx: &Context, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
     let Some(cursor) = std::str::from_utf8(&args[1])
         .ok()

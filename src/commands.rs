@@ -877,10 +877,12 @@ fn parse_expire(name: &str, args: &[Vec<u8>], now: u64) -> Result<Op, String> {
     Ok(Op::Cmd { args: canonical })
 }
 
-/// SCAN: the cursor is a position in hash order (the key space's SipHash), so
-/// a key present for the whole iteration is returned, and returned once, however the map
-/// grows or shrinks meanwhile. Each call is O(keys) (it has to find the next COUNT hashes
-/// above the cursor); keys with equal hashes are never split across calls.
+/// SCAN: the cursor is a bucket of the key space's table in reverse-binary order
+/// ([`crate::keymap::KeyMap::scan`], Redis's `dictScan`), so a key present for the whole
+/// iteration is returned however the table grows or shrinks meanwhile (twice only if it
+/// shrank), each call costs O(COUNT), and cursors stay below the bucket count (node-redis
+/// v4 needs them below 2^53). MATCH and TYPE filter after the buckets are read, so a
+/// call may return fewer than COUNT keys, or none, before the pass ends, as in Redis.
 fn scan(ctx: &Context, db: u32, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
     let Some(cursor) = std::str::from_utf8(&args[1])
         .ok()
@@ -920,46 +922,24 @@ fn scan(ctx: &Context, db: u32, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
         }
         i += 2;
     }
-    // One pass under the lock keeps the `count + 1` smallest hashes at or above the
-    // cursor in a bounded heap: no key is copied but the ones returned.
+    // Redis's loop (scanGenericCommand): whole buckets until `count` keys are collected,
+    // the pass ends, or ten buckets per key asked for were empty. O(count) a call; only
+    // what is returned is copied, and COUNT sizes nothing (`Vec` grows as keys come).
     let (found, next): (Vec<Vec<u8>>, u64) = ctx.store.read(db, |db| {
-        // Cursor 0 means "start" and "done"; real positions are above it.
-        let hash = |k: &[u8]| db.key_hash(k).max(1);
-        let mut heap: std::collections::BinaryHeap<(u64, &[u8])> =
-            std::collections::BinaryHeap::with_capacity(count + 2);
-        for (k, _) in db.iter(now) {
-            let h = hash(k);
-            if h < cursor {
-                continue;
-            }
-            if heap.len() <= count {
-                heap.push((h, k));
-            } else if heap.peek().is_some_and(|(top, _)| h < *top) {
-                heap.pop();
-                heap.push((h, k));
+        let mut found = Vec::new();
+        let mut cursor = cursor;
+        let mut buckets = count.saturating_mul(10);
+        loop {
+            cursor = db.map.scan(cursor, |k, i| {
+                if !i.expired(now) {
+                    found.push(k.to_vec());
+                }
+            });
+            buckets -= 1;
+            if cursor == 0 || buckets == 0 || found.len() >= count {
+                return (found, cursor);
             }
         }
-        if heap.len() <= count {
-            return (heap.into_iter().map(|(_, k)| k.to_vec()).collect(), 0);
-        }
-        // The largest kept hash is where the next call starts; keys with that hash all go
-        // next time, so no key is split across calls...
-        let boundary = heap.peek().map_or(0, |(h, _)| *h);
-        let below: Vec<Vec<u8>> = heap
-            .into_iter()
-            .filter(|(h, _)| *h < boundary)
-            .map(|(_, k)| k.to_vec())
-            .collect();
-        if !below.is_empty() {
-            return (below, boundary);
-        }
-        // ...unless more than `count` keys share one hash: then they all go now.
-        let same: Vec<Vec<u8>> = db
-            .iter(now)
-            .filter(|(k, _)| hash(k) == boundary)
-            .map(|(k, _)| k.to_vec())
-            .collect();
-        (same, boundary.checked_add(1).unwrap_or(0))
     });
     let keep = |k: &[u8]| {
         pattern.is_none_or(|p| glob_match(p, k, false))

@@ -47,15 +47,16 @@
 //! does. TOUCH counts keyspace hits and misses as Redis's does; no access times are kept,
 //! so it only counts the keys that exist.
 //!
-//! RANDOMKEY costs O(n): `std`'s `HashMap` has no random access, so it walks the map from
-//! a random position to the first live key (wrapping around), with the map lock held:
-//! about 0.85 ms on average per million keys in a release build (twice that at worst).
-//! O(1) would need an index that `store.rs` keeps in step with the map (a dense vector of
-//! keys with each item's position, or an `IndexMap`). A live key that follows a run of
-//! expired ones is somewhat more likely to be chosen; Redis's pick is not uniform either.
+//! RANDOMKEY picks a random bucket of the table, then a random key of its chain
+//! ([`KeyMap::random`], as Redis does): O(1) expected. An expired pick is reported and
+//! another is drawn, up to `RANDOM_TRIES` (16); if all of those were expired (nearly
+//! every key is, and the expirer is behind), it walks from a random bucket to the first
+//! live key, so nil always means that no key is live. Keys in short chains are somewhat
+//! likelier to be picked; Redis's pick is not uniform either.
 
 use crate::commands::{Context, Dispatched, Reply, Session};
 use crate::exec::ERR_BAD_RECORD;
+use crate::keymap::mix;
 use crate::protocol::{write_bulk, write_error, write_integer, write_null};
 use crate::store::{Db, Keyspace, OpResult, parse_i64};
 use crate::wal::Op;
@@ -72,6 +73,9 @@ const ERR_NO_SUCH_KEY: &str = "ERR no such key";
 
 /// Expired keys a read reports to the expirer at most per command.
 const MAX_HINTS: usize = 16;
+
+/// Random picks RANDOMKEY tries before it walks to the next live key.
+const RANDOM_TRIES: usize = 16;
 
 /// Key spaces at least this large are freed on a background thread by FLUSHALL.
 const LAZYFREE_MIN_KEYS: usize = 4096;
@@ -260,28 +264,35 @@ fn touch(ctx: &Context, db: u32, keys: &[Vec<u8>], now: u64, out: &mut Vec<u8>) 
 }
 
 impl Keyspace {
-    /// A live key chosen from position `r % len` of the map's order, walking on (and
-    /// wrapping around) past expired keys; `None` if no key is live. Also returns up to
-    /// [`MAX_HINTS`] expired keys met on the way. O(n): see the module doc.
+    /// A live key picked at random from `r` (64 random bits); `None` if no key is live.
+    /// Also returns up to [`MAX_HINTS`] expired keys met on the way. See the module doc.
     pub(crate) fn random_key(&self, r: u64, now: u64) -> (Option<Vec<u8>>, Vec<Vec<u8>>) {
-        let len = self.map.len();
-        let mut expired = Vec::new();
-        if len == 0 {
-            return (None, expired);
+        let mut expired: Vec<Vec<u8>> = Vec::new();
+        let note = |k: &[u8], expired: &mut Vec<Vec<u8>>| {
+            if expired.len() < MAX_HINTS && !expired.iter().any(|e| e[..] == *k) {
+                expired.push(k.to_vec());
+            }
+        };
+        let mut bits = r;
+        for _ in 0..RANDOM_TRIES {
+            bits = mix(bits);
+            let Some((k, i)) = self.map.random(bits) else {
+                return (None, expired);
+            };
+            if !i.expired(now) {
+                return (Some(k.to_vec()), expired);
+            }
+            note(k, &mut expired);
         }
-        let start = (r % len as u64) as usize;
-        let found = self
-            .map
-            .iter()
-            .skip(start)
-            .chain(self.map.iter().take(start))
-            .find(|(k, i)| {
-                let dead = i.expired(now);
-                if dead && expired.len() < MAX_HINTS {
-                    expired.push(k.to_vec());
-                }
-                !dead
-            });
+        // Nearly every key is expired (the expirer is behind): walk from a random bucket
+        // to the first live key, so that nil always means "no live key".
+        let found = self.map.iter_from(mix(bits)).find(|(k, i)| {
+            let dead = i.expired(now);
+            if dead {
+                note(k, &mut expired);
+            }
+            !dead
+        });
         (found.map(|(k, _)| k.to_vec()), expired)
     }
 

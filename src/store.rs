@@ -459,12 +459,6 @@ impl Keyspace {
             .collect()
     }
 
-    /// The hash `key` is stored under: stable for the life of the process (SCAN's cursor
-    /// is a position in this order).
-    pub fn key_hash(&self, key: &[u8]) -> u64 {
-        self.map.hash(key)
-    }
-
     /// Whether `key` exists but is expired at `now` (a reader's hint for the expirer).
     pub fn is_expired(&self, key: &[u8], now: u64) -> bool {
         self.map.get(key).is_some_and(|i| i.expired(now))

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{DataDir, KVSTORE_BIN, Server, raw, redis_conn, wait_until};
+use common::{DataDir, KVSTORE_BIN, Server, raw, redis_conn, resp, wait_until};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
@@ -47,17 +47,6 @@ fn rss(pid: u32) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"));
     kb * 1024
-}
-
-/// A request in RESP (an array of bulk strings).
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
 }
 
 /// Reads one reply line (up to and including `\r\n`).

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{DataDir, Server, redis_conn, wait_until};
+use common::{DataDir, Server, redis_conn, resp, wait_until};
 use redis::{RedisError, RedisResult, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
@@ -69,17 +69,6 @@ fn show_args(args: &[&[u8]]) -> String {
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// A request in RESP (an array of bulk strings).
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
 }
 
 /// Bytes shown with escapes, for assertion messages.

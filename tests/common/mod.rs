@@ -537,3 +537,14 @@ pub fn require_tool(name: &str, hint: &str) -> PathBuf {
 pub fn redis_cli() -> Command {
     Command::new(require_tool("redis-cli", REDIS_CLI_HINT))
 }
+
+/// A request in RESP (an array of bulk strings).
+pub fn resp(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}

@@ -2433,7 +2433,8 @@ mod tests {
     /// file behind (neither the snapshot nor its temp file).
     #[test]
     fn snapshot_writer_streams_the_same_bytes_and_cleans_up() {
-        let dbs: Vec<(u32, Vec<(Vec<u8>, Vec<u8>, Option<u64>)>)> = vec![
+        type Keys = Vec<(Vec<u8>, Vec<u8>, Option<u64>)>;
+        let dbs: Vec<(u32, Keys)> = vec![
             (
                 0,
                 (0..1000)

@@ -72,7 +72,7 @@
 //! that ends up only reading records a pre-image equal to the current item, which is
 //! harmless.
 //!
-//! The snapshot walks the map with SCAN's cursor, a few hundred buckets per call of
+//! The snapshot walks the map with SCAN's cursor, a few dozen buckets per call of
 //! [`KeyMap::snapshot_step`] (the caller takes the store lock per call, so writers wait
 //! for one step, not for the walk), and gets each key that has no pre-image with its
 //! current item. In reverse-binary order the walked part is always a prefix: a key is

@@ -1178,7 +1178,7 @@ where
 }
 
 /// Snapshot key frames encoded in memory: what the compaction thread gathers under the
-/// store lock (a copy of a few hundred keys' bytes, cheaper than cloning their items) and
+/// store lock (a copy of a few dozen keys' bytes, cheaper than cloning their items) and
 /// hands to [`SnapshotWriter::write`] after releasing it.
 #[derive(Debug, Default)]
 pub struct SnapshotChunk {

@@ -1550,6 +1550,7 @@ impl Store {
         let spawned = thread::Builder::new()
             .name("compaction".into())
             .spawn(move || {
+                lower_priority();
                 let outcome = write_snapshot(&inner, index, epoch, id, &counts)
                     .and_then(|bytes| Ok((bytes, Wal::prune_covered(&inner.dir, index)?)));
                 match outcome {
@@ -1736,6 +1737,17 @@ impl Store {
 const SNAPSHOT_STEP_BUCKETS: usize = 64;
 /// ... or until the chunk holds this many bytes (large values), then written out.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Gives the calling thread a lower CPU priority (nice 10; on Linux a thread has its own):
+/// a compaction is background work, and on a machine with few cores the clients' threads
+/// should get the CPU first when it takes a whole core.
+fn lower_priority() {
+    // SAFETY: plain system calls on the calling thread's id; failure is harmless.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
 
 /// The tag under which compaction `id` tracks database `d`'s map, so that the walk can
 /// tell that its map is still the one it started on (FLUSHALL, FLUSHDB and SWAPDB put

@@ -59,8 +59,37 @@
 //! the next one is due; should a resize be needed while one runs, the running one is
 //! finished first. Reads take the lock shared and never move buckets; a table left
 //! mid-resize by a pause in writes costs lookups one more bucket probe.
+//!
+//! # Tracking: a consistent view for a snapshot, without a copy
+//!
+//! Compaction must write the map exactly as it was at one log index (the log after it is
+//! replayed on top, and INCR or APPEND are not idempotent), without stopping writers for
+//! a copy of every key. [`KeyMap::start_tracking`] marks that moment; from then on the
+//! map keeps, for each key that the snapshot has not walked yet, its *pre-image*: the
+//! item it had at that moment (`None` if absent), recorded once, by the first mutation.
+//! The hook is in the two places every mutation passes through ([`KeyMap::slot`], behind
+//! `insert` and `remove`, and [`KeyMap::get_mut`]), so no caller can miss it; a `slot`
+//! that ends up only reading records a pre-image equal to the current item, which is
+//! harmless.
+//!
+//! The snapshot walks the map with SCAN's cursor, a few dozen buckets per call of
+//! [`KeyMap::snapshot_step`] (the caller takes the store lock per call, so writers wait
+//! for one step, not for the walk), and gets each key that has no pre-image with its
+//! current item. In reverse-binary order the walked part is always a prefix: a key is
+//! walked iff its hash, bit-reversed, is below the cursor bit-reversed, whatever the
+//! table size (growth splits bucket `b` into buckets the order visits together). So a
+//! mutation of a walked key needs no pre-image: it was emitted already if it existed, and
+//! if it did not exist at the start it is not in the snapshot. When the walk ends,
+//! [`KeyMap::end_tracking`] hands over the pre-images and the snapshot adds the `Some`
+//! ones. Every key present at the start is then written exactly once: unchanged ones by
+//! the walk, changed ones by their pre-image; keys created since never. That needs SCAN
+//! to return no key twice, which only a shrink could break, so tracking suspends
+//! shrinking (growth is fine). The memory this costs is the pre-images of the keys
+//! written during the walk: nothing when writes are rare, the changed keys when not (a
+//! fork's copy-on-write pays the same per touched page).
 
 use crate::store::Item;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 
 /// The fewest buckets a non-empty table has.
@@ -107,6 +136,30 @@ pub struct KeyMap {
     moved: usize,
     len: usize,
     hasher: RandomState,
+    /// While a snapshot walks this map: its cursor and the pre-images (module doc).
+    tracking: Option<Box<Tracking>>,
+}
+
+/// A snapshot's view of one map: where its walk is, and what changed ahead of it.
+#[derive(Debug)]
+struct Tracking {
+    /// Who tracks (the store checks it to notice a table replaced under the snapshot).
+    tag: u64,
+    /// The walk's next SCAN cursor; 0 with `done` false is the start.
+    cursor: u64,
+    /// The walk has returned every bucket.
+    done: bool,
+    /// Each key first changed ahead of the walk, with its item at the start (`None`:
+    /// it was absent).
+    preimages: HashMap<Box<[u8]>, Option<Item>>,
+}
+
+impl Tracking {
+    /// Whether the walk has passed the bucket of a key with this hash (module doc: the
+    /// walked part is the keys whose reversed hash is below the reversed cursor).
+    fn walked(&self, hash: u64) -> bool {
+        self.done || hash.reverse_bits() < self.cursor.reverse_bits()
+    }
 }
 
 impl Default for KeyMap {
@@ -120,6 +173,7 @@ impl Default for KeyMap {
             moved: 0,
             len: 0,
             hasher: HASHER.get_or_init(RandomState::new).clone(),
+            tracking: None,
         }
     }
 }
@@ -147,6 +201,7 @@ impl std::fmt::Debug for KeyMap {
             .field("len", &self.len)
             .field("buckets", &self.old.len())
             .field("resizing_to", &self.new.len())
+            .field("tracking", &self.tracking.as_ref().map(|t| t.tag))
             .finish()
     }
 }
@@ -189,12 +244,7 @@ struct Pos {
 
 impl OccupiedEntry<'_> {
     pub fn get(&self) -> &(Box<[u8]>, Item) {
-        let p = self.pos;
-        let head = &self.map.buckets(p.table)[p.bucket];
-        &chain(head)
-            .nth(p.depth)
-            .expect("an occupied entry's node exists")
-            .entry
+        &self.map.node(self.pos).entry
     }
 
     pub fn get_mut(&mut self) -> &mut (Box<[u8]>, Item) {
@@ -315,6 +365,29 @@ impl KeyMap {
         None
     }
 
+    /// The node at `p` (a place [`KeyMap::position`] just found).
+    fn node(&self, p: Pos) -> &Node {
+        chain(&self.buckets(p.table)[p.bucket])
+            .nth(p.depth)
+            .expect("an occupied entry's node exists")
+    }
+
+    /// The tracking hook, called before every mutation of `key` (at `pos`, if present):
+    /// while a snapshot tracks this map, records the key's pre-image if the walk has not
+    /// passed it and none is recorded yet. One branch when nothing tracks.
+    fn note_write(&mut self, hash: u64, key: &[u8], pos: Option<Pos>) {
+        let record = match self.tracking.as_deref() {
+            None => return,
+            Some(t) => !t.walked(hash) && !t.preimages.contains_key(key),
+        };
+        if record {
+            let before = pos.map(|p| self.node(p).entry.1.clone());
+            if let Some(t) = self.tracking.as_deref_mut() {
+                t.preimages.insert(key.into(), before);
+            }
+        }
+    }
+
     pub fn get(&self, key: &[u8]) -> Option<&Item> {
         let h = self.hash(key);
         let is_it = |n: &&Node| n.hash == h && *n.entry.0 == *key;
@@ -327,7 +400,9 @@ impl KeyMap {
     }
 
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut Item> {
-        let pos = self.position(self.hash(key), key)?;
+        let hash = self.hash(key);
+        let pos = self.position(hash, key)?;
+        self.note_write(hash, key, Some(pos));
         Some(&mut OccupiedEntry { map: self, pos }.into_mut().1)
     }
 
@@ -359,7 +434,9 @@ impl KeyMap {
     pub fn slot(&mut self, key: &[u8]) -> Slot<'_> {
         self.rehash(REHASH_STEP);
         let hash = self.hash(key);
-        match self.position(hash, key) {
+        let pos = self.position(hash, key);
+        self.note_write(hash, key, pos);
+        match pos {
             Some(pos) => Slot::Occupied(OccupiedEntry { map: self, pos }),
             None => Slot::Vacant(VacantEntry { map: self, hash }),
         }
@@ -382,8 +459,13 @@ impl KeyMap {
 
     /// Starts halving (or more) a table that fell below one key in eight buckets, as
     /// Redis does at 10%: a key space that was large once does not keep its bucket array
-    /// for ever. Not while a resize runs (the next removal after it will).
+    /// for ever. Not while a resize runs (the next removal after it will), nor while a
+    /// snapshot tracks the map (a shrink could make its walk return a key twice; the
+    /// first removal after the snapshot shrinks).
     fn maybe_shrink(&mut self) {
+        if self.tracking.is_some() {
+            return;
+        }
         if self.len == 0 {
             // Nothing to keep: back to the unallocated state of a new map.
             self.old = Box::new([]);
@@ -523,6 +605,80 @@ impl KeyMap {
                 return v;
             }
         }
+    }
+
+    /// Starts a snapshot's view of the map as it is now (module doc, "Tracking"), under
+    /// `tag`; a view already running is dropped. O(1).
+    pub fn start_tracking(&mut self, tag: u64) {
+        self.tracking = Some(Box::new(Tracking {
+            tag,
+            cursor: 0,
+            done: false,
+            preimages: HashMap::new(),
+        }));
+    }
+
+    /// The tag of the snapshot tracking this map, if one does.
+    pub fn tracking(&self) -> Option<u64> {
+        self.tracking.as_ref().map(|t| t.tag)
+    }
+
+    /// Pre-images recorded so far (tests and logs: what tracking costs).
+    pub fn preimages(&self) -> usize {
+        self.tracking.as_ref().map_or(0, |t| t.preimages.len())
+    }
+
+    /// One step of the snapshot's walk: up to `buckets` buckets from where the last step
+    /// ended, calling `f` with every key there that has no pre-image and its current
+    /// item (its item at the start: it has not changed since). Stops after the bucket in
+    /// which `f` returns false (a chunk is full). Returns true when the walk is over (and
+    /// then [`KeyMap::end_tracking`] hands over the rest); also when nothing tracks.
+    pub fn snapshot_step(
+        &mut self,
+        buckets: usize,
+        mut f: impl FnMut(&[u8], &Item) -> bool,
+    ) -> bool {
+        let Some(t) = self.tracking.as_deref() else {
+            return true;
+        };
+        if t.done {
+            return true;
+        }
+        let skip = &t.preimages;
+        let mut cursor = t.cursor;
+        let mut full = false;
+        for _ in 0..buckets {
+            cursor = self.scan(cursor, |k, i| {
+                if (skip.is_empty() || !skip.contains_key(k)) && !f(k, i) {
+                    full = true;
+                }
+            });
+            if cursor == 0 || full {
+                break;
+            }
+        }
+        if let Some(t) = self.tracking.as_deref_mut() {
+            t.cursor = cursor;
+            t.done = cursor == 0;
+        }
+        cursor == 0
+    }
+
+    /// Ends tracking and hands over the pre-images of the keys that existed at the start
+    /// (what the walk skipped because they changed). O(1) under the caller's lock; the
+    /// caller consumes the iterator after releasing it.
+    pub fn end_tracking(&mut self) -> impl Iterator<Item = (Box<[u8]>, Item)> + use<> {
+        let preimages = self
+            .tracking
+            .take()
+            .map(|t| t.preimages)
+            .unwrap_or_default();
+        preimages.into_iter().filter_map(|(k, i)| Some((k, i?)))
+    }
+
+    /// Ends tracking without a result (an aborted snapshot), freeing the pre-images.
+    pub fn stop_tracking(&mut self) {
+        self.tracking = None;
     }
 
     /// A key and its item, picked at random from `r` (any 64 random bits): a random
@@ -947,6 +1103,154 @@ mod tests {
         }
         let all: Vec<_> = m.iter_from(12345).map(|(k, _)| k.to_vec()).collect();
         assert_eq!(all, vec![key(7).to_vec()]);
+    }
+
+    /// Every mutating entry point records a key's pre-image, once, with the item it had
+    /// when tracking started (`None` for a key created since); reads record nothing.
+    #[test]
+    fn tracking_records_each_preimage_once() {
+        let mut m = KeyMap::default();
+        for i in 0..10 {
+            m.insert(key(i), item("v", i as u64));
+        }
+        m.start_tracking(7);
+        assert_eq!(m.tracking(), Some(7));
+        assert!(m.get(&key(0)).is_some() && m.contains_key(&key(1)));
+        let _ = m.iter().count();
+        assert_eq!(m.preimages(), 0, "reads record nothing");
+        m.insert(key(0), item("new", 0));
+        m.insert(key(0), item("newer", 0));
+        m.get_mut(&key(1)).expect("present").expire_at = 99;
+        m.remove(&key(2));
+        m.remove(&key(2));
+        if let Slot::Occupied(o) = m.slot(&key(3)) {
+            o.remove();
+        }
+        if let Slot::Occupied(mut o) = m.slot(&key(4)) {
+            o.get_mut().1.value = b"x"[..].into();
+        }
+        m.insert(key(100), item("created", 0));
+        m.remove(&key(100));
+        m.insert(key(100), item("again", 0));
+        assert!(m.get_mut(&key(101)).is_none());
+        assert_eq!(m.preimages(), 6, "0, 1, 2, 3, 4 and 100, each once");
+        let mut pre: Vec<(Box<[u8]>, Item)> = m.end_tracking().collect();
+        pre.sort_by(|a, b| a.0.cmp(&b.0));
+        let want: Vec<(Box<[u8]>, Item)> = (0..5).map(|i| (key(i), item("v", i as u64))).collect();
+        assert_eq!(
+            pre, want,
+            "the items at the start; none for the key created since"
+        );
+        assert_eq!(m.tracking(), None);
+        m.insert(key(5), item("w", 0));
+        assert_eq!(m.preimages(), 0);
+    }
+
+    /// While tracked, a map that loses nearly all its keys keeps its table (a shrink could
+    /// make the snapshot's walk return a key twice); the first removal after shrinks it.
+    #[test]
+    fn tracking_suspends_shrinking() {
+        let mut m = KeyMap::default();
+        for i in 0..2048 {
+            m.insert(key(i), item("v", 0));
+        }
+        m.rehash(usize::MAX);
+        let before = size(&m);
+        m.start_tracking(1);
+        for i in 0..2048 {
+            m.remove(&key(i));
+        }
+        assert_eq!((m.len(), size(&m), m.resizing()), (0, before, false));
+        m.insert(key(1), item("v", 0));
+        m.insert(key(2), item("v", 0));
+        m.stop_tracking();
+        m.remove(&key(1));
+        assert!(size(&m) < before, "shrinks once tracking stops");
+    }
+
+    /// The snapshot's view: whatever writes (overwrites, removals, creations, growth of
+    /// the table and its incremental resize) run between the walk's steps, the walk plus
+    /// the pre-images yield exactly the map at the start, each key once.
+    #[test]
+    fn a_tracked_walk_yields_exactly_the_map_at_the_start() {
+        for seed in 1..=12u64 {
+            let mut m = KeyMap::default();
+            let mut r = seed;
+            let start_keys = 500 + (seed as usize % 4) * 700;
+            for i in 0..start_keys {
+                m.insert(key(i), item("v", i as u64));
+            }
+            // Some seeds start in the middle of a growing resize.
+            if seed % 3 == 0 {
+                while !m.resizing() {
+                    m.insert(key(m.len()), item("v", 0));
+                }
+            }
+            let at_start: HashMap<Box<[u8]>, Item> =
+                m.iter().map(|(k, i)| (k.clone(), i.clone())).collect();
+            m.start_tracking(seed);
+            let mut out: Vec<(Box<[u8]>, Item)> = Vec::new();
+            let mut fresh = 100_000;
+            let mut grew = false;
+            loop {
+                let before = size(&m);
+                let done = m.snapshot_step(1 + (r % 5) as usize, |k, i| {
+                    out.push((k.into(), i.clone()));
+                    true
+                });
+                if done {
+                    break;
+                }
+                for _ in 0..(seed as usize % 4 + 1) * 3 {
+                    r = mix(r);
+                    let k = key((r % (start_keys as u64 + 200)) as usize);
+                    match (r >> 40) % 6 {
+                        0 => {
+                            m.insert(k, item("over", r));
+                        }
+                        1 => {
+                            m.remove(&k);
+                        }
+                        2 => {
+                            if let Some(i) = m.get_mut(&k) {
+                                i.expire_at = r;
+                            }
+                        }
+                        3 => {
+                            if let Slot::Vacant(v) = m.slot(&k) {
+                                v.insert((k.clone(), item("set-nx", 0)));
+                            }
+                        }
+                        _ => {
+                            // New keys: the table grows during the walk.
+                            fresh += 1;
+                            m.insert(key(fresh), item("new", 0));
+                        }
+                    }
+                }
+                grew |= size(&m) > before || m.resizing();
+            }
+            let walked = out.len();
+            out.extend(m.end_tracking());
+            let mut seen = HashSet::new();
+            for (k, _) in &out {
+                assert!(seen.insert(k.clone()), "seed {seed}: {k:?} written twice");
+            }
+            let got: HashMap<Box<[u8]>, Item> = out.into_iter().collect();
+            assert_eq!(got.len(), at_start.len(), "seed {seed}");
+            assert!(
+                got == at_start,
+                "seed {seed}: the snapshot differs from the start"
+            );
+            assert!(
+                walked < at_start.len(),
+                "seed {seed}: some keys changed ahead of the walk"
+            );
+            assert!(
+                grew,
+                "seed {seed}: the table grew (or was resizing) during the walk"
+            );
+        }
     }
 
     /// The pause of the one insert that doubles the table, against std's `HashMap` (the

@@ -48,7 +48,9 @@
 //! key count), then for each database that has keys a `D` frame (db u32, its key count,
 //! so loading can size its table once) followed by one `K` frame (deadline, key, value)
 //! per key, and last `E` (the total count again). A version 1 snapshot, written before
-//! databases existed, has no `D` frames: its keys are in database 0.
+//! databases existed, has no `D` frames: its keys are in database 0. Compaction streams
+//! a snapshot to its file as it walks the map ([`SnapshotWriter`], chunk by chunk, the
+//! counts known up front); [`encode_snapshot`] builds the same bytes in memory.
 //!
 //! # Limits
 //!
@@ -1175,6 +1177,157 @@ where
     out
 }
 
+/// Snapshot key frames encoded in memory: what the compaction thread gathers under the
+/// store lock (a copy of a few dozen keys' bytes, cheaper than cloning their items) and
+/// hands to [`SnapshotWriter::write`] after releasing it.
+#[derive(Debug, Default)]
+pub struct SnapshotChunk {
+    buf: Vec<u8>,
+    keys: u64,
+}
+
+impl SnapshotChunk {
+    /// Appends one key's `K` frame (deadline 0: none).
+    pub fn push(&mut self, key: &[u8], value: &[u8], expire_at: u64) {
+        frame(&mut self.buf, |p| {
+            p.push(b'K');
+            put_u64(p, expire_at);
+            put_bytes(p, key);
+            put_bytes(p, value);
+        });
+        self.keys += 1;
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Keys held.
+    pub fn keys(&self) -> u64 {
+        self.keys
+    }
+}
+
+/// Writes a snapshot file as it is produced, in the format [`encode_snapshot`] builds in
+/// memory (the bytes are the same), so that a compaction holds one chunk of it at a time
+/// instead of the whole image. The counts are given up front: the total to
+/// [`SnapshotWriter::create`] (the `M` frame), each database's to
+/// [`SnapshotWriter::database`] (its `D` frame). [`SnapshotWriter::finish`] checks that
+/// exactly that many keys were written, adds the `E` frame and makes the file appear
+/// atomically (fsync, rename, fsync the directory). A writer dropped unfinished, or a
+/// failed write or finish, removes its temp file at once.
+#[derive(Debug)]
+pub struct SnapshotWriter {
+    dir: PathBuf,
+    index: u64,
+    tmp: PathBuf,
+    /// `None` once finished (nothing left for `Drop` to remove).
+    out: Option<io::BufWriter<File>>,
+    count: u64,
+    written: u64,
+    bytes: u64,
+}
+
+impl SnapshotWriter {
+    /// Starts `snapshot-<index>.snap` (as a temp file) holding `count` keys in all.
+    pub fn create(dir: &Path, index: u64, epoch: u64, count: u64) -> Result<Self, WalError> {
+        let tmp = dir.join(format!("{}.tmp", snapshot_name(index)));
+        let file = File::create(&tmp).map_err(|e| WalError::io(&tmp, e))?;
+        let mut w = SnapshotWriter {
+            dir: dir.to_path_buf(),
+            index,
+            tmp,
+            out: Some(io::BufWriter::with_capacity(1 << 20, file)),
+            count,
+            written: 0,
+            bytes: 0,
+        };
+        let mut head = SNAPSHOT_HEADER.to_vec();
+        frame(&mut head, |p| {
+            p.push(b'M');
+            put_u64(p, index);
+            put_u64(p, epoch);
+            put_u64(p, count);
+        });
+        w.put(&head)?;
+        Ok(w)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), WalError> {
+        let out = self.out.as_mut().ok_or_else(|| {
+            WalError::io(&self.tmp, io::Error::other("snapshot already finished"))
+        })?;
+        out.write_all(bytes)
+            .map_err(|e| WalError::io(&self.tmp, e))?;
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Starts database `db`, whose `count` keys follow (leave out empty databases).
+    pub fn database(&mut self, db: u32, count: u64) -> Result<(), WalError> {
+        let mut d = Vec::with_capacity(32);
+        frame(&mut d, |p| {
+            p.push(b'D');
+            put_u32(p, db);
+            put_u64(p, count);
+        });
+        self.put(&d)
+    }
+
+    /// Writes the chunk's keys (to the current database) and empties it.
+    pub fn write(&mut self, chunk: &mut SnapshotChunk) -> Result<(), WalError> {
+        self.put(&chunk.buf)?;
+        self.written += chunk.keys;
+        chunk.buf.clear();
+        chunk.keys = 0;
+        Ok(())
+    }
+
+    /// Ends the snapshot: checks the key count, writes the `E` frame, fsyncs, renames
+    /// the file into place and fsyncs the directory. Returns the file's size.
+    pub fn finish(mut self) -> Result<u64, WalError> {
+        if self.written != self.count {
+            return Err(WalError::io(
+                &self.tmp,
+                io::Error::other(format!(
+                    "snapshot holds {} keys, its header says {}",
+                    self.written, self.count
+                )),
+            ));
+        }
+        let mut end = Vec::with_capacity(32);
+        frame(&mut end, |p| {
+            p.push(b'E');
+            put_u64(p, self.count);
+        });
+        self.put(&end)?;
+        let Some(out) = self.out.as_mut() else {
+            return Err(WalError::io(
+                &self.tmp,
+                io::Error::other("snapshot already finished"),
+            ));
+        };
+        out.flush()
+            .and_then(|()| out.get_ref().sync_all())
+            .map_err(|e| WalError::io(&self.tmp, e))?;
+        let dst = self.dir.join(snapshot_name(self.index));
+        fs::rename(&self.tmp, &dst).map_err(|e| WalError::io(&dst, e))?;
+        // In place: nothing for `Drop` to remove any more.
+        self.out = None;
+        sync_dir(&self.dir)?;
+        Ok(self.bytes)
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// A decoded snapshot.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -1793,6 +1946,13 @@ impl Wal {
         snapshot: &[u8],
     ) -> Result<u64, WalError> {
         write_atomically(dir, &snapshot_name(index), snapshot)?;
+        Wal::prune_covered(dir, index)
+    }
+
+    /// Removes the segments and snapshots that the snapshot at `index`, already in place,
+    /// covers (what [`Wal::write_snapshot_and_prune`] does after writing it; a
+    /// [`SnapshotWriter`] is the streaming way to write it). Returns the bytes freed.
+    pub fn prune_covered(dir: &Path, index: u64) -> Result<u64, WalError> {
         let listing = list_dir(dir)?;
         let mut freed = 0;
         for (first, path) in &listing.segments {
@@ -2266,6 +2426,74 @@ mod tests {
                 "cut {cut}"
             );
         }
+    }
+
+    /// The streaming writer writes the very bytes `encode_snapshot` builds, whatever the
+    /// chunking; a count that does not match, or a writer dropped unfinished, leaves no
+    /// file behind (neither the snapshot nor its temp file).
+    #[test]
+    fn snapshot_writer_streams_the_same_bytes_and_cleans_up() {
+        type Keys = Vec<(Vec<u8>, Vec<u8>, Option<u64>)>;
+        let dbs: Vec<(u32, Keys)> = vec![
+            (
+                0,
+                (0..1000)
+                    .map(|i| (format!("k{i}").into_bytes(), vec![b'v'; i % 50], None))
+                    .collect(),
+            ),
+            (5, vec![(b"a".to_vec(), b"1".to_vec(), Some(77))]),
+        ];
+        let want = encode_snapshot(
+            12,
+            3,
+            dbs.iter()
+                .map(|(d, keys)| (*d, keys.iter().map(|(k, v, e)| (&k[..], &v[..], *e))))
+                .collect(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = SnapshotWriter::create(dir.path(), 12, 3, 1001).unwrap();
+        let mut chunk = SnapshotChunk::default();
+        for (d, keys) in &dbs {
+            w.database(*d, keys.len() as u64).unwrap();
+            for (i, (k, v, e)) in keys.iter().enumerate() {
+                chunk.push(k, v, e.unwrap_or(0));
+                if i % 7 == 0 {
+                    w.write(&mut chunk).unwrap();
+                    assert_eq!((chunk.keys(), chunk.bytes()), (0, 0));
+                }
+            }
+            w.write(&mut chunk).unwrap();
+        }
+        let size = w.finish().unwrap();
+        let path = dir.path().join(snapshot_name(12));
+        let got = fs::read(&path).unwrap();
+        assert_eq!(size, got.len() as u64);
+        assert!(got == want, "streamed and in-memory snapshots differ");
+        let names = || {
+            let mut n: Vec<String> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(), vec![snapshot_name(12)]);
+        // One key short of the header's count: refused, nothing left behind.
+        let mut w = SnapshotWriter::create(dir.path(), 13, 3, 2).unwrap();
+        w.database(0, 2).unwrap();
+        chunk.push(b"k", b"v", 0);
+        w.write(&mut chunk).unwrap();
+        assert!(w.finish().is_err());
+        // Dropped half written (an aborted compaction).
+        let mut w = SnapshotWriter::create(dir.path(), 14, 3, 1).unwrap();
+        w.database(0, 1).unwrap();
+        assert!(
+            dir.path()
+                .join(format!("{}.tmp", snapshot_name(14)))
+                .exists()
+        );
+        drop(w);
+        assert_eq!(names(), vec![snapshot_name(12)]);
     }
 
     fn open_collect(dir: &Path, opts: WalOptions) -> Result<(Wal, Vec<Entry>), WalError> {

@@ -1465,10 +1465,12 @@ mod tests {
     /// std's `HashMap` (`hashbrown`, what the key space used before). A measurement, not
     /// a test: `cargo test --release --lib keymap::tests::lookup_speed -- --ignored
     /// --nocapture`. Chains cost a dependent load more than `hashbrown`'s probe (bucket,
-    /// then node, then key), about 40 ns at 100,000 keys and 140 ns at a million on our
-    /// machine: the price of SCAN and RANDOMKEY by bucket (Redis's dict pays it too).
-    /// Iterating every key costs a node visit each: 24-30 ms per million keys against
-    /// `hashbrown`'s 4.5 ms (whose slots hold the key's and value's lengths inline).
+    /// then node; a short key's bytes are in the node): the price of SCAN and RANDOMKEY
+    /// by bucket (Redis's dict pays it too). With keys boxed, about 40 ns at 100,000 keys
+    /// and 140 ns at a million; with short keys in the node, 8% (get) to 17% (slot and
+    /// get_mut) of a lookup less (BENCHMARKS.md). Iterating every key costs a node visit
+    /// each: 20-30 ms per million keys against `hashbrown`'s 2-4.5 ms (whose slots hold
+    /// the key's and value's lengths inline).
     #[test]
     #[ignore = "a measurement; see the doc comment"]
     fn lookup_speed() {

@@ -6,7 +6,9 @@
 //! one request (its arguments, and how many bytes it used) or asks for more.
 //! Commands write their replies with the `write_*` encoders, which append to
 //! the connection's output `Vec<u8>`. Clients and tests go the other way with
-//! [`encode_command`] and [`parse_value`]. Because it is all plain functions
+//! [`encode_command`] and [`parse_value`]. [`peek_keys`] only looks: the keys
+//! of the GETs waiting in a connection's buffer, a hint for the key table
+//! before they are parsed for real. Because it is all plain functions
 //! on byte slices, every path (a request split at any byte, every malformed
 //! input, every limit) is tested deterministically below, without a socket.
 //!

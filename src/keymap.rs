@@ -9,7 +9,8 @@
 //! [`KeyMap::iter`], [`KeyMap::scan`] (one bucket per call, for SCAN's cursor),
 //! [`KeyMap::random`] (RANDOMKEY) and [`KeyMap::find_by_hash`] (the expiry index holds
 //! `(deadline, key hash)` pairs, 16 bytes each, instead of a second copy of every
-//! expiring key).
+//! expiring key). [`KeyMap::touch`] only loads: a pipeline's keys' buckets and nodes,
+//! all at once before its requests run, so that their cache misses overlap.
 //!
 //! # Layout
 //!
@@ -20,14 +21,18 @@
 //! `RandomState`), so a client cannot choose keys that collide; nothing on disk depends
 //! on them.
 //!
-//! A node is 56 bytes (next, hash, key, value, deadline) plus 8 to 16 bytes of bucket
-//! array per key (the table grows at one key per bucket and shrinks below one in
-//! eight): with a million keys about 64 bytes a key besides the key and value bytes,
-//! where `hashbrown`'s open table (which we used before) took 41 bytes a slot at 48%
-//! load there, 86 a key (bench/memory.sh: 0.90× Redis's RSS before, 0.82× after). The
-//! price is one more dependent load per lookup than `hashbrown`'s probe (bucket, node,
-//! key): about 40 ns at 100,000 keys and 140 ns at a million (`lookup_speed` below), a
-//! few per cent of a GET's server time.
+//! A node is 64 bytes, one cache line and one of mimalloc's size classes: next, hash,
+//! the item (value pointer and length, deadline) and the key, which up to 22 bytes lives
+//! in the node itself ([`Key`]; longer keys are boxed). So a lookup of a short key finds
+//! the hash and the key's bytes in the line it loaded for the node, and a short key takes
+//! no allocation of its own. Plus 8 to 16 bytes of bucket array per key (the table grows
+//! at one key per bucket and shrinks below one in eight): with a million 16-byte keys
+//! about 72 bytes a key, its bytes included, besides the value (80 when the key had its
+//! own 16-byte block beside a 56-byte node), where `hashbrown`'s open table (which we
+//! used before) took 41 bytes a slot at 48% load there, 86 a key, plus the key's block.
+//! The price is one more dependent
+//! load per lookup than `hashbrown`'s probe (bucket, then node); see `lookup_speed` below
+//! and BENCHMARKS.md for what it costs.
 //!
 //! # Why our own table
 //!
@@ -103,6 +108,80 @@ const REHASH_STEP: usize = 2;
 /// (only a table much emptier than its shrink threshold, after `reserve`, gets there).
 const RANDOM_TRIES: usize = 32;
 
+/// Keys up to this many bytes live in their node (see [`Key`]).
+const INLINE: usize = 22;
+
+/// A key as a node stores it: up to [`INLINE`] bytes in place (the length, then the
+/// bytes), longer ones boxed. 24 bytes either way, so that a node is 64 bytes, one cache
+/// line and one allocator size class, and a lookup of a short key finds the hash and the
+/// key's bytes in the same line (a boxed key costs a dependent load more, and an
+/// allocation of its own). Build one with `From`, read it with [`Key::as_bytes`].
+#[derive(Clone)]
+pub struct Key(KeyRepr);
+
+#[derive(Clone)]
+enum KeyRepr {
+    Inline(u8, [u8; INLINE]),
+    Boxed(Box<[u8]>),
+}
+
+impl Key {
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            KeyRepr::Inline(n, b) => &b[..*n as usize],
+            KeyRepr::Boxed(b) => b,
+        }
+    }
+
+    /// The short ones in place, copied; `None` for a longer one.
+    fn inline(key: &[u8]) -> Option<Key> {
+        let mut b = [0; INLINE];
+        b.get_mut(..key.len())?.copy_from_slice(key);
+        Some(Key(KeyRepr::Inline(key.len() as u8, b)))
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(key: &[u8]) -> Key {
+        Key::inline(key).unwrap_or_else(|| Key(KeyRepr::Boxed(key.into())))
+    }
+}
+
+/// A long key keeps its allocation (no copy); a short one is copied in place.
+impl From<Box<[u8]>> for Key {
+    fn from(key: Box<[u8]>) -> Key {
+        Key::inline(&key).unwrap_or(Key(KeyRepr::Boxed(key)))
+    }
+}
+
+impl From<Vec<u8>> for Key {
+    fn from(key: Vec<u8>) -> Key {
+        Key::inline(&key).unwrap_or_else(|| Key(KeyRepr::Boxed(key.into_boxed_slice())))
+    }
+}
+
+impl From<Key> for Box<[u8]> {
+    fn from(key: Key) -> Box<[u8]> {
+        match key.0 {
+            KeyRepr::Inline(..) => key.as_bytes().into(),
+            KeyRepr::Boxed(b) => b,
+        }
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_bytes().fmt(f)
+    }
+}
+
 /// `Clone` only so that `vec![None; n]` can build a table: for `Option<Box<_>>` that is
 /// one zeroed allocation, whose pages the OS hands out lazily as buckets are first
 /// written (a filled-in table of millions of buckets took tens of ms to allocate).
@@ -111,8 +190,19 @@ struct Node {
     next: Link,
     /// The key's hash (moving needs no rehash; walks skip other keys cheaply).
     hash: u64,
-    /// As a pair, so that [`OccupiedEntry::get`] can lend it as one.
-    entry: (Box<[u8]>, Item),
+    key: Key,
+    item: Item,
+}
+
+// One cache line, one mimalloc size class (module doc, "Layout").
+const _: () = assert!(std::mem::size_of::<Key>() == 24 && std::mem::size_of::<Node>() == 64);
+
+impl Node {
+    /// Whether this is `key`'s node (`hash` is `key`'s): the hash first, which rules out
+    /// other keys of the chain without touching key bytes.
+    fn is(&self, hash: u64, key: &[u8]) -> bool {
+        self.hash == hash && self.key.as_bytes() == key
+    }
 }
 
 type Link = Option<Box<Node>>;
@@ -243,21 +333,18 @@ struct Pos {
 }
 
 impl OccupiedEntry<'_> {
-    pub fn get(&self) -> &(Box<[u8]>, Item) {
-        &self.map.node(self.pos).entry
+    pub fn get(&self) -> (&[u8], &Item) {
+        let n = self.map.node(self.pos);
+        (n.key.as_bytes(), &n.item)
     }
 
-    pub fn get_mut(&mut self) -> &mut (Box<[u8]>, Item) {
-        let p = self.pos;
-        let mut n = self.map.buckets_mut(p.table)[p.bucket].as_deref_mut();
-        for _ in 0..p.depth {
-            n = n.and_then(|n| n.next.as_deref_mut());
-        }
-        &mut n.expect("an occupied entry's node exists").entry
+    pub fn get_mut(&mut self) -> (&[u8], &mut Item) {
+        let n = self.map.node_mut(self.pos);
+        (n.key.as_bytes(), &mut n.item)
     }
 
     /// Takes the key and item out (the second element mirrors `hashbrown`'s entry API).
-    pub fn remove(self) -> ((Box<[u8]>, Item), ()) {
+    pub fn remove(self) -> ((Key, Item), ()) {
         let p = self.pos;
         let mut link = &mut self.map.buckets_mut(p.table)[p.bucket];
         for _ in 0..p.depth {
@@ -267,14 +354,14 @@ impl OccupiedEntry<'_> {
         *link = node.next.take();
         self.map.len -= 1;
         self.map.maybe_shrink();
-        (node.entry, ())
+        ((node.key, node.item), ())
     }
 }
 
 impl VacantEntry<'_> {
     /// Stores the pair under the hash this entry was looked up with.
-    pub fn insert(self, entry: (Box<[u8]>, Item)) {
-        self.map.push(self.hash, entry);
+    pub fn insert(self, entry: (impl Into<Key>, Item)) {
+        self.map.push(self.hash, entry.0.into(), entry.1);
     }
 }
 
@@ -338,6 +425,32 @@ impl KeyMap {
             .flat_map(chain)
     }
 
+    /// Loads the bucket and then the first node of each of `hashes` (keys about to be
+    /// looked up), so that their cache misses overlap: a lookup's two loads depend on each
+    /// other (bucket, then node), but the keys of a batch do not, and two tight loops let
+    /// the CPU have all of one kind in flight at once. A hint only: it changes nothing,
+    /// and a key in a longer chain or the other table of a resize just misses later.
+    /// Returns a value derived from the loads, so that they cannot be optimized away.
+    pub fn touch(&self, hashes: &[u64]) -> u64 {
+        let t = self.target();
+        let b = self.buckets(t);
+        if b.is_empty() {
+            return 0;
+        }
+        let mask = b.len() - 1;
+        let mut heads: [Option<&Node>; 32] = [None; 32];
+        let mut sum = 0;
+        for chunk in hashes.chunks(heads.len()) {
+            for (h, head) in chunk.iter().zip(heads.iter_mut()) {
+                *head = b[*h as usize & mask].as_deref();
+            }
+            for n in heads[..chunk.len()].iter().flatten() {
+                sum ^= n.hash;
+            }
+        }
+        sum
+    }
+
     /// Makes room for `n` more keys without growing again.
     pub fn reserve(&mut self, n: usize) {
         let want = self.len.saturating_add(n);
@@ -352,8 +465,7 @@ impl KeyMap {
             let Some(bucket) = self.bucket(table, hash) else {
                 continue;
             };
-            let found = chain(&self.buckets(table)[bucket])
-                .position(|n| n.hash == hash && *n.entry.0 == *key);
+            let found = chain(&self.buckets(table)[bucket]).position(|n| n.is(hash, key));
             if let Some(depth) = found {
                 return Some(Pos {
                     table,
@@ -372,6 +484,14 @@ impl KeyMap {
             .expect("an occupied entry's node exists")
     }
 
+    fn node_mut(&mut self, p: Pos) -> &mut Node {
+        let mut n = self.buckets_mut(p.table)[p.bucket].as_deref_mut();
+        for _ in 0..p.depth {
+            n = n.and_then(|n| n.next.as_deref_mut());
+        }
+        n.expect("an occupied entry's node exists")
+    }
+
     /// The tracking hook, called before every mutation of `key` (at `pos`, if present):
     /// while a snapshot tracks this map, records the key's pre-image if the walk has not
     /// passed it and none is recorded yet. One branch when nothing tracks.
@@ -381,7 +501,7 @@ impl KeyMap {
             Some(t) => !t.walked(hash) && !t.preimages.contains_key(key),
         };
         if record {
-            let before = pos.map(|p| self.node(p).entry.1.clone());
+            let before = pos.map(|p| self.node(p).item.clone());
             if let Some(t) = self.tracking.as_deref_mut() {
                 t.preimages.insert(key.into(), before);
             }
@@ -390,20 +510,20 @@ impl KeyMap {
 
     pub fn get(&self, key: &[u8]) -> Option<&Item> {
         let h = self.hash(key);
-        let is_it = |n: &&Node| n.hash == h && *n.entry.0 == *key;
+        let is_it = |n: &&Node| n.is(h, key);
         if !self.resizing() {
             // The GET path: one chain, no second table to consider.
             let head = self.old.get(h as usize & self.old.len().wrapping_sub(1))?;
-            return chain(head).find(is_it).map(|n| &n.entry.1);
+            return chain(head).find(is_it).map(|n| &n.item);
         }
-        self.candidates(h).find(is_it).map(|n| &n.entry.1)
+        self.candidates(h).find(is_it).map(|n| &n.item)
     }
 
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut Item> {
         let hash = self.hash(key);
         let pos = self.position(hash, key)?;
         self.note_write(hash, key, Some(pos));
-        Some(&mut OccupiedEntry { map: self, pos }.into_mut().1)
+        Some(&mut self.node_mut(pos).item)
     }
 
     pub fn contains_key(&self, key: &[u8]) -> bool {
@@ -411,9 +531,10 @@ impl KeyMap {
     }
 
     /// Inserts or replaces; returns the item replaced.
-    pub fn insert(&mut self, key: Box<[u8]>, item: Item) -> Option<Item> {
+    pub fn insert(&mut self, key: impl Into<Key>, item: Item) -> Option<Item> {
+        let key = key.into();
         match self.slot(&key) {
-            Slot::Occupied(mut o) => Some(std::mem::replace(&mut o.get_mut().1, item)),
+            Slot::Occupied(mut o) => Some(std::mem::replace(o.get_mut().1, item)),
             Slot::Vacant(v) => {
                 v.insert((key, item));
                 None
@@ -432,8 +553,16 @@ impl KeyMap {
     /// hot path decides what to do from it. A vacant slot stores whatever key it is
     /// given (under `key`'s hash: give it `key`). Moves a step of a running resize first.
     pub fn slot(&mut self, key: &[u8]) -> Slot<'_> {
-        self.rehash(REHASH_STEP);
         let hash = self.hash(key);
+        self.slot_hashed(hash, key)
+    }
+
+    /// [`KeyMap::slot`] for a caller that has `key`'s hash already ([`KeyMap::hash`]):
+    /// SipHash is a good part of a lookup's cost, so the SET path hashes once for the
+    /// expiry index and the map.
+    pub fn slot_hashed(&mut self, hash: u64, key: &[u8]) -> Slot<'_> {
+        debug_assert_eq!(hash, self.hash(key));
+        self.rehash(REHASH_STEP);
         let pos = self.position(hash, key);
         self.note_write(hash, key, pos);
         match pos {
@@ -444,7 +573,7 @@ impl KeyMap {
 
     /// Links a new node at the head of its chain, starting a doubling at one key per
     /// bucket.
-    fn push(&mut self, hash: u64, entry: (Box<[u8]>, Item)) {
+    fn push(&mut self, hash: u64, key: Key, item: Item) {
         let size = self.buckets(self.target()).len();
         if self.len >= size {
             self.start_resize((size * 2).max(MIN_BUCKETS));
@@ -453,7 +582,12 @@ impl KeyMap {
         let b = self.buckets_mut(t);
         let i = hash as usize & (b.len() - 1);
         let next = b[i].take();
-        b[i] = Some(Box::new(Node { next, hash, entry }));
+        b[i] = Some(Box::new(Node {
+            next,
+            hash,
+            key,
+            item,
+        }));
         self.len += 1;
     }
 
@@ -535,8 +669,8 @@ impl KeyMap {
         mut pred: impl FnMut(&[u8], &Item) -> bool,
     ) -> Option<(&[u8], &Item)> {
         self.candidates(hash)
-            .find(|n| n.hash == hash && pred(&n.entry.0, &n.entry.1))
-            .map(|n| (&*n.entry.0, &n.entry.1))
+            .find(|n| n.hash == hash && pred(n.key.as_bytes(), &n.item))
+            .map(|n| (n.key.as_bytes(), &n.item))
     }
 
     /// Every key and item, bucket by bucket.
@@ -560,7 +694,7 @@ impl KeyMap {
             .skip(start)
             .chain(both().take(start))
             .flat_map(chain)
-            .map(|n| (&*n.entry.0, &n.entry.1))
+            .map(|n| (n.key.as_bytes(), &n.item))
     }
 
     /// SCAN's step: calls `f` with every key of the bucket `cursor` designates (during a
@@ -577,7 +711,7 @@ impl KeyMap {
         }
         let mut emit = |head: &Link| {
             for n in chain(head) {
-                f(&n.entry.0, &n.entry.1);
+                f(n.key.as_bytes(), &n.item);
             }
         };
         // Increment the reversed bits under `mask`: set the bits above it so the carry
@@ -717,18 +851,7 @@ impl KeyMap {
         let len = chain(head).count() as u64;
         chain(head)
             .nth((mix(bits) % len) as usize)
-            .map(|n| (&*n.entry.0, &n.entry.1))
-    }
-}
-
-impl<'a> OccupiedEntry<'a> {
-    fn into_mut(self) -> &'a mut (Box<[u8]>, Item) {
-        let p = self.pos;
-        let mut n = self.map.buckets_mut(p.table)[p.bucket].as_deref_mut();
-        for _ in 0..p.depth {
-            n = n.and_then(|n| n.next.as_deref_mut());
-        }
-        &mut n.expect("an occupied entry's node exists").entry
+            .map(|n| (n.key.as_bytes(), &n.item))
     }
 }
 
@@ -748,13 +871,13 @@ pub struct Iter<'a> {
 }
 
 impl<'a> Iterator for Iter<'a> {
-    type Item = (&'a Box<[u8]>, &'a Item);
+    type Item = (&'a [u8], &'a Item);
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if let Some(n) = self.node {
                 self.node = n.next.as_deref();
-                return Some((&n.entry.0, &n.entry.1));
+                return Some((n.key.as_bytes(), &n.item));
             }
             self.node = self.buckets.next()?.as_deref();
         }
@@ -762,7 +885,7 @@ impl<'a> Iterator for Iter<'a> {
 }
 
 impl<'a> IntoIterator for &'a KeyMap {
-    type Item = (&'a Box<[u8]>, &'a Item);
+    type Item = (&'a [u8], &'a Item);
     type IntoIter = Iter<'a>;
 
     fn into_iter(self) -> Self::IntoIter {
@@ -814,14 +937,63 @@ mod tests {
         }
     }
 
+    /// Keys on both sides of the inline limit (and the empty key) go in, are found,
+    /// walked and taken out with their bytes intact.
+    #[test]
+    fn keys_of_every_length_round_trip() {
+        let mut m = KeyMap::default();
+        let keys: Vec<Vec<u8>> = (0..=INLINE + 10)
+            .map(|n| (0..n).map(|i| b'a' + (i % 26) as u8).collect())
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            let how = i % 3;
+            match how {
+                0 => m.insert(k.clone(), item("v", i as u64)),
+                1 => m.insert(&k[..], item("v", i as u64)),
+                _ => m.insert(Box::<[u8]>::from(&k[..]), item("v", i as u64)),
+            };
+        }
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(m.get(k).map(|it| it.expire_at), Some(i as u64), "{k:?}");
+            let (found, _) = m
+                .find_by_hash(m.hash(k), |_, it| it.expire_at == i as u64)
+                .expect("found by hash");
+            assert_eq!(found, &k[..]);
+        }
+        // Touching is only loads, whatever the batch (longer than its chunks, and hashes
+        // of absent keys too).
+        let hashes: Vec<u64> = keys.iter().chain(&keys).map(|k| m.hash(k) ^ 1).collect();
+        std::hint::black_box(m.touch(&hashes));
+        assert_eq!(
+            KeyMap::default().touch(&hashes),
+            0,
+            "an empty map has no buckets"
+        );
+        let mut all: Vec<Vec<u8>> = m.iter().map(|(k, _)| k.to_vec()).collect();
+        all.sort_by_key(Vec::len);
+        assert_eq!(all, keys);
+        for k in &keys {
+            let Slot::Occupied(o) = m.slot(k) else {
+                panic!("{k:?} present")
+            };
+            assert_eq!(o.get().0, &k[..]);
+            let ((gone, _), ()) = o.remove();
+            assert_eq!(
+                (&*gone, &*Box::<[u8]>::from(gone.clone())),
+                (&k[..], &k[..])
+            );
+        }
+        assert!(m.is_empty());
+    }
+
     #[test]
     fn behaves_like_a_map_and_finds_by_hash() {
         let mut m = KeyMap::default();
         assert!(m.get(b"a").is_none() && m.get_mut(b"a").is_none());
         assert!(m.remove(b"a").is_none());
-        assert!(m.insert(b"a"[..].into(), item("1", 0)).is_none());
-        assert_eq!(m.insert(b"a"[..].into(), item("2", 7)), Some(item("1", 0)));
-        m.insert(b"b"[..].into(), item("3", 0));
+        assert!(m.insert(&b"a"[..], item("1", 0)).is_none());
+        assert_eq!(m.insert(&b"a"[..], item("2", 7)), Some(item("1", 0)));
+        m.insert(&b"b"[..], item("3", 0));
         assert_eq!(m.len(), 2);
         assert_eq!(m.get(b"a"), Some(&item("2", 7)));
         let h = m.hash(b"a");
@@ -831,8 +1003,8 @@ mod tests {
         m.get_mut(b"b").unwrap().expire_at = 9;
         assert_eq!(m.remove(b"b"), Some(item("3", 9)));
         assert!(m.remove(b"b").is_none());
-        let keys: Vec<&Box<[u8]>> = m.iter().map(|(k, _)| k).collect();
-        assert_eq!(keys, vec![&Box::<[u8]>::from(&b"a"[..])]);
+        let keys: Vec<&[u8]> = m.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec![&b"a"[..]]);
     }
 
     /// A random sequence of inserts, removals and slot operations agrees with std's
@@ -880,7 +1052,7 @@ mod tests {
                 m.len() <= table && table <= (m.len().next_power_of_two() * 16).max(MIN_BUCKETS)
             );
             let all: HashMap<Box<[u8]>, Item> =
-                m.iter().map(|(k, i)| (k.clone(), i.clone())).collect();
+                m.iter().map(|(k, i)| (k.into(), i.clone())).collect();
             assert_eq!(all, model, "round {round}");
             for (k, i) in &model {
                 assert_eq!(m.get(k), Some(i));
@@ -904,7 +1076,7 @@ mod tests {
         let check = |m: &KeyMap, model: &HashSet<Box<[u8]>>| {
             assert!(m.resizing(), "the check runs mid-resize");
             assert_eq!(m.len(), model.len());
-            let all: Vec<Box<[u8]>> = m.iter().map(|(k, _)| k.clone()).collect();
+            let all: Vec<Box<[u8]>> = m.iter().map(|(k, _)| k.into()).collect();
             assert_eq!(all.len(), model.len());
             assert_eq!(all.into_iter().collect::<HashSet<_>>(), *model);
             let from: HashSet<Box<[u8]>> = m.iter_from(77).map(|(k, _)| k.into()).collect();
@@ -1187,7 +1359,7 @@ mod tests {
                 }
             }
             let at_start: HashMap<Box<[u8]>, Item> =
-                m.iter().map(|(k, i)| (k.clone(), i.clone())).collect();
+                m.iter().map(|(k, i)| (k.into(), i.clone())).collect();
             m.start_tracking(seed);
             let mut out: Vec<(Box<[u8]>, Item)> = Vec::new();
             let mut fresh = 100_000;
@@ -1293,10 +1465,12 @@ mod tests {
     /// std's `HashMap` (`hashbrown`, what the key space used before). A measurement, not
     /// a test: `cargo test --release --lib keymap::tests::lookup_speed -- --ignored
     /// --nocapture`. Chains cost a dependent load more than `hashbrown`'s probe (bucket,
-    /// then node, then key), about 40 ns at 100,000 keys and 140 ns at a million on our
-    /// machine: the price of SCAN and RANDOMKEY by bucket (Redis's dict pays it too).
-    /// Iterating every key costs a node visit each: 24-30 ms per million keys against
-    /// `hashbrown`'s 4.5 ms (whose slots hold the key's and value's lengths inline).
+    /// then node; a short key's bytes are in the node): the price of SCAN and RANDOMKEY
+    /// by bucket (Redis's dict pays it too). With keys boxed, about 40 ns at 100,000 keys
+    /// and 140 ns at a million; with short keys in the node, 8% (get) to 17% (slot and
+    /// get_mut) of a lookup less (BENCHMARKS.md). Iterating every key costs a node visit
+    /// each: 20-30 ms per million keys against `hashbrown`'s 2-4.5 ms (whose slots hold
+    /// the key's and value's lengths inline).
     #[test]
     #[ignore = "a measurement; see the doc comment"]
     fn lookup_speed() {

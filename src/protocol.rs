@@ -6,7 +6,9 @@
 //! one request (its arguments, and how many bytes it used) or asks for more.
 //! Commands write their replies with the `write_*` encoders, which append to
 //! the connection's output `Vec<u8>`. Clients and tests go the other way with
-//! [`encode_command`] and [`parse_value`]. Because it is all plain functions
+//! [`encode_command`] and [`parse_value`]. [`peek_keys`] only looks: the keys
+//! of the GETs waiting in a connection's buffer, a hint for the key table
+//! before they are parsed for real. Because it is all plain functions
 //! on byte slices, every path (a request split at any byte, every malformed
 //! input, every limit) is tested deterministically below, without a socket.
 //!
@@ -202,6 +204,49 @@ type Request = (Vec<Vec<u8>>, usize);
 /// request, whatever its header claims: a client announcing 1M elements
 /// and sending none must not cost 24 MiB (Redis caps its argv the same way).
 const ARGS_PREALLOC: usize = 1024;
+
+/// How many keys [`peek_keys`] returns at most: a pipeline's worth.
+pub const PEEK_KEYS: usize = 32;
+
+/// The keys of the GET requests at the front of `buf` (RESP arrays, as clients send
+/// them), at most [`PEEK_KEYS`], stopping at the first other or incomplete request.
+/// Only a hint for the key table ([`crate::store::Keyspace::touch`]: load their places
+/// before the requests run, so that a pipeline's cache misses overlap); the requests are
+/// parsed for real by [`RequestParser`], so a request this misreads costs nothing but
+/// the hint. Lengths are only compared with what `buf` holds: nothing is allocated.
+pub fn peek_keys(mut buf: &[u8]) -> Vec<&[u8]> {
+    /// `<tag><digits>\r\n`: the number and what follows.
+    fn header(buf: &[u8], tag: u8) -> Option<(usize, &[u8])> {
+        let rest = buf.strip_prefix(&[tag])?;
+        let end = rest.iter().take(12).position(|&b| b == b'\r')?;
+        let n = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
+        Some((n, rest[end..].strip_prefix(b"\r\n")?))
+    }
+    /// `$<len>\r\n<bytes>\r\n`: the bytes and what follows.
+    fn bulk(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+        let (len, rest) = header(buf, b'$')?;
+        let after = rest.get(len..)?.strip_prefix(b"\r\n")?;
+        Some((&rest[..len], after))
+    }
+    let mut keys = Vec::new();
+    while keys.len() < PEEK_KEYS {
+        let Some((n, rest)) = header(buf, b'*') else {
+            break;
+        };
+        let Some((name, rest)) = bulk(rest) else {
+            break;
+        };
+        if n != 2 || !name.eq_ignore_ascii_case(b"GET") {
+            break;
+        }
+        let Some((key, rest)) = bulk(rest) else {
+            break;
+        };
+        keys.push(key);
+        buf = rest;
+    }
+    keys
+}
 
 /// Incremental request parser: RESP2 multibulk (`*N\r\n$len\r\n…`) and inline
 /// commands (`SET k "v"\r\n`, as nc/telnet send them).
@@ -1764,6 +1809,36 @@ mod tests {
         );
         p.set_authenticated(true);
         assert_eq!(p.parse(b"*11\r\n"), Ok(None));
+    }
+
+    /// The pipeline hint: the keys of the GETs in front, nothing past the first other or
+    /// incomplete request, never more than `PEEK_KEYS`, and no panic or allocation on
+    /// made-up lengths.
+    #[test]
+    fn peek_keys_finds_the_gets_in_front() {
+        let get = |k: &str| format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
+        let mut buf = get("a") + &get("key:000000000042") + "*2\r\n$3\r\nget\r\n$0\r\n\r\n";
+        buf += "*3\r\n$3\r\nSET\r\n$1\r\nb\r\n$1\r\nv\r\n";
+        buf += &get("after-a-set");
+        let keys: Vec<&[u8]> = vec![b"a", b"key:000000000042", b""];
+        assert_eq!(peek_keys(buf.as_bytes()), keys);
+        // An incomplete request ends the peek; so does anything but a RESP array.
+        let cut = get("a") + &get("bb")[..10];
+        assert_eq!(peek_keys(cut.as_bytes()), vec![&b"a"[..]]);
+        assert!(peek_keys(b"GET a\r\n").is_empty());
+        assert!(peek_keys(b"").is_empty());
+        for bad in [
+            "*2\r\n$3\r\nGET\r\n$99999999999999999999\r\nk\r\n",
+            "*2\r\n$3\r\nGET\r\n$18446744073709551615\r\nk\r\n",
+            "*2\r\n$3\r\nGET\r\n$-1\r\n",
+            "*2\r\n$3\r\nGET\r\n$1\r\nkXX",
+            "*3\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+            "*2\r\n$4\r\nGETX\r\n$1\r\nk\r\n",
+        ] {
+            assert!(peek_keys(bad.as_bytes()).is_empty(), "{bad:?}");
+        }
+        let many = get("k").repeat(PEEK_KEYS + 5);
+        assert_eq!(peek_keys(many.as_bytes()).len(), PEEK_KEYS);
     }
 
     #[test]

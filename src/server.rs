@@ -659,6 +659,20 @@ impl Connection {
     /// Executes every whole request buffered, submitting writes in batches.
     fn process(&mut self) {
         let ctx = self.shared.ctx.clone();
+        // A pipeline of GETs: load their keys' places in the table first, all at once, so
+        // that their cache misses overlap (about one miss's time for the lot, instead of
+        // two misses per request one after the other). Not for a lone request: it would
+        // only hash its key twice. (SETs get theirs when their batch is applied,
+        // `Db::touch`: here it would take the map lock once more per batch, which
+        // writers contend for: -17% on SET -P16.)
+        let ahead = if self.session.authenticated {
+            crate::protocol::peek_keys(&self.input[self.consumed..])
+        } else {
+            Vec::new()
+        };
+        if ahead.len() > 1 {
+            ctx.store.read(self.session.db, |ks| ks.touch(&ahead));
+        }
         while !self.session.close {
             if self.shared.outbox.lock().unsent() >= OUTPUT_PAUSE {
                 break;

@@ -349,6 +349,31 @@ impl Db {
         self.dbs.iter().map(|k| k.expired_keys).sum()
     }
 
+    /// Before a batch is applied: loads the table places of its SETs' keys, so that
+    /// their cache misses overlap instead of coming one after the other
+    /// ([`KeyMap::touch`]). Changes nothing.
+    pub fn touch(&self, entries: &[Entry]) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        if entries.len() < 2 {
+            return;
+        }
+        let mut hashes = [0; crate::protocol::PEEK_KEYS];
+        let mut n = 0;
+        let ks = self.keyspace(first.db);
+        for e in entries {
+            if let (Op::Set { key, .. }, true) = (&e.op, e.db == first.db) {
+                hashes[n] = ks.map.hash(key);
+                n += 1;
+                if n == hashes.len() {
+                    break;
+                }
+            }
+        }
+        std::hint::black_box(ks.map.touch(&hashes[..n]));
+    }
+
     /// Applies one committed entry. Deterministic: depends only on the databases and the
     /// entry.
     pub fn apply(&mut self, entry: Entry) -> OpResult {
@@ -391,6 +416,18 @@ fn item_cost(k: &[u8], v: &[u8]) -> u64 {
 }
 
 impl Keyspace {
+    /// Loads the table places of `keys` (requests about to run), so that their cache
+    /// misses overlap instead of coming one after the other ([`KeyMap::touch`]).
+    /// Changes nothing.
+    pub fn touch(&self, keys: &[&[u8]]) {
+        let mut hashes = [0; crate::protocol::PEEK_KEYS];
+        let n = keys.len().min(hashes.len());
+        for (h, k) in hashes.iter_mut().zip(keys) {
+            *h = self.map.hash(k);
+        }
+        std::hint::black_box(self.map.touch(&hashes[..n]));
+    }
+
     /// The live item under `key` at `now_ms`, if any.
     pub fn get(&self, key: &[u8], now_ms: u64) -> Option<&Item> {
         self.map.get(key).filter(|i| !i.expired(now_ms))
@@ -411,10 +448,7 @@ impl Keyspace {
 
     /// Every live key and item (unordered).
     pub fn iter(&self, now_ms: u64) -> impl Iterator<Item = (&[u8], &Item)> {
-        self.map
-            .iter()
-            .filter(move |(_, i)| !i.expired(now_ms))
-            .map(|(k, i)| (&**k, i))
+        self.map.iter().filter(move |(_, i)| !i.expired(now_ms))
     }
 
     /// Number of keys with an expiry.
@@ -571,7 +605,7 @@ impl Keyspace {
         let new_len = value.len() as u64;
         let key_len = key.len() as u64;
         let h = self.map.hash(&key);
-        let slot = self.map.slot(&key);
+        let slot = self.map.slot_hashed(h, &key);
         let live = match &slot {
             Slot::Occupied(o) if !o.get().1.expired(now) => Some(&o.get().1),
             _ => None,
@@ -613,7 +647,7 @@ impl Keyspace {
                         index_out = old_at;
                         index_in = expire_at;
                     }
-                    let prev = std::mem::replace(&mut o.get_mut().1, Item { value, expire_at });
+                    let prev = std::mem::replace(o.get_mut().1, Item { value, expire_at });
                     // Plus the new value, minus the old (wrapping: a shrink subtracts).
                     self.live_bytes = self
                         .live_bytes
@@ -624,7 +658,7 @@ impl Keyspace {
                 if ok && !delete {
                     index_in = expire_at;
                     self.live_bytes += key_len + new_len + ITEM_OVERHEAD;
-                    v.insert((key.into_boxed_slice(), Item { value, expire_at }));
+                    v.insert((key, Item { value, expire_at }));
                 }
             }
         }
@@ -1317,6 +1351,7 @@ impl Store {
         inner.stats.commits.fetch_add(1, Ordering::Relaxed);
         let (results, live_bytes) = {
             let mut db = inner.db.lock();
+            db.touch(&entries);
             let r: Vec<OpResult> = entries.into_iter().map(|e| db.apply(e)).collect();
             (r, db.live_bytes())
         };
@@ -2587,7 +2622,7 @@ mod tests {
         for ks in db.keyspaces() {
             let mut fresh = Keyspace::default();
             for (k, i) in &ks.map {
-                fresh.insert(k.clone(), i.clone());
+                fresh.insert(k.into(), i.clone());
             }
             assert_eq!(ks.expires, fresh.expires);
             assert_eq!(ks.deadline_sum, fresh.deadline_sum);

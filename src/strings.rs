@@ -479,7 +479,7 @@ mod tests {
     fn check_invariants(db: &Keyspace) {
         let mut fresh = Keyspace::default();
         for (k, i) in &db.map {
-            fresh.insert(k.clone(), i.clone());
+            fresh.insert(k.into(), i.clone());
         }
         assert_eq!(db.live_bytes, fresh.live_bytes, "live_bytes");
         assert_eq!(db.expires, fresh.expires, "expiry index");

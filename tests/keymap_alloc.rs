@@ -1,0 +1,89 @@
+//! What the key table keeps on the heap per key, counted by a global allocator of this
+//! test binary's own (so it has its own file: every test in a binary shares the
+//! allocator). A short key lives in its node (`kvstore::keymap::Key`): one allocation a
+//! key besides the value's, where a boxed key took two.
+
+use kvstore::keymap::KeyMap;
+use kvstore::store::Item;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+/// Blocks allocated and not yet freed.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+struct Counting;
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Live blocks held by a map of `n` keys made by `key` (empty values: no allocation of
+/// their own), the keys given as the boxes the server's SET path hands over.
+fn blocks_held(n: usize, key: impl Fn(usize) -> Vec<u8>) -> isize {
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut m = KeyMap::default();
+    for i in 0..n {
+        let k: Box<[u8]> = key(i).into_boxed_slice();
+        let item = Item {
+            value: Box::new([]),
+            expire_at: 0,
+        };
+        m.insert(k, item);
+    }
+    let held = LIVE.load(Ordering::Relaxed) - before;
+    // Every key is there, whatever its length.
+    for i in 0..n {
+        assert!(m.get(&key(i)).is_some(), "key {i}");
+    }
+    drop(m);
+    assert_eq!(
+        LIVE.load(Ordering::Relaxed),
+        before,
+        "the map frees everything"
+    );
+    held
+}
+
+/// The only test in this binary: others would allocate concurrently and skew the count.
+#[test]
+fn a_short_key_takes_no_allocation_of_its_own() {
+    let n = 10_000;
+    // The bucket arrays: the table and, mid-resize, its successor.
+    let tables = 2;
+    // redis-benchmark's keys (16 bytes) and the longest kept in the node (22).
+    for (what, key) in [
+        (
+            "16-byte keys",
+            Box::new(|i| format!("key:{i:012}").into_bytes()) as Box<dyn Fn(usize) -> Vec<u8>>,
+        ),
+        (
+            "22-byte keys",
+            Box::new(|i| format!("key:{i:018}").into_bytes()),
+        ),
+    ] {
+        let held = blocks_held(n, key);
+        assert!(
+            held <= n as isize + tables,
+            "{what}: {held} blocks for {n} keys: one node a key, the key inside it"
+        );
+    }
+    // A longer key keeps its own box (node plus key).
+    let held = blocks_held(n, |i| {
+        format!("a-longer-key-of-more-than-22-bytes:{i}").into_bytes()
+    });
+    assert!(
+        held >= 2 * n as isize && held <= 2 * n as isize + tables,
+        "long keys: {held} blocks for {n} keys"
+    );
+}

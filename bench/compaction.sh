@@ -57,19 +57,11 @@ command -v timeout >/dev/null || die "timeout (coreutils) is needed"
 build_kvstore
 choose_tmpbase
 
-cli() { # cli PORT ARGS... (redis-cli, 10 s at most)
-    local port=$1
-    shift
-    timeout 10 redis-cli -h 127.0.0.1 -p "$port" "$@" 2>&1
-}
 
 info_field() { # info_field PORT SECTION FIELD -> value, or empty
     cli "$1" INFO "$2" | awk -F: -v f="$3" '$1 == f { sub(/\r$/, "", $2); print $2; exit }' || true
 }
 
-status_kb() { # status_kb PID FIELD -> that /proc/PID/status field in kB
-    awk -v f="$2:" '$1 == f { print $2; exit }' "/proc/$1/status"
-}
 
 # wait_ping NAME PORT PID: until PING answers PONG (START_DEADLINE).
 wait_ping() {
@@ -81,31 +73,6 @@ wait_ping() {
     done
 }
 
-# settled_rss NAME PID PORT -> VmRSS (kB) once SETTLE_SAMPLES samples 0.5 s apart lie
-# within SETTLE_TOLERANCE_KB (a PING before each: allocators purge lazily).
-settled_rss() {
-    local name=$1 pid=$2 port=$3 deadline=$((SECONDS + SETTLE_DEADLINE)) samples=() v lo hi s
-    while :; do
-        cli "$port" PING >/dev/null || true
-        v=$(status_kb "$pid" VmRSS) || die "$name (pid $pid) is gone"
-        samples+=("$v")
-        if ((${#samples[@]} >= SETTLE_SAMPLES)); then
-            samples=("${samples[@]: -SETTLE_SAMPLES}")
-            lo=${samples[0]} hi=${samples[0]}
-            for s in "${samples[@]}"; do
-                if ((s < lo)); then lo=$s; fi
-                if ((s > hi)); then hi=$s; fi
-            done
-            if ((hi - lo <= SETTLE_TOLERANCE_KB)); then break; fi
-        fi
-        if ((SECONDS >= deadline)); then
-            log "   $name: RSS still changing after ${SETTLE_DEADLINE}s; using $v kB"
-            break
-        fi
-        sleep 0.5
-    done
-    printf '%s\n' "$v"
-}
 
 load() { # load NAME PORT FILE: redis-cli --pipe; every reply a success, KEYS of them
     local out

@@ -139,3 +139,42 @@ report_footer() { # the report's last lines: command, date, machine, versions
     echo "- kvstore commit: $(kvstore_commit)"
     echo "- data dirs on: $FSTYPE"
 }
+
+cli() { # cli PORT ARGS... (redis-cli, 10 s at most)
+    local port=$1
+    shift
+    timeout 10 redis-cli -h 127.0.0.1 -p "$port" "$@" 2>&1
+}
+
+status_kb() { # status_kb PID FIELD -> that /proc/PID/status field in kB (VmRSS, VmHWM)
+    awk -v f="$2:" '$1 == f { print $2; exit }' "/proc/$1/status"
+}
+
+# settled_rss NAME PID PORT -> VmRSS (kB) once SETTLE_SAMPLES samples 0.5 s apart
+# lie within SETTLE_TOLERANCE_KB, or the last sample at SETTLE_DEADLINE (logged).
+# A PING goes to the server before each sample: allocators return freed memory
+# lazily, on later allocator activity (mimalloc's delayed purge; an idle kvstore
+# kept the ~40 MB of a hash table it had outgrown for as long as it stayed idle).
+settled_rss() {
+    local name=$1 pid=$2 port=$3 deadline=$((SECONDS + SETTLE_DEADLINE)) samples=() v lo hi s
+    while :; do
+        cli "$port" PING >/dev/null || true
+        v=$(status_kb "$pid" VmRSS) || die "$name (pid $pid) is gone"
+        samples+=("$v")
+        if ((${#samples[@]} >= SETTLE_SAMPLES)); then
+            samples=("${samples[@]: -SETTLE_SAMPLES}")
+            lo=${samples[0]} hi=${samples[0]}
+            for s in "${samples[@]}"; do
+                if ((s < lo)); then lo=$s; fi
+                if ((s > hi)); then hi=$s; fi
+            done
+            if ((hi - lo <= SETTLE_TOLERANCE_KB)); then break; fi
+        fi
+        if ((SECONDS >= deadline)); then
+            log "   $name: RSS still changing after ${SETTLE_DEADLINE}s (last samples: ${samples[*]} kB); using $v"
+            break
+        fi
+        sleep 0.5
+    done
+    printf '%s\n' "$v"
+}

@@ -38,7 +38,7 @@ pub fn dispatch(ctx: &Context, s: &mut Session, name: &str, args: &[Vec<u8>], ou
 }
 
 /// `LASTSAVE`: the last successful compaction, or the server's start before the first.
-fn last_save(ctx: &Context) -> u64 {
+pub(crate) fn last_save(ctx: &Context) -> u64 {
     match ctx.store.log_info().last_save_unix {
         0 => ctx.started_unix,
         t => t,

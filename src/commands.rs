@@ -255,6 +255,8 @@ pub struct Settings {
     pub port: u16,
     pub bind: String,
     pub proto_max_bulk_len: usize,
+    /// `--client-query-buffer-limit` (reported by CONFIG GET; the parser enforces it).
+    pub client_query_buffer_limit: usize,
     pub node_id: u64,
     /// Allow DEBUG (PANIC, SLEEP), as Redis's `enable-debug-command`.
     pub enable_debug_command: bool,
@@ -268,6 +270,7 @@ impl Default for Settings {
             port: 0,
             bind: "127.0.0.1".into(),
             proto_max_bulk_len: 512 << 20,
+            client_query_buffer_limit: crate::protocol::DEFAULT_QUERY_BUFFER_LIMIT,
             node_id: 0,
             enable_debug_command: false,
         }
@@ -1315,6 +1318,10 @@ fn config(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 ("appendfsync", opts.fsync.to_string()),
                 ("appendonly", "yes".into()),
                 ("bind", st.bind.clone()),
+                (
+                    "client-query-buffer-limit",
+                    st.client_query_buffer_limit.to_string(),
+                ),
                 ("databases", ctx.store.databases().to_string()),
                 ("dir", ctx.store.dir().display().to_string()),
                 ("maxclients", st.max_clients.to_string()),

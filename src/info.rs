@@ -128,6 +128,11 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
             let l = ctx.store.log_info();
             vec![
                 ("loading", "0".into()),
+                // The last snapshot (LASTSAVE): what tools read to see a save happened.
+                (
+                    "rdb_last_save_time",
+                    crate::admin::last_save(ctx).to_string(),
+                ),
                 ("aof_enabled", "1".into()),
                 (
                     "aof_rewrite_in_progress",

@@ -276,6 +276,8 @@ fn run_server(a: ServerArgs) -> ExitCode {
             port: a.port,
             bind: a.bind,
             proto_max_bulk_len: a.proto_max_bulk_len,
+            client_query_buffer_limit: usize::try_from(a.client_query_buffer_limit)
+                .unwrap_or(usize::MAX),
             node_id: a.id.unwrap_or(a.port as u64),
             enable_debug_command: a.enable_debug_command,
         },

@@ -831,6 +831,20 @@ mod tests {
             assert_eq!(r("multi"), ok());
             assert_eq!(r("ping"), queued());
             assert_eq!(r("exec"), Value::Null);
+            // Redis's "FLUSHDB does not touch non affected keys": a FLUSHDB of another
+            // database leaves the watch alone; one of the key's own aborts.
+            assert_eq!(r("watch x"), ok());
+            assert_eq!(r("select 1"), ok());
+            assert_eq!(r("flushdb"), ok());
+            assert_eq!(r("select 5"), ok());
+            assert_eq!(r("multi"), ok());
+            assert_eq!(r("ping"), queued());
+            assert_eq!(r("exec"), arr(vec![pong()]));
+            assert_eq!(r("watch x"), ok());
+            assert_eq!(r("flushdb"), ok());
+            assert_eq!(r("multi"), ok());
+            assert_eq!(r("ping"), queued());
+            assert_eq!(r("exec"), Value::Null);
         });
     }
 

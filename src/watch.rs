@@ -30,7 +30,8 @@
 //! - FLUSHALL/FLUSHDB mark every watched key that was present, by the same argument;
 //! - keys are watched in a database (WATCH remembers the connection's SELECT), and a
 //!   write marks only the watchers of its key in its own database; commands that span
-//!   databases (MOVE, SWAPDB, COPY … DB) and FLUSHDB count as touching every database;
+//!   databases (MOVE, SWAPDB, COPY … DB) count as touching every database, FLUSHDB every
+//!   key of its own;
 //! - a key present at WATCH whose deadline has passed by the EXEC's time aborts it (it
 //!   expired in between), whether or not the expirer has deleted it yet.
 //!
@@ -89,6 +90,8 @@ enum Touch<'a> {
     IfPresent(u32, &'a [u8]),
     /// May change every key (FLUSHALL, or an op this module does not know).
     All,
+    /// May change every key of one database (FLUSHDB).
+    AllIn(u32),
 }
 
 /// Calls `f` for every key `op`, applied in database `db`, may touch.
@@ -110,6 +113,7 @@ fn touches<'a>(db: u32, op: &'a Op, f: &mut impl FnMut(Touch<'a>)) {
                     f(Touch::IfPresent(db, arg(1)));
                     f(Touch::Write(db, arg(2)));
                 }
+                b"FLUSHDB" => f(Touch::AllIn(db)),
                 // Within one database; COPY … DB n spans two, and is matched below.
                 b"COPY" if !crate::keyspace::spans_databases(args) => f(Touch::Write(db, arg(2))),
                 n if crate::multi::is_read_record(n) => {}
@@ -204,6 +208,16 @@ impl Watches {
                 Touch::All => {
                     for c in reg.clients.values_mut() {
                         if c.keys.values().any(|s| *s != KeyState::Absent) {
+                            c.dirty = true;
+                        }
+                    }
+                }
+                Touch::AllIn(db) => {
+                    for c in reg.clients.values_mut() {
+                        if c.keys
+                            .iter()
+                            .any(|((d, _), s)| *d == db && *s != KeyState::Absent)
+                        {
                             c.dirty = true;
                         }
                     }

@@ -1624,6 +1624,11 @@ fn config_get_shapes() {
         m.get("port").map(String::as_str),
         Some(server.port.to_string().as_str())
     );
+    assert_eq!(
+        m.get("client-query-buffer-limit").map(String::as_str),
+        Some("1073741824"),
+        "{m:?}"
+    );
 }
 
 #[test]

@@ -58,7 +58,8 @@ struct ServerArgs {
     /// This node's id (its Bully priority in a cluster) [default: the port].
     #[arg(long, env = "KVSTORE_ID")]
     id: Option<u64>,
-    /// Directory for the log and snapshots [default: ./kvstore-data-PORT].
+    /// Directory for the log, snapshots and meta, locked while the server runs (one
+    /// process per directory) [default: ./kvstore-data-PORT].
     #[arg(long, env = "KVSTORE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// When to fsync the log: always (before every reply; group commit), everysec
@@ -175,10 +176,12 @@ const MAX_DATABASES: i64 = 65536;
 
 #[derive(Args, Debug)]
 struct CheckLogArgs {
-    /// The data directory to check.
+    /// The data directory to check (it may be in use by a running server).
     dir: PathBuf,
-    /// Truncate a torn tail (a last record cut short by a crash), as startup would.
-    /// Corruption followed by valid records is never "repaired".
+    /// Truncate a torn tail (bytes written after the last fsync, cut short by a crash),
+    /// as startup would; takes the directory's lock, so not while a server has it open.
+    /// Corruption (damage in data that was fsync'd, a missing part of the log) is never
+    /// "repaired".
     #[arg(long)]
     repair: bool,
 }

@@ -1331,17 +1331,21 @@ impl Store {
             })
             .collect();
         buf.clear();
-        for e in &entries {
-            if let Err(e) = buf.push(e) {
+        for entry in &entries {
+            if let Err(e) = buf.push(entry) {
                 buf.clear();
                 inner.queue.lock().buf = buf;
                 return Err(StoreError::TooLarge(e));
             }
         }
-        // The writer lock is held, so nobody else takes indexes meanwhile.
-        inner.queue.lock().next_index = first + entries.len() as u64;
         let res = wal.append(&mut buf);
-        inner.queue.lock().buf = buf;
+        {
+            // The writer lock is held, so nobody else took indexes meanwhile: these are
+            // used now (even if the append failed, the store accepts nothing more).
+            let mut q = inner.queue.lock();
+            q.next_index = first + entries.len() as u64;
+            q.buf = buf;
+        }
         if let Err(e) = res {
             let why = e.to_string();
             log::error!("{}", StoreError::WriteFailed(why.clone()));

@@ -21,6 +21,7 @@ pub mod glob;
 pub mod info;
 pub mod keymap;
 pub mod keyspace;
+pub mod log;
 pub mod multi;
 pub mod protocol;
 pub mod ratelog;

@@ -5,16 +5,18 @@
 //! input buffer; [`RequestParser`] cuts whole requests off its front;
 //! [`commands::dispatch_spec`] answers reads into the outbox, and writes are collected and
 //! submitted together ([`Store::submit`]) so a pipeline of N writes costs one log append.
-//! Under `--fsync always` the log writer thread runs the completion, which renders the
-//! replies into the outbox and sends them; otherwise the completion runs at once on the
-//! connection's own thread. Replies leave in request order: a read (or an error) that
-//! follows writes waits until those writes are answered, which also gives
-//! read-your-writes.
+//! A batch's completion runs on whichever thread committed it: on the connection's own
+//! thread (under `--fsync everysec|no` it commits its own writes) it renders the replies
+//! at once; on another (the log writer under `always`) it only hands the results over
+//! and wakes the connection's thread, which renders and sends them, so the committing
+//! thread never spends its time on a client's protocol or socket. Replies leave in
+//! request order: a read (or an error) that follows writes waits until those writes are
+//! answered, which also gives read-your-writes.
 //!
 //! Flow control, so a client that pipelines without reading cannot deadlock us (DESIGN.md,
 //! "Limits on bad input"): replies are sent with `MSG_DONTWAIT`. If the client is not
 //! reading, the rest waits in the outbox and the thread `ppoll`s for both directions,
-//! still reading requests. The log writer, when it leaves replies unsent, wakes the
+//! still reading requests. A completion from another thread wakes the connection's
 //! thread from `ppoll` with a signal ([`WAKE_SIGNAL`], blocked everywhere else) rather
 //! than through a descriptor, so a connection costs one descriptor, its socket. Past
 //! [`OUTPUT_PAUSE`] unsent bytes it stops executing, and input is only buffered; past
@@ -50,7 +52,7 @@ use crate::ratelog::{RateLimit, suppressed_note};
 use crate::store::{OpResult, Options, Store, StoreError};
 use crate::wal::Op;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -335,26 +337,65 @@ fn reject(mut stream: TcpStream, msg: &str) {
     let _ = io::Write::write_all(&mut stream, &out);
 }
 
-/// Replies waiting to be sent. Shared between the connection's thread and the log
-/// writer, which answers a committed write itself (render, send), so a connection thread
-/// wakes only for its client's input, not once more for every commit.
+/// A write batch's outcome, with how to render each reply.
+struct Completed {
+    res: Result<Vec<OpResult>, StoreError>,
+    hows: Vec<Reply>,
+    proto: Proto,
+}
+
+/// Replies waiting to be sent, and write outcomes waiting to be rendered. Shared between
+/// the connection's thread and the completions of its writes.
 #[derive(Default)]
 struct Outbox {
     buf: Vec<u8>,
     /// Bytes of `buf` already sent.
     sent: usize,
-    /// Write batches submitted to the store and not answered yet. Replies must leave in
+    /// Outcomes handed over by another thread, in submission order; the connection's
+    /// thread renders them into `buf`.
+    completed: VecDeque<Completed>,
+    /// Write batches submitted to the store and not rendered yet. Replies must leave in
     /// request order, so the connection thread appends a reply of its own only when this
     /// is zero (and anything it appended before a submission is already in `buf`).
     inflight: usize,
     /// The connection thread, parked until `inflight` is zero.
     waiter: Option<Thread>,
+    /// The connection thread is in (or about to enter) `ppoll`: a completion must signal
+    /// it. Set under this lock after finding nothing to render, so none is missed: a
+    /// signal sent before the thread reaches `ppoll` stays pending (it is blocked outside
+    /// `ppoll`) and makes `ppoll` return at once.
+    polling: bool,
     /// The connection thread while it runs (cleared, under this lock, before it ends, so
     /// a completion never signals a thread that is gone).
     owner: Option<(thread::ThreadId, libc::pthread_t)>,
 }
 
+/// Renders one batch's replies.
+fn render_batch(c: Completed, out: &mut Vec<u8>) {
+    match c.res {
+        Ok(results) => {
+            for (r, how) in results.iter().zip(c.hows) {
+                commands::render_result(r, how, c.proto, out);
+            }
+        }
+        Err(e) => {
+            let msg = commands::store_error_reply(&e);
+            for _ in c.hows {
+                write_error(out, &msg);
+            }
+        }
+    }
+}
+
 impl Outbox {
+    /// Renders every outcome handed over so far (the connection's thread only).
+    fn render_completed(&mut self) {
+        while let Some(c) = self.completed.pop_front() {
+            render_batch(c, &mut self.buf);
+            self.inflight -= 1;
+        }
+    }
+
     fn unsent(&self) -> usize {
         self.buf.len() - self.sent
     }
@@ -399,42 +440,30 @@ impl fmt::Debug for ConnShared {
 }
 
 impl ConnShared {
-    /// The completion of a batch of writes: render each result in order, and if running
-    /// on the log writer's thread, send them right away.
+    /// The completion of a batch of writes. On the connection's own thread, renders the
+    /// replies at once; on any other, hands the outcome to the connection's thread and
+    /// wakes it (from `park` or `ppoll`), so the committing thread does no rendering and
+    /// no socket I/O for the client.
     fn complete(&self, res: Result<Vec<OpResult>, StoreError>, hows: Vec<Reply>, proto: Proto) {
         let mut ob = self.outbox.lock();
-        match res {
-            Ok(results) => {
-                for (r, how) in results.iter().zip(hows) {
-                    commands::render_result(r, how, proto, &mut ob.buf);
-                }
-            }
-            Err(e) => {
-                let msg = commands::store_error_reply(&e);
-                for _ in hows {
-                    write_error(&mut ob.buf, &msg);
-                }
-            }
-        }
-        ob.inflight -= 1;
-        if ob.inflight == 0
-            && let Some(w) = ob.waiter.take()
-        {
-            w.unpark();
-        }
+        let c = Completed { res, hows, proto };
         let owner = ob.owner;
-        if owner.is_none_or(|(id, _)| id != thread::current().id()) {
-            // A send error means the client is gone; its thread will find out itself.
-            let _ = ob.send(&self.stream, &self.ctx);
-            if ob.unsent() > 0
-                && let Some((_, pthread)) = owner
-            {
-                // The connection thread takes over the rest (it may be asleep in ppoll).
-                // SAFETY: `owner` is set only while that thread runs (cleared under this
-                // lock, which we hold, before it ends), so the pthread_t is valid.
-                unsafe {
-                    libc::pthread_kill(pthread, WAKE_SIGNAL);
-                }
+        if owner.is_some_and(|(id, _)| id == thread::current().id()) {
+            ob.render_completed();
+            render_batch(c, &mut ob.buf);
+            ob.inflight -= 1;
+            return;
+        }
+        ob.completed.push_back(c);
+        if let Some(w) = ob.waiter.take() {
+            w.unpark();
+        } else if ob.polling
+            && let Some((_, pthread)) = owner
+        {
+            // SAFETY: `owner` is set only while that thread runs (cleared under this
+            // lock, which we hold, before it ends), so the pthread_t is valid.
+            unsafe {
+                libc::pthread_kill(pthread, WAKE_SIGNAL);
             }
         }
     }
@@ -458,6 +487,8 @@ struct Connection {
     /// No more input will be read (end of input, QUIT or a protocol error).
     closing: bool,
     chunk: Box<[u8]>,
+    /// The last read filled `chunk`: more input is likely waiting in the socket.
+    more_input: bool,
 }
 
 impl Drop for Connection {
@@ -500,6 +531,7 @@ impl Connection {
             pending: Vec::new(),
             closing: false,
             chunk: vec![0u8; READ_CHUNK].into_boxed_slice(),
+            more_input: false,
         })
     }
 
@@ -507,9 +539,14 @@ impl Connection {
         loop {
             let (unsent, inflight) = {
                 let mut ob = self.shared.outbox.lock();
+                ob.render_completed();
                 if ob.unsent() > 0 && ob.send(&self.shared.stream, &self.shared.ctx).is_err() {
                     return;
                 }
+                // A completion arriving from now on must signal us if we are about to
+                // `ppoll` (replies unsent and outcomes owed). If we end up not polling,
+                // the signal waits, blocked, and costs one spurious wake-up.
+                ob.polling = ob.inflight > 0 && ob.unsent() > 0;
                 (ob.unsent(), ob.inflight)
             };
             if unsent > MAX_OUTPUT {
@@ -539,10 +576,33 @@ impl Connection {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 }
+            } else if unsent == 0 {
+                // Only write outcomes are owed. Take input likely waiting (a pipelining
+                // client's next batch then joins the next group commit), else sleep until
+                // an outcome arrives: a futex wake-up costs the committing thread far
+                // less than a signal through `ppoll`. Waiting without reading is safe:
+                // the outcome does not depend on this client.
+                if !self.more_input {
+                    self.wait_for_completion();
+                    continue;
+                }
+                match recv_nonblocking(&self.shared.stream, &mut self.chunk) {
+                    Ok(Some(0)) => self.closing = true,
+                    Ok(Some(n)) => {
+                        if !self.take_input(n) {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        self.wait_for_completion();
+                        continue;
+                    }
+                    Err(_) => return,
+                }
             } else {
-                // Replies are queued or will be: wait for input, for room to send, or for
-                // the log writer to hand back replies it could not send (a signal, which
-                // interrupts ppoll).
+                // Replies wait to be sent: wait for input, for room to send, or for an
+                // outcome handed over by another thread (a signal, which interrupts
+                // ppoll).
                 let readable = match poll(
                     self.shared.stream.as_raw_fd(),
                     !self.closing,
@@ -574,6 +634,7 @@ impl Connection {
     /// Appends `n` bytes just read. False if that took the client over its input cap:
     /// it has been logged and counted, and the caller closes the connection.
     fn take_input(&mut self, n: usize) -> bool {
+        self.more_input = n == self.chunk.len();
         if self.consumed > 0 {
             // Keep only the unparsed tail; usually that is nothing and this is free.
             self.input.drain(..self.consumed);
@@ -633,11 +694,27 @@ impl Connection {
         false
     }
 
+    /// Parks until an outcome is handed over (or none is owed any more).
+    fn wait_for_completion(&self) {
+        loop {
+            {
+                let mut ob = self.shared.outbox.lock();
+                if !ob.completed.is_empty() || ob.inflight == 0 {
+                    ob.waiter = None;
+                    return;
+                }
+                ob.waiter = Some(thread::current());
+            }
+            thread::park();
+        }
+    }
+
     /// Parks until every submitted write has been answered.
     fn wait_for_inflight(&self) {
         loop {
             {
                 let mut ob = self.shared.outbox.lock();
+                ob.render_completed();
                 if ob.inflight == 0 {
                     ob.waiter = None;
                     return;

@@ -74,7 +74,7 @@ use crate::wal::{
 };
 use crate::watch::{KeyState, Watches};
 use parking_lot::{Mutex, MutexGuard};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -133,6 +133,13 @@ pub struct Options {
     /// Number of databases (Redis's `databases`, `SELECT 0` to this minus one). A log or
     /// snapshot that uses a database beyond it is refused at open.
     pub databases: u32,
+    /// A cluster of one (a single node, the embedded store, the repl): an entry commits
+    /// as soon as its own append is as durable as `fsync` asks, and recovery applies the
+    /// whole log, since nobody else could have decided otherwise. A cluster member
+    /// instead commits what its node decides ([`Store::commit_to`]); its recovery
+    /// applies only up to the commit index recorded in `meta`, and the rest of its log
+    /// waits for the leader's word.
+    pub cluster_of_one: bool,
 }
 
 impl Default for Options {
@@ -145,6 +152,7 @@ impl Default for Options {
             clock: Clock::system(),
             active_expiry: true,
             databases: DEFAULT_DATABASES,
+            cluster_of_one: true,
         }
     }
 }
@@ -817,31 +825,50 @@ pub struct LogInfo {
 type Outcome = Result<Vec<OpResult>, String>;
 
 /// What a submitter is told when its entries are committed and applied (or not). Runs on
-/// the log writer's thread (under `--fsync always`) or on the submitter's own.
+/// whichever thread committed them (the log writer, the submitter itself, or a cluster's
+/// commit driver), so it must be quick and must not block: the server's completion only
+/// hands the results to its connection's thread, which renders the replies.
 pub type Done = Box<dyn FnOnce(Result<Vec<OpResult>, StoreError>) + Send>;
 
-/// The answers of one flush: each submitter, how many entries were its, and its outcome.
-/// Dropping it tells every submitter; one whose outcome was never set (the flush
-/// panicked) learns that its writes' outcome is unknown rather than waiting forever.
-struct Deliveries(Vec<(Done, usize, Option<Outcome>)>);
+/// A submitter waiting for its entries (`first..=last`) to be committed and applied.
+struct Waiter {
+    done: Done,
+    first: u64,
+    last: u64,
+}
+
+/// Submitters about to be answered, each with its outcome. Dropping it tells every one;
+/// a submitter whose outcome was never set (a panic on the way) learns that its writes'
+/// outcome is unknown rather than waiting forever.
+#[derive(Default)]
+struct Deliveries(Vec<(Waiter, Option<Outcome>)>);
 
 impl Drop for Deliveries {
     fn drop(&mut self) {
-        for (done, _, outcome) in self.0.drain(..) {
+        for (w, outcome) in self.0.drain(..) {
             let outcome =
                 outcome.unwrap_or_else(|| Err("internal error while committing".to_string()));
-            done(outcome.map_err(StoreError::WriteFailed));
+            (w.done)(outcome.map_err(StoreError::WriteFailed));
         }
     }
 }
 
+/// Entries queued for the log, in log order (the queue lock fixes it).
 #[derive(Default)]
 struct Queue {
     next_index: u64,
     buf: BatchBuf,
     entries: Vec<Entry>,
-    /// Each submitter and how many of `entries` are its.
-    waiters: Vec<(Done, usize)>,
+    waiters: Vec<Waiter>,
+}
+
+/// Entries in the log but not applied: not yet known to be committed. On a cluster of
+/// one they pass through at once (its own append commits them); a cluster member's wait
+/// here for its node's [`Store::commit_to`].
+#[derive(Default)]
+struct Unapplied {
+    entries: VecDeque<Entry>,
+    waiters: VecDeque<Waiter>,
 }
 
 struct Inner {
@@ -849,6 +876,8 @@ struct Inner {
     opts: Options,
     db: Mutex<Db>,
     queue: Mutex<Queue>,
+    /// Taken before `db` when both are: applying in log order means one applier at a time.
+    unapplied: Mutex<Unapplied>,
     /// Holding this lock is being the flusher.
     wal: Mutex<Wal>,
     epoch: AtomicU64,
@@ -931,6 +960,16 @@ impl Store {
             fsync: opts.fsync,
             segment_size: opts.segment_size,
         };
+        // What recovery may apply: all of a cluster of one's log; of a cluster member's,
+        // what it knew committed (the rest waits, in `unapplied`, for the leader). Read
+        // before the directory is locked: if another process holds it, the open below
+        // fails anyway.
+        let commit_limit = if opts.cluster_of_one {
+            u64::MAX
+        } else {
+            wal::read_meta(&dir)?.commit_index
+        };
+        let mut unapplied = Unapplied::default();
         let (wal, recovery) = Wal::open(
             &dir,
             wal_opts,
@@ -961,6 +1000,10 @@ impl Store {
                 }
             },
             |e| {
+                if e.index > commit_limit {
+                    unapplied.entries.push_back(e);
+                    return;
+                }
                 let (index, entry_db) = (e.index, e.db);
                 // Dispatch checks every index against the same count, so only a log
                 // written with more databases makes an entry fail this way.
@@ -985,6 +1028,7 @@ impl Store {
             opts,
             db: Mutex::new(db),
             queue: Mutex::new(queue),
+            unapplied: Mutex::new(unapplied),
             wal: Mutex::new(wal),
             failed: std::sync::OnceLock::new(),
             compacting: AtomicBool::new(false),
@@ -1193,9 +1237,6 @@ impl Store {
         ops: Vec<Op>,
         exec_of: Option<u64>,
     ) -> Result<Vec<OpResult>, StoreError> {
-        if self.inner.opts.fsync != FsyncPolicy::Always {
-            return self.write_direct(db, ops, exec_of);
-        }
         let slot = Arc::new(Mutex::new(None));
         let me = thread::current();
         let filled = slot.clone();
@@ -1219,11 +1260,16 @@ impl Store {
     /// Logs `ops` as consecutive entries in database `db` and calls `done` once they are
     /// committed and applied, with one result per op, in submission order. (A
     /// connection's pipelined writes share a database: a batch is submitted before a
-    /// command that is not a write, such as SELECT, runs.) Without an fsync to share
-    /// (`everysec`, `no`) the commit happens on the caller's thread and `done` runs before
-    /// this returns; under `always` the log writer thread commits a whole batch with one
-    /// fsync and runs `done` for each submitter, so a caller need not wait (the server's
-    /// connections go back to reading while the writer answers their clients).
+    /// command that is not a write, such as SELECT, runs.)
+    ///
+    /// Every write takes this one path: queue (which fixes the log order) → append, synced
+    /// as `--fsync` asks → commit (a cluster of one: that append; a cluster: what its node
+    /// decides) → apply in log order → `done`. Who carries the queue to the log depends
+    /// only on whether there is an fsync to share: under `always` the log writer thread
+    /// commits whole batches with one fsync, so `done` runs there, later, and the caller
+    /// need not wait; under `everysec` and `no` an append is one short `write()`, which
+    /// the caller makes itself (cheaper than handing it to another thread and back), so
+    /// on a cluster of one `done` has run when this returns.
     pub fn submit(&self, db: u32, ops: Vec<Op>, done: Done) {
         self.submit_guarded(db, ops, None, done)
     }
@@ -1241,21 +1287,18 @@ impl Store {
             done(Err(StoreError::WriteFailed(why.clone())));
             return;
         }
-        if self.inner.opts.fsync != FsyncPolicy::Always {
-            done(self.write_direct(db, ops, exec_of));
-            return;
-        }
+        // Taken before queueing, so that the queue this caller flushes holds its own
+        // entries only, and its `done` runs here rather than on another writer's thread.
+        let wal = (self.inner.opts.fsync != FsyncPolicy::Always).then(|| self.inner.wal.lock());
         let ts_ms = self.now_ms();
         let epoch = self.inner.epoch.load(Ordering::Relaxed);
-        let mut done = Some(done);
         let refused = {
             let mut guard = self.inner.queue.lock();
             let q = &mut *guard;
             if !self.inner.watches.on_queue(db, &ops, exec_of, ts_ms) {
                 drop(guard);
-                if let Some(done) = done.take() {
-                    done(Ok(vec![OpResult::Aborted]));
-                }
+                drop(wal);
+                done(Ok(vec![OpResult::Aborted]));
                 return;
             }
             let n = ops.len();
@@ -1279,88 +1322,36 @@ impl Store {
                 }
                 q.entries.push(entry);
             }
-            if refused.is_none()
-                && let Some(done) = done.take()
-            {
-                q.next_index = first + n as u64;
-                q.waiters.push((done, n));
+            match refused {
+                Some(e) => Err((e, done)),
+                None => {
+                    q.next_index = first + n as u64;
+                    q.waiters.push(Waiter {
+                        done,
+                        first,
+                        last: first + n as u64 - 1,
+                    });
+                    Ok(())
+                }
             }
-            refused
         };
-        if let (Some(e), Some(done)) = (refused, done) {
+        if let Err((e, done)) = refused {
+            drop(wal);
             done(Err(StoreError::TooLarge(e)));
             return;
         }
-        if let Some(w) = self.inner.writer.get() {
-            w.unpark();
-        }
-    }
-
-    /// The commit path without an fsync to share: a flush is one short `write()`, so
-    /// taking the writer lock (which spins before it sleeps) and writing our own entries
-    /// costs less than queueing, parking and being unparked by another thread.
-    fn write_direct(
-        &self,
-        db: u32,
-        ops: Vec<Op>,
-        exec_of: Option<u64>,
-    ) -> Result<Vec<OpResult>, StoreError> {
-        let inner = &*self.inner;
-        let mut wal = inner.wal.lock();
-        if let Some(why) = inner.failed.get() {
-            return Err(StoreError::WriteFailed(why.clone()));
-        }
-        let ts_ms = self.now_ms();
-        let (first, mut buf) = {
-            let mut q = inner.queue.lock();
-            if !inner.watches.on_queue(db, &ops, exec_of, ts_ms) {
-                return Ok(vec![OpResult::Aborted]);
+        match wal {
+            Some(mut wal) => {
+                let deliveries = self.flush(&mut wal);
+                drop(wal);
+                drop(deliveries);
             }
-            (q.next_index, std::mem::take(&mut q.buf))
-        };
-        let epoch = inner.epoch.load(Ordering::Relaxed);
-        let entries: Vec<Entry> = ops
-            .into_iter()
-            .enumerate()
-            .map(|(i, op)| Entry {
-                index: first + i as u64,
-                epoch,
-                ts_ms,
-                db,
-                op,
-            })
-            .collect();
-        buf.clear();
-        for entry in &entries {
-            if let Err(e) = buf.push(entry) {
-                buf.clear();
-                inner.queue.lock().buf = buf;
-                return Err(StoreError::TooLarge(e));
+            None => {
+                if let Some(w) = self.inner.writer.get() {
+                    w.unpark();
+                }
             }
         }
-        let res = wal.append(&mut buf);
-        {
-            // The writer lock is held, so nobody else took indexes meanwhile: these are
-            // used now (even if the append failed, the store accepts nothing more).
-            let mut q = inner.queue.lock();
-            q.next_index = first + entries.len() as u64;
-            q.buf = buf;
-        }
-        if let Err(e) = res {
-            let why = e.to_string();
-            log::error!("{}", StoreError::WriteFailed(why.clone()));
-            let _ = inner.failed.set(why.clone());
-            return Err(StoreError::WriteFailed(why));
-        }
-        inner.stats.commits.fetch_add(1, Ordering::Relaxed);
-        let (results, live_bytes) = {
-            let mut db = inner.db.lock();
-            db.touch(&entries);
-            let r: Vec<OpResult> = entries.into_iter().map(|e| db.apply(e)).collect();
-            (r, db.live_bytes())
-        };
-        self.maybe_compact(&mut wal, live_bytes);
-        Ok(results)
     }
 
     /// WATCH: from now on, a write queued to any of `keys` makes `client`'s next
@@ -1456,34 +1447,29 @@ impl Store {
         }
     }
 
-    /// Writes, syncs and applies everything queued. Called with the writer held.
+    /// Appends everything queued (synced as `--fsync` asks), then commits and applies it
+    /// if this is a cluster of one. Called with the writer held. Returns the answers for
+    /// the caller to deliver once it has let the writer go.
     fn flush(&self, wal: &mut Wal) -> Deliveries {
         let inner = &*self.inner;
-        #[cfg(test)]
-        if inner.panic_next_flush.swap(false, Ordering::Relaxed) {
-            let _deliveries = Deliveries(
-                std::mem::take(&mut inner.queue.lock().waiters)
-                    .into_iter()
-                    .map(|(d, n)| (d, n, None))
-                    .collect(),
-            );
-            panic!("injected panic in the log writer");
-        }
-        let (buf, entries, waiters) = {
+        let (mut buf, entries, waiters) = {
             let mut q = inner.queue.lock();
             if q.entries.is_empty() {
-                return Deliveries(Vec::new());
+                return Deliveries::default();
             }
-            let buf = std::mem::take(&mut q.buf);
             (
-                buf,
+                std::mem::take(&mut q.buf),
                 std::mem::take(&mut q.entries),
                 std::mem::take(&mut q.waiters),
             )
         };
         // From here on every waiter gets an answer, even if this thread panics.
-        let mut deliveries = Deliveries(waiters.into_iter().map(|(d, n)| (d, n, None)).collect());
-        let mut buf = buf;
+        let mut waiting = Deliveries(waiters.into_iter().map(|w| (w, None)).collect());
+        #[cfg(test)]
+        if inner.panic_next_flush.swap(false, Ordering::Relaxed) {
+            panic!("injected panic in the log writer");
+        }
+        let last = entries.last().map_or(0, |e| e.index);
         let started = std::time::Instant::now();
         let res = match inner.failed.get() {
             Some(why) => Err(why.clone()),
@@ -1494,8 +1480,8 @@ impl Store {
             .store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         inner
             .last_batch_writers
-            .store(deliveries.0.len() as u64, Ordering::Relaxed);
-        match res {
+            .store(waiting.0.len() as u64, Ordering::Relaxed);
+        let deliveries = match res {
             Ok(()) => {
                 inner.stats.commits.fetch_add(1, Ordering::Relaxed);
                 inner
@@ -1505,28 +1491,31 @@ impl Store {
                 if inner.opts.fsync == FsyncPolicy::Always {
                     inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
                 }
-                let mut results = Vec::with_capacity(entries.len());
-                let live_bytes = {
-                    let mut db = inner.db.lock();
-                    for e in entries {
-                        results.push(db.apply(e));
-                    }
-                    db.live_bytes()
-                };
-                let mut results = results.into_iter();
-                for (_, n, outcome) in &mut deliveries.0 {
-                    *outcome = Some(Ok(results.by_ref().take(*n).collect()));
+                {
+                    let mut u = inner.unapplied.lock();
+                    u.entries.extend(entries);
+                    u.waiters
+                        .extend(std::mem::take(&mut waiting.0).into_iter().map(|(w, _)| w));
                 }
-                self.maybe_compact(wal, live_bytes);
+                if inner.opts.cluster_of_one {
+                    // A cluster of one commits what it has appended: the append was as
+                    // durable as `--fsync` asks.
+                    let (deliveries, live_bytes) = self.apply_committed(last);
+                    self.maybe_compact(wal, live_bytes);
+                    deliveries
+                } else {
+                    Deliveries::default()
+                }
             }
             Err(why) => {
                 log::error!("{}", StoreError::WriteFailed(why.clone()));
                 let _ = inner.failed.set(why.clone());
-                for (_, _, outcome) in &mut deliveries.0 {
+                for (_, outcome) in &mut waiting.0 {
                     *outcome = Some(Err(why.clone()));
                 }
+                waiting
             }
-        }
+        };
         // Give the buffer's capacity back to the queue, so the next batch does not grow a
         // new one from nothing.
         buf.clear();
@@ -1535,6 +1524,65 @@ impl Store {
             std::mem::swap(&mut q.buf, &mut buf);
         }
         deliveries
+    }
+
+    /// Applies, in log order, every entry in the log up to `commit` not applied yet, and
+    /// returns the answers of the submitters whose entries are now all applied (to deliver
+    /// outside any lock), with the live data size for the compaction check.
+    fn apply_committed(&self, commit: u64) -> (Deliveries, u64) {
+        let inner = &*self.inner;
+        let mut u = inner.unapplied.lock();
+        let n = u.entries.partition_point(|e| e.index <= commit);
+        let Some(base) = u.entries.front().map(|e| e.index).filter(|_| n > 0) else {
+            return (Deliveries::default(), 0);
+        };
+        let answered = u.waiters.partition_point(|w| w.last <= commit);
+        let mut deliveries = Deliveries(u.waiters.drain(..answered).map(|w| (w, None)).collect());
+        let mut results = Vec::with_capacity(n);
+        let live_bytes = {
+            let mut db = inner.db.lock();
+            let (a, b) = u.entries.as_slices();
+            db.touch(&a[..n.min(a.len())]);
+            db.touch(&b[..n.saturating_sub(a.len())]);
+            for e in u.entries.drain(..n) {
+                results.push(db.apply(e));
+            }
+            db.live_bytes()
+        };
+        drop(u);
+        // Entries with no submitter here (recovered, or a leader's) have their results
+        // dropped.
+        let mut results = results.into_iter();
+        let mut at = base;
+        for (w, outcome) in &mut deliveries.0 {
+            if w.first > at {
+                results.nth((w.first - at - 1) as usize);
+            }
+            let k = (w.last + 1 - w.first) as usize;
+            *outcome = Some(Ok(results.by_ref().take(k).collect()));
+            at = w.last + 1;
+        }
+        (deliveries, live_bytes)
+    }
+
+    /// A cluster member's node has decided that every entry up to `index` is committed:
+    /// applies them in log order and answers their submitters. (A cluster of one commits
+    /// on its own and never needs this.)
+    pub fn commit_to(&self, index: u64) {
+        let (deliveries, _) = self.apply_committed(index);
+        drop(deliveries);
+    }
+
+    /// Answers every submitter still waiting for its entries to commit with `why` (their
+    /// outcome is unknown: the log stopped taking writes).
+    fn fail_unapplied(&self, why: &str) {
+        let waiters = std::mem::take(&mut self.inner.unapplied.lock().waiters);
+        drop(Deliveries(
+            waiters
+                .into_iter()
+                .map(|w| (w, Some(Err(why.to_string()))))
+                .collect(),
+        ));
     }
 
     fn maybe_compact(&self, wal: &mut Wal, live_bytes: u64) {
@@ -1563,22 +1611,26 @@ impl Store {
     /// copy) and starts a background thread that streams the snapshot and prunes the old
     /// segments.
     fn start_compaction(&self, wal: &mut Wal) -> Result<(), WalError> {
-        let index = wal.last_index();
-        wal.roll(index + 1)?;
+        // The snapshot is of the applied state; entries logged after it (not committed
+        // yet, on a cluster member) stay in the segments, which are pruned only where
+        // the snapshot covers them whole.
+        wal.roll(wal.last_index() + 1)?;
         let epoch = self.inner.epoch.load(Ordering::Relaxed);
         let id = self.inner.snapshot_ids.fetch_add(1, Ordering::Relaxed);
         // Per non-empty database, its index and its key count at `index` (expired keys not
         // yet removed included: they are in the map, and replay expects them).
-        let counts: Vec<(u32, u64)> = {
+        let (index, counts): (u64, Vec<(u32, u64)>) = {
             let mut db = self.inner.db.lock();
-            (0u32..)
+            let index = db.applied_index();
+            let counts = (0u32..)
                 .zip(db.keyspaces_mut())
                 .filter(|(_, ks)| !ks.map.is_empty())
                 .map(|(d, ks)| {
                     ks.map.start_tracking(snapshot_tag(id, d));
                     (d, ks.map.len() as u64)
                 })
-                .collect()
+                .collect();
+            (index, counts)
         };
         log::info!(
             "compacting: log is {} bytes, snapshotting {} keys at index {index}",
@@ -1682,7 +1734,13 @@ impl Store {
     /// Writes the meta file if the log's durable end moved since it was last written.
     fn persist_meta(&self) -> Result<(), WalError> {
         let inner = &*self.inner;
-        let durable = inner.wal.lock().durable_index();
+        // Committed and on disk: a cluster member may have entries on disk that are not
+        // committed, and a cluster of one under `everysec` commits before its fsync.
+        let durable = inner
+            .wal
+            .lock()
+            .durable_index()
+            .min(inner.db.lock().applied_index());
         let mut written = inner.meta.lock();
         if durable <= written.commit_index {
             return Ok(());
@@ -1921,7 +1979,8 @@ fn log_writer(inner: Weak<Inner>) {
             // waiting forever.
             let why = "the log writer failed unexpectedly (a bug: see the log)".to_string();
             log::error!("{}", StoreError::WriteFailed(why.clone()));
-            let _ = store.inner.failed.set(why);
+            let _ = store.inner.failed.set(why.clone());
+            store.fail_unapplied(&why);
         }
     }
 }
@@ -2209,6 +2268,98 @@ mod tests {
         assert_eq!(s.get(b"b").as_deref(), Some(&b"2"[..]));
         assert_eq!(s.get(b"n").as_deref(), Some(&b"3"[..]));
         assert_eq!(s.recovery().last_index, 4);
+    }
+
+    /// A cluster member: nothing is applied or answered until its node says committed,
+    /// and recovery applies only what `meta` records as committed.
+    #[test]
+    fn a_cluster_member_applies_only_what_is_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = || Options {
+            fsync: FsyncPolicy::Always,
+            cluster_of_one: false,
+            ..Options::default()
+        };
+        {
+            let s = Store::open(dir.path(), member()).unwrap();
+            let (tx, rx) = crossbeam_channel::unbounded();
+            for (k, v) in [("a", "1"), ("b", "2"), ("c", "3")] {
+                let tx = tx.clone();
+                s.submit(
+                    0,
+                    vec![set_op(k, v, Expiry::Never, Condition::Always, false)],
+                    Box::new(move |r| {
+                        let _ = tx.send(r);
+                    }),
+                );
+            }
+            // Appended (the log writer syncs them) but not committed: no answer, no data.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while s.log_info().last_index < 3 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "entries never appended"
+                );
+                thread::yield_now();
+            }
+            assert!(rx.try_recv().is_err());
+            assert_eq!(s.get(b"a"), None);
+            s.commit_to(2);
+            assert_eq!(rx.recv().unwrap().unwrap(), vec![OpResult::Ok]);
+            assert_eq!(rx.recv().unwrap().unwrap(), vec![OpResult::Ok]);
+            assert!(rx.try_recv().is_err());
+            assert_eq!(s.get(b"b").as_deref(), Some(&b"2"[..]));
+            assert_eq!(s.get(b"c"), None);
+            s.sync().unwrap();
+        }
+        // Meta records index 2 as committed; entry 3 is in the log but waits.
+        let s = Store::open(dir.path(), member()).unwrap();
+        assert_eq!(s.recovery().last_index, 3);
+        assert_eq!(s.get(b"b").as_deref(), Some(&b"2"[..]));
+        assert_eq!(s.get(b"c"), None);
+        s.commit_to(3);
+        assert_eq!(s.get(b"c").as_deref(), Some(&b"3"[..]));
+        drop(s);
+        // The same log opened as a cluster of one is all its own: everything applies.
+        let s = Store::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.get(b"c").as_deref(), Some(&b"3"[..]));
+    }
+
+    /// Under every policy, a write commits through the same queue and the same apply: its
+    /// completion runs once, with its results in order, and the map holds the writes.
+    #[test]
+    fn every_fsync_policy_commits_on_one_path() {
+        for fsync in [FsyncPolicy::Always, FsyncPolicy::EverySec, FsyncPolicy::No] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(
+                dir.path(),
+                Options {
+                    fsync,
+                    ..Options::default()
+                },
+            )
+            .unwrap();
+            let r = s
+                .write(
+                    0,
+                    vec![
+                        set_op("k", "1", Expiry::Never, Condition::Always, false),
+                        Op::IncrBy {
+                            key: b"k".to_vec(),
+                            delta: 2,
+                        },
+                        set_op("k", "x", Expiry::Never, Condition::IfMissing, false),
+                    ],
+                )
+                .unwrap();
+            assert_eq!(
+                r,
+                vec![OpResult::Ok, OpResult::Int(3), OpResult::NotSet],
+                "{fsync}"
+            );
+            assert_eq!(s.get(b"k").as_deref(), Some(&b"3"[..]), "{fsync}");
+            assert_eq!(s.read_all(|db| db.applied_index()), 3, "{fsync}");
+        }
     }
 
     #[test]

@@ -1573,6 +1573,7 @@ fn scan(
     };
     let mut next = 1u64;
     let mut snap_index = 0;
+    let mut missing_after_snapshot: Option<PathBuf> = None;
     if let Some((_, path)) = listing.snapshots.last() {
         let mut header = (0, 0);
         decode_snapshot_with(path, &read_file(path)?, |part| {
@@ -1587,18 +1588,13 @@ fn scan(
         report.last_epoch = epoch;
         snap_index = index;
         next = index + 1;
-        // Compaction starts the segment after the snapshot before writing it, so that
-        // segment exists unless someone removed it (and the writes in it).
-        if !listing.segments.iter().any(|(f, _)| *f == index + 1) {
-            return Err(WalError::Corrupt {
-                path: dir.join(segment_name(index + 1)),
-                offset: 0,
-                reason: format!(
-                    "the segment that follows snapshot {} is missing (the writes after \
-                     the snapshot are gone)",
-                    path.display()
-                ),
-            });
+        // Compaction rolls to a new segment before writing the snapshot and prunes only
+        // the segments it covers whole, so the log goes on right after the snapshot (a
+        // segment starts at `index + 1`, or one holds that entry) unless someone removed
+        // a segment, and the writes in it: checked once the segments are read.
+        missing_after_snapshot = Some(path.clone());
+        if listing.segments.iter().any(|(f, _)| *f == index + 1) {
+            missing_after_snapshot = None;
         }
     }
     let mut cut = None;
@@ -1692,6 +1688,9 @@ fn scan(
                                 ),
                             ));
                         }
+                        if e.index == snap_index + 1 {
+                            missing_after_snapshot = None;
+                        }
                         next += 1;
                         report.last_index = e.index;
                         report.last_epoch = e.epoch;
@@ -1729,6 +1728,17 @@ fn scan(
             cut = Some((path.clone(), pos as u64));
             break;
         }
+    }
+    if let Some(snapshot) = missing_after_snapshot {
+        return Err(WalError::Corrupt {
+            path: dir.join(segment_name(snap_index + 1)),
+            offset: 0,
+            reason: format!(
+                "the segment that follows snapshot {} is missing (the writes after the \
+                 snapshot are gone)",
+                snapshot.display()
+            ),
+        });
     }
     if report.last_index < report.meta.commit_index {
         let (path, offset) = match listing.segments.last() {
@@ -1955,8 +1965,12 @@ impl Wal {
     pub fn prune_covered(dir: &Path, index: u64) -> Result<u64, WalError> {
         let listing = list_dir(dir)?;
         let mut freed = 0;
-        for (first, path) in &listing.segments {
-            if *first <= index {
+        // A segment goes when the snapshot covers all of it: when the next one starts at
+        // or before `index + 1`. The one holding `index + 1` stays, even if it starts
+        // earlier (a snapshot at the applied index, with later entries not committed).
+        let starts: Vec<u64> = listing.segments.iter().map(|(f, _)| *f).collect();
+        for (i, (_, path)) in listing.segments.iter().enumerate() {
+            if starts.get(i + 1).is_some_and(|next| *next <= index + 1) {
                 freed += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 fs::remove_file(path).map_err(|e| WalError::io(path, e))?;
             }

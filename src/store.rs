@@ -3,10 +3,10 @@
 //! [`Store`] owns the data (a `parking_lot` mutex around a [`Db`]: Redis's numbered
 //! databases, each a [`Keyspace`] of keys, deadlines and counters; the map, the expiry
 //! index, the operation type and `apply` are the state machine's, in `src/db/`, with
-//! private fields) and the write-ahead log. Reads lock the map and look at one database ([`Store::read`]). Writes never touch
-//! the map directly: a write becomes log [`Entry`]s naming their database, the entries are
-//! appended (and fsync'd as `--fsync` asks), and only then are they applied, in log order,
-//! by [`Db::apply`]. Recovery is the same `apply` run over the snapshot and the log, so
+//! private fields) and the write-ahead log. Reads lock the map and look at one database
+//! ([`Store::read`]). Writes never touch the map directly: a write becomes log
+//! [`Entry`]s naming their database, the entries are appended (and fsync'd as `--fsync`
+//! asks), and only then are they applied, in log order, by [`Db::apply`]. Recovery is the same `apply` run over the snapshot and the log, so
 //! what a client was told is exactly what a restart rebuilds; a snapshot or log that
 //! names a database beyond [`Options::databases`] is refused rather than half applied.
 //!

@@ -18,7 +18,7 @@ use super::Db;
 use super::{Keyspace, OpResult};
 
 /// The result of a logged command whose arguments do not parse (a damaged or foreign log).
-pub(crate) const ERR_BAD_RECORD: &str = "ERR malformed command in the log";
+pub(super) const ERR_BAD_RECORD: &str = "ERR malformed command in the log";
 
 fn parse_u64(b: &[u8]) -> Option<u64> {
     std::str::from_utf8(b).ok()?.parse().ok()

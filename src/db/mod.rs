@@ -142,8 +142,13 @@ pub struct Keyspace {
     loading: Vec<(u64, u64)>,
 }
 
+/// INCRBY of a value that is not an integer (also the command layer's reply to an
+/// argument that is not one).
 pub const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
+/// INCRBY past the range of i64.
 pub const ERR_OVERFLOW: &str = "ERR increment or decrement would overflow";
+/// A database index beyond `--databases` (dispatch checks it too; only a log written
+/// with more databases makes applying meet it).
 pub const ERR_DB_RANGE: &str = "ERR DB index is out of range";
 
 impl Db {

@@ -6,13 +6,15 @@
 //! disagree. The server commands (SAVE, SHUTDOWN, ROLE, …) live in [`crate::admin`].
 //!
 //! A request enters [`dispatch`] as its argument vector. Reads and connection commands
-//! answer at once, appending their reply to the connection's output buffer. A write is
-//! not executed here: it comes back as [`Dispatched::Write`] holding the log operation
-//! (with relative expiry times already made absolute), which the caller batches with the
-//! connection's other pipelined writes into one [`Store::write`] in the session's
-//! database ([`Session::db`]), then renders each result with [`render_result`]. Reads look
-//! at the session's database only; SELECT changes it. That is the single write path: the map changes only by
-//! applying logged entries.
+//! answer at once, appending their reply to the connection's output buffer; they see the
+//! data only through the state machine's read API ([`Keyspace`](crate::db::Keyspace)
+//! under [`Store::read`]). A write is not executed here: it comes back as
+//! [`Dispatched::Write`] holding the log operation ([`Op`], with relative expiry times
+//! already made absolute), which the caller batches with the connection's other pipelined
+//! writes into one [`Store::write`] in the session's database ([`Session::db`]), then
+//! renders each result ([`OpResult`]) with [`render_result`]. Reads look at the session's
+//! database only; SELECT changes it. That is the single write path: the map changes only
+//! by applying logged entries, in `src/db/`, which nothing here reaches into.
 
 /// One row of the command table.
 #[derive(Debug, Clone, Copy)]
@@ -35,13 +37,13 @@ pub struct CommandSpec {
     pub summary: &'static str,
 }
 
+use crate::db::{Condition, ERR_NOT_INTEGER, Expiry, Item, Op, OpResult, parse_i64};
 use crate::glob::glob_match;
 use crate::protocol::{
     Proto, write_array_len, write_bulk, write_error, write_integer, write_map_len, write_null,
     write_null_array, write_set_len, write_simple, write_verbatim,
 };
-use crate::store::{ERR_NOT_INTEGER, OpResult, Store, parse_i64};
-use crate::wal::{Condition, Expiry, Op};
+use crate::store::Store;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -754,7 +756,7 @@ pub(crate) fn read_value<R>(
     db: u32,
     key: &[u8],
     now: u64,
-    f: impl FnOnce(Option<&crate::store::Item>) -> R,
+    f: impl FnOnce(Option<&Item>) -> R,
 ) -> R {
     let (r, hit, expired) = ctx.store.read(db, |ks| match ks.get(key, now) {
         Some(item) => (f(Some(item)), true, false),
@@ -881,7 +883,7 @@ fn parse_expire(name: &str, args: &[Vec<u8>], now: u64) -> Result<Op, String> {
 }
 
 /// SCAN: the cursor is a bucket of the key space's table in reverse-binary order
-/// ([`crate::keymap::KeyMap::scan`], Redis's `dictScan`), so a key present for the whole
+/// ([`Keyspace::scan`](crate::db::Keyspace::scan), Redis's `dictScan`), so a key present for the whole
 /// iteration is returned however the table grows or shrinks meanwhile (twice only if it
 /// shrank), each call costs O(COUNT), and cursors stay below the bucket count (node-redis
 /// v4 needs them below 2^53). MATCH and TYPE filter after the buckets are read, so a
@@ -933,7 +935,7 @@ fn scan(ctx: &Context, db: u32, args: &[Vec<u8>], now: u64, out: &mut Vec<u8>) {
         let mut cursor = cursor;
         let mut buckets = count.saturating_mul(10);
         loop {
-            cursor = db.map.scan(cursor, |k, i| {
+            cursor = db.scan(cursor, |k, i| {
                 if !i.expired(now) {
                     found.push(k.to_vec());
                 }

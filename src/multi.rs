@@ -7,7 +7,8 @@
 //! - a write, already parsed into its log [`Op`] by [`commands::dispatch_spec`] (so its
 //!   relative times count from when it was queued);
 //! - a read of the key space, as a canonical *read record* (`GET k`, `MGET k…`, …,
-//!   see `read_record`);
+//!   see `read_record`; the state machine answers it when the entry is applied,
+//!   `db/reads.rs`);
 //! - anything else (PING, ECHO, CLIENT, INFO, SCAN, RANDOMKEY, …): its arguments, run at
 //!   EXEC time.
 //!
@@ -33,9 +34,9 @@
 //! and so does closing the connection ([`Context::unregister`]).
 
 use crate::commands::{self, CommandSpec, Context, Dispatched, Reply, Session};
+use crate::db::{ERR_NOT_INTEGER, Op, OpResult, parse_i64};
 use crate::protocol::{write_array_len, write_error, write_null_array, write_simple};
-use crate::store::{Keyspace, OpResult, StoreError, parse_i64};
-use crate::wal::Op;
+use crate::store::StoreError;
 
 const ERR_EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
 
@@ -285,27 +286,6 @@ fn exec(ctx: &Context, s: &mut Session, tx: Transaction, out: &mut Vec<u8>) {
     }
 }
 
-/// Names of the canonical read records a transaction logs.
-const READ_RECORDS: &[&str] = &[
-    "DBSIZE",
-    "EXISTS",
-    "EXPIRETIME",
-    "GET",
-    "GETRANGE",
-    "KEYS",
-    "MGET",
-    "PEXPIRETIME",
-    "PTTL",
-    "STRLEN",
-    "TTL",
-    "TYPE",
-];
-
-/// Whether `name` is a read record's (they change nothing: the watch registry skips them).
-pub fn is_read_record(name: &[u8]) -> bool {
-    READ_RECORDS.iter().any(|r| r.as_bytes() == name)
-}
-
 /// What a read-only command becomes inside MULTI.
 enum ReadRecord {
     /// A read record, logged with the transaction.
@@ -324,7 +304,7 @@ fn read_record(name: &str, mut args: Vec<Vec<u8>>) -> ReadRecord {
         "touch" => "exists",
         "getrange" | "substr" => {
             if parse_i64(&args[2]).is_none() || parse_i64(&args[3]).is_none() {
-                return ReadRecord::Refused(crate::store::ERR_NOT_INTEGER);
+                return ReadRecord::Refused(ERR_NOT_INTEGER);
             }
             "getrange"
         }
@@ -332,62 +312,6 @@ fn read_record(name: &str, mut args: Vec<Vec<u8>>) -> ReadRecord {
     };
     args[0] = canonical.to_ascii_uppercase().into_bytes();
     ReadRecord::Log(Op::Cmd { args })
-}
-
-impl Keyspace {
-    /// Applies a read record at the transaction's time `now`: the answer the command
-    /// would give at that point of the log. Changes nothing.
-    pub(crate) fn exec_read(&self, args: &[Vec<u8>], now: u64) -> OpResult {
-        let bad = OpResult::Error(crate::exec::ERR_BAD_RECORD);
-        let Some((name, rest)) = args.split_first() else {
-            return bad;
-        };
-        let value = |k: &[u8]| self.get(k, now).map(|i| i.value.to_vec());
-        match (name.as_slice(), rest) {
-            (b"GET", [k]) => OpResult::Old(value(k)),
-            (b"MGET", keys) => {
-                OpResult::Array(keys.iter().map(|k| OpResult::Old(value(k))).collect())
-            }
-            (b"EXISTS", keys) => {
-                OpResult::Int(keys.iter().filter(|k| self.get(k, now).is_some()).count() as i64)
-            }
-            (b"STRLEN", [k]) => OpResult::Int(self.get(k, now).map_or(0, |i| i.value.len()) as i64),
-            (b"TYPE", [k]) => OpResult::Status(if self.get(k, now).is_some() {
-                "string"
-            } else {
-                "none"
-            }),
-            (b"TTL" | b"PTTL" | b"EXPIRETIME" | b"PEXPIRETIME", [k]) => {
-                OpResult::Int(match self.get(k, now).map(|i| i.expire_at) {
-                    None => -2,
-                    Some(0) => -1,
-                    // As the commands compute it outside a transaction (commands.rs).
-                    Some(at) => match name.as_slice() {
-                        b"TTL" => ((at - now + 500) / 1000) as i64,
-                        b"PTTL" => (at - now) as i64,
-                        b"EXPIRETIME" => ((at + 500) / 1000) as i64,
-                        _ => at as i64,
-                    },
-                })
-            }
-            (b"GETRANGE", [k, start, end]) => match (parse_i64(start), parse_i64(end)) {
-                (Some(start), Some(end)) => OpResult::Old(Some(
-                    self.get(k, now)
-                        .map_or(&[][..], |i| crate::strings::substring(&i.value, start, end))
-                        .to_vec(),
-                )),
-                _ => bad,
-            },
-            (b"DBSIZE", []) => OpResult::Int(self.len() as i64),
-            (b"KEYS", [pattern]) => OpResult::Array(
-                self.iter(now)
-                    .filter(|(k, _)| crate::glob::glob_match(pattern, k, false))
-                    .map(|(k, _)| OpResult::Old(Some(k.to_vec())))
-                    .collect(),
-            ),
-            _ => bad,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -767,7 +691,7 @@ mod tests {
             assert_eq!(run(&t.ctx, &mut s, line), queued(), "{line}");
         }
         let tx = s.multi.clone().unwrap();
-        let ops: Vec<(u32, crate::wal::Op)> = tx
+        let ops: Vec<(u32, crate::db::Op)> = tx
             .queued
             .iter()
             .filter_map(|q| match q {
@@ -780,7 +704,7 @@ mod tests {
             epoch: u64::MAX,
             ts_ms: u64::MAX,
             db: u32::MAX,
-            op: crate::wal::Op::Multi { ops },
+            op: crate::db::Op::Multi { ops },
         };
         let mut buf = Vec::new();
         crate::wal::encode_entry(&entry, &mut buf);

@@ -210,7 +210,7 @@ pub const PEEK_KEYS: usize = 32;
 
 /// The keys of the GET requests at the front of `buf` (RESP arrays, as clients send
 /// them), at most [`PEEK_KEYS`], stopping at the first other or incomplete request.
-/// Only a hint for the key table ([`crate::store::Keyspace::touch`]: load their places
+/// Only a hint for the key table ([`crate::db::Keyspace::touch`]: load their places
 /// before the requests run, so that a pipeline's cache misses overlap); the requests are
 /// parsed for real by [`RequestParser`], so a request this misreads costs nothing but
 /// the hint. Lengths are only compared with what `buf` holds: nothing is allocated.

@@ -46,11 +46,11 @@
 //! server goes on.
 
 use crate::commands::{self, Context, Dispatched, Reply, Session, Settings};
+use crate::db::{Op, OpResult};
 use crate::protocol::Proto;
 use crate::protocol::{Limits, RequestParser, UNAUTH_MAX_QUERY_BUFFER, write_error};
 use crate::ratelog::{RateLimit, suppressed_note};
-use crate::store::{OpResult, Options, Store, StoreError};
-use crate::wal::Op;
+use crate::store::{Options, Store, StoreError};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

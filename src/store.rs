@@ -1,11 +1,12 @@
-//! The store: the in-memory map and the one write path into it.
+//! The store: the one write path into the state machine, and the threads around it.
 //!
 //! [`Store`] owns the data (a `parking_lot` mutex around a [`Db`]: Redis's numbered
-//! databases, each a [`Keyspace`] of keys, deadlines and counters) and the write-ahead
-//! log. Reads lock the map and look at one database ([`Store::read`]). Writes never touch
-//! the map directly: a write becomes log [`Entry`]s naming their database, the entries are
-//! appended (and fsync'd as `--fsync` asks), and only then are they applied, in log order,
-//! by [`Db::apply`]. Recovery is the same `apply` run over the snapshot and the log, so
+//! databases, each a [`Keyspace`] of keys, deadlines and counters; the map, the expiry
+//! index, the operation type and `apply` are the state machine's, in `src/db/`, with
+//! private fields) and the write-ahead log. Reads lock the map and look at one database
+//! ([`Store::read`]). Writes never touch the map directly: a write becomes log
+//! [`Entry`]s naming their database, the entries are appended (and fsync'd as `--fsync`
+//! asks), and only then are they applied, in log order, by [`Db::apply`]. Recovery is the same `apply` run over the snapshot and the log, so
 //! what a client was told is exactly what a restart rebuilds; a snapshot or log that
 //! names a database beyond [`Options::databases`] is refused rather than half applied.
 //!
@@ -52,12 +53,12 @@
 //! When the log outgrows the live data (`compact_percentage`, above `compact_min_bytes`),
 //! or on SAVE/BGSAVE, the flusher (holding the log writer, so every logged entry is
 //! applied) rolls to a fresh segment at `index + 1` and, under the map lock, switches on
-//! *tracking* in every non-empty database ([`KeyMap::start_tracking`]: O(databases), no
+//! *tracking* in every non-empty database ([`Db::start_tracking`]: O(databases), no
 //! copy). A background thread then streams the snapshot of the map as it was at `index`
 //! to a temp file ([`wal::SnapshotWriter`]): per database, it walks the table with SCAN's
 //! cursor 64 buckets per lock acquisition, encoding the keys not changed since
 //! into a chunk that it writes after releasing the lock, and last adds the pre-images of
-//! the keys that changed ahead of the walk (`keymap.rs` explains why that is exactly the
+//! the keys that changed ahead of the walk (`db/keymap.rs` explains why that is exactly the
 //! state at `index`). Then it renames the file into place and deletes the segments it
 //! covers. Writers wait for one step at most, never for the walk, and the memory the
 //! compaction takes is one chunk plus the pre-images of the keys written during it,
@@ -67,20 +68,22 @@
 //! SWAPDB: Redis's FLUSHALL kills a running BGSAVE too) gives the snapshot up: its temp
 //! file goes, nothing is pruned, and the log still holds every write.
 
-use crate::keymap::{KeyMap, Slot};
+use crate::db::{Condition, Db, ERR_DB_RANGE, ERR_NOT_INTEGER, Expiry, Keyspace, Op, OpResult};
 use crate::wal::{
-    self, BatchBuf, Condition, Entry, Expiry, FsyncPolicy, Op, RecoveryReport, SnapshotItem,
-    SnapshotPart, Wal, WalError, WalOptions,
+    self, BatchBuf, Entry, FsyncPolicy, RecoveryReport, SnapshotPart, Wal, WalError, WalOptions,
 };
 use crate::watch::{KeyState, Watches};
 use parking_lot::{Mutex, MutexGuard};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{self, Thread};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// `Options::databases`' default (Redis's), re-exported from the state machine.
+pub use crate::db::DEFAULT_DATABASES;
 
 /// Where the store reads the time: the system clock, or a test's fake clock, so expiry
 /// can be tested without sleeping.
@@ -213,579 +216,6 @@ impl From<WalError> for StoreError {
     fn from(e: WalError) -> Self {
         StoreError::Wal(e)
     }
-}
-
-/// What applying one operation produced (the command layer turns it into a reply).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OpResult {
-    /// Done (`+OK`).
-    Ok,
-    /// A condition (NX/XX) was not met; nothing changed (nil).
-    NotSet,
-    /// The previous value, for SET … GET (nil if there was none).
-    Old(Option<Vec<u8>>),
-    Int(i64),
-    /// The operation was refused without effect; the text is the Redis error reply.
-    Error(&'static str),
-    /// A read inside a transaction that answers a status (TYPE).
-    Status(&'static str),
-    /// A read inside a transaction that answers an array (MGET, KEYS).
-    Array(Vec<OpResult>),
-    /// A transaction's results, one per op in order.
-    Multi(Vec<OpResult>),
-    /// A transaction not logged because a key its client WATCHed changed (EXEC's nil).
-    Aborted,
-}
-
-/// A stored value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Item {
-    pub value: Box<[u8]>,
-    /// Absolute expiry in Unix ms; 0 = none.
-    pub expire_at: u64,
-}
-
-impl Item {
-    /// Whether the item is expired at `now_ms`.
-    pub fn expired(&self, now_ms: u64) -> bool {
-        self.expire_at != 0 && self.expire_at <= now_ms
-    }
-}
-
-/// Approximate bytes a key costs beyond its key and value (hash slot and allocations);
-/// only used to decide when the log has outgrown the data.
-const ITEM_OVERHEAD: u64 = 48;
-
-/// Redis's default number of databases (`--databases`).
-pub const DEFAULT_DATABASES: u32 = 16;
-
-/// The state machine that log entries drive: the databases (Redis's `SELECT` indexes),
-/// each its own [`Keyspace`], and the index of the last entry applied.
-///
-/// An entry names its database ([`Entry::db`]); [`Db::apply_op`] runs an operation in
-/// one database (a transaction calls it once per queued command, each with its own
-/// database) and routes the commands that span databases (MOVE, SWAPDB, COPY … DB,
-/// FLUSHALL) to the code that sees them all (`keyspace.rs`).
-#[derive(Debug)]
-pub struct Db {
-    dbs: Vec<Keyspace>,
-    /// What a read of a database that does not exist sees (never written).
-    empty: Keyspace,
-    /// Index of the last applied entry.
-    applied: u64,
-}
-
-impl Default for Db {
-    fn default() -> Self {
-        Db::new(DEFAULT_DATABASES)
-    }
-}
-
-/// One database: its keys, the expiry index over them, and its counters.
-#[derive(Debug, Default)]
-pub struct Keyspace {
-    pub(crate) map: KeyMap,
-    /// Every key with an expiry as (deadline, key hash), ordered by deadline, so the
-    /// active expirer finds the expired ones without scanning (and without a pause that
-    /// grows with the key count); 16 bytes a key, no copy of it ([`KeyMap`]).
-    pub(crate) expires: BTreeSet<(u64, u64)>,
-    /// Sum of the deadlines in `expires`, so INFO's `avg_ttl` costs nothing to compute.
-    deadline_sum: u128,
-    /// Approximate live bytes (keys, values, overhead).
-    pub(crate) live_bytes: u64,
-    /// Keys removed because they expired (INFO's `expired_keys`).
-    pub(crate) expired_keys: u64,
-}
-
-pub const ERR_NOT_INTEGER: &str = "ERR value is not an integer or out of range";
-pub const ERR_OVERFLOW: &str = "ERR increment or decrement would overflow";
-pub const ERR_DB_RANGE: &str = "ERR DB index is out of range";
-
-impl Db {
-    /// `databases` empty databases (at least one).
-    pub fn new(databases: u32) -> Db {
-        Db {
-            dbs: (0..databases.max(1)).map(|_| Keyspace::default()).collect(),
-            empty: Keyspace::default(),
-            applied: 0,
-        }
-    }
-
-    /// How many databases there are (`SELECT` takes 0 to this minus one).
-    pub fn databases(&self) -> u32 {
-        self.dbs.len() as u32
-    }
-
-    /// Database `db`; one that does not exist reads as empty.
-    pub fn keyspace(&self, db: u32) -> &Keyspace {
-        self.dbs.get(db as usize).unwrap_or(&self.empty)
-    }
-
-    /// Every database, by index.
-    pub fn keyspaces(&self) -> &[Keyspace] {
-        &self.dbs
-    }
-
-    pub(crate) fn keyspace_mut(&mut self, db: u32) -> Option<&mut Keyspace> {
-        self.dbs.get_mut(db as usize)
-    }
-
-    pub(crate) fn keyspaces_mut(&mut self) -> &mut [Keyspace] {
-        &mut self.dbs
-    }
-
-    /// Keys in every database, including expired ones not yet removed.
-    pub fn len(&self) -> usize {
-        self.dbs.iter().map(Keyspace::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.dbs.iter().all(Keyspace::is_empty)
-    }
-
-    pub fn applied_index(&self) -> u64 {
-        self.applied
-    }
-
-    /// Approximate live bytes of every database.
-    pub fn live_bytes(&self) -> u64 {
-        self.dbs.iter().map(|k| k.live_bytes).sum()
-    }
-
-    /// Keys removed because they expired, in every database (INFO's `expired_keys`).
-    pub fn expired_keys(&self) -> u64 {
-        self.dbs.iter().map(|k| k.expired_keys).sum()
-    }
-
-    /// Before a batch is applied: loads the table places of its SETs' keys, so that
-    /// their cache misses overlap instead of coming one after the other
-    /// ([`KeyMap::touch`]). Changes nothing.
-    pub fn touch(&self, entries: &[Entry]) {
-        let Some(first) = entries.first() else {
-            return;
-        };
-        if entries.len() < 2 {
-            return;
-        }
-        let mut hashes = [0; crate::protocol::PEEK_KEYS];
-        let mut n = 0;
-        let ks = self.keyspace(first.db);
-        for e in entries {
-            if let (Op::Set { key, .. }, true) = (&e.op, e.db == first.db) {
-                hashes[n] = ks.map.hash(key);
-                n += 1;
-                if n == hashes.len() {
-                    break;
-                }
-            }
-        }
-        std::hint::black_box(ks.map.touch(&hashes[..n]));
-    }
-
-    /// Applies one committed entry. Deterministic: depends only on the databases and the
-    /// entry.
-    pub fn apply(&mut self, entry: Entry) -> OpResult {
-        self.applied = entry.index;
-        self.apply_op(entry.db, entry.op, entry.ts_ms)
-    }
-
-    /// Applies `op` in database `db` at the entry time `now` (what [`Db::apply`] does for
-    /// one entry, and a transaction for each of its commands). A database that does not
-    /// exist is `ERR DB index is out of range` without effect: dispatch checks indexes
-    /// against the same count, so only a log written with more databases meets it.
-    pub fn apply_op(&mut self, db: u32, op: Op, now: u64) -> OpResult {
-        if let Op::Multi { ops } = op {
-            // Every op in order, each in its own database, under the one map lock the
-            // caller holds: no reader sees the transaction half done. The decoder refuses
-            // nesting, so this recursion is one level.
-            return OpResult::Multi(
-                ops.into_iter()
-                    .map(|(db, op)| match op {
-                        Op::Multi { .. } => OpResult::Error(crate::exec::ERR_BAD_RECORD),
-                        op => self.apply_op(db, op, now),
-                    })
-                    .collect(),
-            );
-        }
-        if let Op::Cmd { args } = &op
-            && crate::keyspace::spans_databases(args)
-        {
-            return self.exec_databases(db, args, now);
-        }
-        match self.dbs.get_mut(db as usize) {
-            Some(ks) => ks.apply_op(op, now),
-            None => OpResult::Error(ERR_DB_RANGE),
-        }
-    }
-}
-
-fn item_cost(k: &[u8], v: &[u8]) -> u64 {
-    (k.len() + v.len()) as u64 + ITEM_OVERHEAD
-}
-
-impl Keyspace {
-    /// Loads the table places of `keys` (requests about to run), so that their cache
-    /// misses overlap instead of coming one after the other ([`KeyMap::touch`]).
-    /// Changes nothing.
-    pub fn touch(&self, keys: &[&[u8]]) {
-        let mut hashes = [0; crate::protocol::PEEK_KEYS];
-        let n = keys.len().min(hashes.len());
-        for (h, k) in hashes.iter_mut().zip(keys) {
-            *h = self.map.hash(k);
-        }
-        std::hint::black_box(self.map.touch(&hashes[..n]));
-    }
-
-    /// The live item under `key` at `now_ms`, if any.
-    pub fn get(&self, key: &[u8], now_ms: u64) -> Option<&Item> {
-        self.map.get(key).filter(|i| !i.expired(now_ms))
-    }
-
-    /// Number of keys, including expired ones not yet removed (as Redis's DBSIZE).
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    pub fn live_bytes(&self) -> u64 {
-        self.live_bytes
-    }
-
-    /// Every live key and item (unordered).
-    pub fn iter(&self, now_ms: u64) -> impl Iterator<Item = (&[u8], &Item)> {
-        self.map.iter().filter(move |(_, i)| !i.expired(now_ms))
-    }
-
-    /// Number of keys with an expiry.
-    pub fn expiring(&self) -> usize {
-        self.expires.len()
-    }
-
-    /// The average time to live of the keys with an expiry at `now`, in ms (0 if none),
-    /// as INFO's `avg_ttl` (Redis estimates it by sampling; this is exact).
-    pub fn avg_ttl(&self, now: u64) -> u64 {
-        let n = self.expires.len() as u128;
-        if n == 0 {
-            return 0;
-        }
-        (self.deadline_sum / n).saturating_sub(u128::from(now)) as u64
-    }
-
-    /// Adds `(at, hash)` to the expiry index.
-    fn index_add(&mut self, at: u64, h: u64) {
-        if self.expires.insert((at, h)) {
-            self.deadline_sum += u128::from(at);
-        }
-    }
-
-    /// Removes `(at, hash)` from the expiry index.
-    fn index_remove(&mut self, at: u64, h: u64) {
-        if self.expires.remove(&(at, h)) {
-            self.deadline_sum -= u128::from(at);
-        }
-    }
-
-    /// Builds the expiry index from a snapshot's deadlines at once.
-    fn index_load(&mut self, deadlines: Vec<(u64, u64)>) {
-        self.deadline_sum = deadlines.iter().map(|&(at, _)| u128::from(at)).sum();
-        self.expires = deadlines.into_iter().collect();
-    }
-
-    /// Empties the database (FLUSHDB), handing back its old contents to be freed; INFO's
-    /// counters stay.
-    pub(crate) fn flush(&mut self) -> Keyspace {
-        let expired_keys = self.expired_keys;
-        let old = std::mem::take(self);
-        self.expired_keys = expired_keys;
-        old
-    }
-
-    /// Up to `max` keys whose deadline is at or before `now`, earliest first.
-    pub fn due(&self, now: u64, max: usize) -> Vec<Vec<u8>> {
-        self.expires
-            .iter()
-            .take_while(|(at, _)| *at <= now)
-            .filter_map(|&(at, h)| self.map.find_by_hash(h, |_, i| i.expire_at == at))
-            .take(max)
-            .map(|(k, _)| k.to_vec())
-            .collect()
-    }
-
-    /// Whether `key` exists but is expired at `now` (a reader's hint for the expirer).
-    pub fn is_expired(&self, key: &[u8], now: u64) -> bool {
-        self.map.get(key).is_some_and(|i| i.expired(now))
-    }
-
-    pub(crate) fn insert(&mut self, key: Box<[u8]>, item: Item) -> Option<Item> {
-        let key_len = key.len() as u64;
-        let new_at = item.expire_at;
-        let old_at = self.map.get(&key[..]).map_or(0, |o| o.expire_at);
-        if old_at != new_at {
-            let h = self.map.hash(&key);
-            if old_at != 0 {
-                self.index_remove(old_at, h);
-            }
-            if new_at != 0 {
-                self.index_add(new_at, h);
-            }
-        }
-        self.live_bytes += key_len + item.value.len() as u64 + ITEM_OVERHEAD;
-        let old = self.map.insert(key, item);
-        if let Some(o) = &old {
-            self.live_bytes -= key_len + o.value.len() as u64 + ITEM_OVERHEAD;
-        }
-        old
-    }
-
-    /// Adds a key from a snapshot. Its keys are distinct, so this skips the checks an
-    /// overwrite needs: loading is one hash insert per key (plus the deadline index).
-    /// Its deadline goes to `deadlines`, from which the caller builds the index at once.
-    fn load(&mut self, it: SnapshotItem, deadlines: &mut Vec<(u64, u64)>) {
-        let key = it.key.into_boxed_slice();
-        let expire_at = it.expire_at_ms.unwrap_or(0);
-        self.live_bytes += (key.len() + it.value.len()) as u64 + ITEM_OVERHEAD;
-        if expire_at != 0 {
-            deadlines.push((expire_at, self.map.hash(&key)));
-        }
-        self.map.insert(
-            key,
-            Item {
-                value: it.value.into_boxed_slice(),
-                expire_at,
-            },
-        );
-    }
-
-    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<Item> {
-        let old = self.map.remove(key);
-        if let Some(o) = &old {
-            self.live_bytes = self.live_bytes.saturating_sub(item_cost(key, &o.value));
-            self.forget_expiry(o.expire_at, key);
-        }
-        old
-    }
-
-    /// Drops `key`'s entry from the expiry index (after its deadline changed or it went).
-    pub(crate) fn forget_expiry(&mut self, at: u64, key: &[u8]) {
-        if at != 0 {
-            self.index_remove(at, self.map.hash(key));
-        }
-    }
-
-    /// Sets `key`'s deadline (0 = none), keeping the index in step. The key must exist.
-    pub(crate) fn set_expiry(&mut self, key: &[u8], at: u64) {
-        let Some(item) = self.map.get_mut(key) else {
-            return;
-        };
-        let old = std::mem::replace(&mut item.expire_at, at);
-        if old == at {
-            return;
-        }
-        self.forget_expiry(old, key);
-        if at != 0 {
-            self.index_add(at, self.map.hash(key));
-        }
-    }
-
-    /// Removes `key` if it exists but expired at `now`, so that the operation applied next
-    /// sees it as missing.
-    pub(crate) fn purge_expired(&mut self, key: &[u8], now: u64) {
-        if self.map.get(key).is_some_and(|i| i.expired(now)) {
-            self.remove(key);
-            self.expired_keys += 1;
-        }
-    }
-
-    /// SET with one hash lookup: the hot path of every write benchmark.
-    fn apply_set(
-        &mut self,
-        key: Vec<u8>,
-        value: Vec<u8>,
-        expiry: Expiry,
-        condition: Condition,
-        get: bool,
-        now: u64,
-    ) -> OpResult {
-        let value = value.into_boxed_slice();
-        let new_len = value.len() as u64;
-        let key_len = key.len() as u64;
-        let h = self.map.hash(&key);
-        let slot = self.map.slot_hashed(h, &key);
-        let live = match &slot {
-            Slot::Occupied(o) if !o.get().1.expired(now) => Some(&o.get().1),
-            _ => None,
-        };
-        let ok = match condition {
-            Condition::Always => true,
-            Condition::IfMissing => live.is_none(),
-            Condition::IfExists => live.is_some(),
-        };
-        let old = if get {
-            live.map(|i| i.value.to_vec())
-        } else {
-            None
-        };
-        let expire_at = match expiry {
-            Expiry::Never => 0,
-            Expiry::At(t) => t,
-            Expiry::Keep => live.map_or(0, |i| i.expire_at),
-        };
-        // A deadline already past deletes the key, as in Redis.
-        let delete = ok && expire_at != 0 && expire_at <= now;
-        // The deadline index changes only for keys that have or get a deadline; the common
-        // SET of a key without one touches nothing but the map.
-        let mut index_out = 0;
-        let mut index_in = 0;
-        match slot {
-            Slot::Occupied(mut o) => {
-                let dead = o.get().1.expired(now);
-                let old_at = o.get().1.expire_at;
-                if delete || (dead && !ok) {
-                    index_out = old_at;
-                    let ((_, gone), _) = o.remove();
-                    self.live_bytes -= key_len + gone.value.len() as u64 + ITEM_OVERHEAD;
-                    if dead {
-                        self.expired_keys += 1;
-                    }
-                } else if ok {
-                    if old_at != expire_at {
-                        index_out = old_at;
-                        index_in = expire_at;
-                    }
-                    let prev = std::mem::replace(o.get_mut().1, Item { value, expire_at });
-                    // Plus the new value, minus the old (wrapping: a shrink subtracts).
-                    self.live_bytes = self
-                        .live_bytes
-                        .wrapping_add(new_len.wrapping_sub(prev.value.len() as u64));
-                }
-            }
-            Slot::Vacant(v) => {
-                if ok && !delete {
-                    index_in = expire_at;
-                    self.live_bytes += key_len + new_len + ITEM_OVERHEAD;
-                    v.insert((key, Item { value, expire_at }));
-                }
-            }
-        }
-        if index_out != 0 {
-            self.index_remove(index_out, h);
-        }
-        if index_in != 0 {
-            self.index_add(index_in, h);
-        }
-        match (get, ok) {
-            (true, _) => OpResult::Old(old),
-            (false, true) => OpResult::Ok,
-            (false, false) => OpResult::NotSet,
-        }
-    }
-
-    /// Applies an operation that stays within this database, at the entry time `now`.
-    /// Deterministic: depends only on the map and the operation.
-    pub(crate) fn apply_op(&mut self, op: Op, now: u64) -> OpResult {
-        match op {
-            Op::Noop => OpResult::Ok,
-            // A transaction spans databases, so `Db::apply_op` takes it apart; one here is
-            // nested inside another, which the decoder refuses.
-            Op::Multi { .. } => OpResult::Error(crate::exec::ERR_BAD_RECORD),
-            Op::Cmd { args } => self.exec(args, now),
-            Op::Set {
-                key,
-                value,
-                expiry,
-                condition,
-                get,
-            } => self.apply_set(key, value, expiry, condition, get, now),
-            Op::Del { keys } => {
-                let mut n = 0;
-                for k in keys {
-                    self.purge_expired(&k, now);
-                    if self.remove(&k).is_some() {
-                        n += 1;
-                    }
-                }
-                OpResult::Int(n)
-            }
-            Op::MSet {
-                pairs,
-                only_if_none_exist,
-            } => {
-                if only_if_none_exist {
-                    for (k, _) in &pairs {
-                        self.purge_expired(k, now);
-                    }
-                    if pairs.iter().any(|(k, _)| self.map.contains_key(&k[..])) {
-                        return OpResult::Int(0);
-                    }
-                }
-                for (k, v) in pairs {
-                    self.insert(
-                        k.into_boxed_slice(),
-                        Item {
-                            value: v.into_boxed_slice(),
-                            expire_at: 0,
-                        },
-                    );
-                }
-                if only_if_none_exist {
-                    OpResult::Int(1)
-                } else {
-                    OpResult::Ok
-                }
-            }
-            Op::IncrBy { key, delta } => {
-                // The hot path of counters: one lookup. The deadline is kept, so the
-                // expiry index is untouched unless the key had expired.
-                if let Some(item) = self.map.get_mut(&key[..])
-                    && !item.expired(now)
-                {
-                    let Some(cur) = parse_i64(&item.value) else {
-                        return OpResult::Error(ERR_NOT_INTEGER);
-                    };
-                    let Some(new) = cur.checked_add(delta) else {
-                        return OpResult::Error(ERR_OVERFLOW);
-                    };
-                    let text = new.to_string().into_bytes().into_boxed_slice();
-                    let old_len = std::mem::replace(&mut item.value, text).len();
-                    let new_len = item.value.len();
-                    self.live_bytes = self.live_bytes + new_len as u64 - old_len as u64;
-                    return OpResult::Int(new);
-                }
-                // A missing (or expired) key counts as 0.
-                self.purge_expired(&key, now);
-                let new = delta;
-                self.insert(
-                    key.into_boxed_slice(),
-                    Item {
-                        value: new.to_string().into_bytes().into_boxed_slice(),
-                        expire_at: 0,
-                    },
-                );
-                OpResult::Int(new)
-            }
-        }
-    }
-}
-
-/// Parses a value as Redis does for INCR: optional `-`, decimal digits, no leading `+`,
-/// spaces or leading zeros, within i64.
-pub fn parse_i64(b: &[u8]) -> Option<i64> {
-    if b.is_empty() || b.len() > 20 {
-        return None;
-    }
-    let s = std::str::from_utf8(b).ok()?;
-    let digits = s.strip_prefix('-').unwrap_or(s);
-    if digits.is_empty()
-        || !digits.bytes().all(|c| c.is_ascii_digit())
-        || (digits.len() > 1 && digits.starts_with('0'))
-        || s == "-0"
-    {
-        return None;
-    }
-    s.parse().ok()
 }
 
 /// The wall clock in Unix milliseconds.
@@ -940,8 +370,6 @@ impl Store {
     pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         let databases = opts.databases.max(1);
-        // Per database, the deadlines of its snapshot keys.
-        let mut deadlines: Vec<Vec<(u64, u64)>> = vec![Vec::new(); databases as usize];
         // The first snapshot key or log entry beyond the configured databases.
         let beyond: std::cell::RefCell<Option<StoreError>> = std::cell::RefCell::new(None);
         let too_few = |db: Option<u32>, place: String| {
@@ -976,27 +404,16 @@ impl Store {
             |part| {
                 let mut db = db.borrow_mut();
                 match part {
-                    SnapshotPart::Header { index, .. } => db.applied = index,
-                    SnapshotPart::Database { db: d, count } => {
-                        if let Some(ks) = db.keyspace_mut(d) {
-                            ks.map.reserve(count.min(1 << 28) as usize);
-                        }
-                    }
+                    SnapshotPart::Header { index, .. } => db.set_applied(index),
+                    SnapshotPart::Database { db: d, count } => db.reserve(d, count),
                     SnapshotPart::Item(it) => {
                         let d = it.db;
-                        match (db.keyspace_mut(d), deadlines.get_mut(d as usize)) {
-                            (Some(ks), Some(dl)) => ks.load(it, dl),
-                            _ => too_few(Some(d), "the snapshot".into()),
+                        if !db.load(it) {
+                            too_few(Some(d), "the snapshot".into());
                         }
                     }
-                    // Built in one go from sorted entries: a snapshot lists keys in hash
-                    // order, and inserting their deadlines one by one in that random
-                    // order costs more than loading the keys themselves.
-                    SnapshotPart::End => {
-                        for (ks, dl) in db.keyspaces_mut().iter_mut().zip(&mut deadlines) {
-                            ks.index_load(std::mem::take(dl));
-                        }
-                    }
+                    // Each database's expiry index is built in one go (`db/snapshot.rs`).
+                    SnapshotPart::End => db.finish_load(),
                 }
             },
             |e| {
@@ -1619,18 +1036,12 @@ impl Store {
         let id = self.inner.snapshot_ids.fetch_add(1, Ordering::Relaxed);
         // Per non-empty database, its index and its key count at `index` (expired keys not
         // yet removed included: they are in the map, and replay expects them).
-        let (index, counts): (u64, Vec<(u32, u64)>) = {
+        let (index, counts) = {
             let mut db = self.inner.db.lock();
-            let index = db.applied_index();
-            let counts = (0u32..)
-                .zip(db.keyspaces_mut())
-                .filter(|(_, ks)| !ks.map.is_empty())
-                .map(|(d, ks)| {
-                    ks.map.start_tracking(snapshot_tag(id, d));
-                    (d, ks.map.len() as u64)
-                })
-                .collect();
-            (index, counts)
+            (
+                db.applied_index(),
+                db.start_tracking(|d| snapshot_tag(id, d)),
+            )
         };
         log::info!(
             "compacting: log is {} bytes, snapshotting {} keys at index {index}",
@@ -1856,12 +1267,7 @@ fn snapshot_tag(id: u64, d: u32) -> u64 {
 /// Stops compaction `id`'s tracking wherever it still runs (an aborted snapshot), freeing
 /// its pre-images.
 fn end_tracking(inner: &Inner, id: u64) {
-    let mut db = inner.db.lock();
-    for ks in db.keyspaces_mut() {
-        if ks.map.tracking().is_some_and(|t| t >> 32 == id) {
-            ks.map.stop_tracking();
-        }
-    }
+    inner.db.lock().stop_tracking(|t| t >> 32 == id);
 }
 
 /// Why a snapshot was given up: nothing is pruned, the log still holds every write.
@@ -1898,24 +1304,21 @@ fn write_snapshot(
         let preimages = loop {
             let (done, preimages) = {
                 let mut db = inner.db.lock();
-                let map = match db.keyspace_mut(d) {
-                    Some(ks) if ks.map.tracking() == Some(tag) => &mut ks.map,
-                    _ => {
-                        return Err(snapshot_error(
-                            inner,
-                            format!(
-                                "database {d} was flushed or swapped while its snapshot was \
-                                 being written; a later compaction will write one"
-                            ),
-                        ));
-                    }
-                };
-                let done = map.snapshot_step(SNAPSHOT_STEP_BUCKETS, |k, i| {
+                if db.keyspace(d).tracking() != Some(tag) {
+                    return Err(snapshot_error(
+                        inner,
+                        format!(
+                            "database {d} was flushed or swapped while its snapshot was \
+                             being written; a later compaction will write one"
+                        ),
+                    ));
+                }
+                let done = db.snapshot_step(d, SNAPSHOT_STEP_BUCKETS, |k, i| {
                     chunk.push(k, &i.value, i.expire_at);
                     chunk.bytes() < SNAPSHOT_CHUNK_BYTES
                 });
                 // Taking the pre-images is O(1); encoding them waits for the lock's release.
-                let preimages = done.then(|| map.end_tracking());
+                let preimages = if done { db.end_tracking(d) } else { None };
                 // Hand the lock to a waiting client rather than let this thread take it
                 // back first (an ordinary unlock lets the releasing thread barge in again,
                 // and a reader woken meanwhile waits out several steps).
@@ -2071,16 +1474,6 @@ mod tests {
         }
     }
 
-    fn entry(index: u64, ts_ms: u64, op: Op) -> Entry {
-        Entry {
-            index,
-            epoch: 0,
-            ts_ms,
-            db: 0,
-            op,
-        }
-    }
-
     fn set_op(k: &str, v: &str, expiry: Expiry, condition: Condition, get: bool) -> Op {
         Op::Set {
             key: k.into(),
@@ -2089,168 +1482,6 @@ mod tests {
             condition,
             get,
         }
-    }
-
-    #[test]
-    fn set_conditions_and_get() {
-        let mut db = Db::default();
-        let a = Condition::Always;
-        assert_eq!(
-            db.apply(entry(
-                1,
-                0,
-                set_op("k", "1", Expiry::Never, Condition::IfExists, false)
-            )),
-            OpResult::NotSet
-        );
-        assert_eq!(
-            db.apply(entry(
-                2,
-                0,
-                set_op("k", "1", Expiry::Never, Condition::IfMissing, false)
-            )),
-            OpResult::Ok
-        );
-        assert_eq!(
-            db.apply(entry(
-                3,
-                0,
-                set_op("k", "2", Expiry::Never, Condition::IfMissing, true)
-            )),
-            OpResult::Old(Some(b"1".to_vec()))
-        );
-        assert_eq!(db.keyspace(0).get(b"k", 0).unwrap().value[..], b"1"[..]);
-        assert_eq!(
-            db.apply(entry(4, 0, set_op("k", "3", Expiry::Never, a, true))),
-            OpResult::Old(Some(b"1".to_vec()))
-        );
-        assert_eq!(db.applied_index(), 4);
-    }
-
-    #[test]
-    fn expiry_is_decided_by_entry_time_not_the_clock() {
-        let mut db = Db::default();
-        db.apply(entry(
-            1,
-            100,
-            set_op("k", "v", Expiry::At(200), Condition::Always, false),
-        ));
-        assert!(db.keyspace(0).get(b"k", 150).is_some());
-        assert!(db.keyspace(0).get(b"k", 200).is_none());
-        // NX at ts 150: key still live, refused; at ts 250: expired, so missing, accepted.
-        let nx = set_op("k", "w", Expiry::Never, Condition::IfMissing, false);
-        assert_eq!(db.apply(entry(2, 150, nx.clone())), OpResult::NotSet);
-        assert_eq!(db.apply(entry(3, 250, nx)), OpResult::Ok);
-        assert_eq!(
-            db.keyspace(0).get(b"k", u64::MAX).unwrap().value[..],
-            b"w"[..]
-        );
-        // KEEPTTL keeps the deadline.
-        db.apply(entry(
-            4,
-            300,
-            set_op("t", "1", Expiry::At(900), Condition::Always, false),
-        ));
-        db.apply(entry(
-            5,
-            300,
-            set_op("t", "2", Expiry::Keep, Condition::Always, false),
-        ));
-        assert_eq!(db.keyspace(0).get(b"t", 0).unwrap().expire_at, 900);
-        // A deadline already past deletes.
-        db.apply(entry(
-            6,
-            1000,
-            set_op("t", "3", Expiry::At(999), Condition::Always, false),
-        ));
-        assert!(db.keyspace(0).get(b"t", 0).is_none());
-    }
-
-    #[test]
-    fn incr_rules() {
-        let mut db = Db::default();
-        let incr = |k: &str, d| Op::IncrBy {
-            key: k.into(),
-            delta: d,
-        };
-        assert_eq!(db.apply(entry(1, 0, incr("n", 5))), OpResult::Int(5));
-        assert_eq!(db.apply(entry(2, 0, incr("n", -7))), OpResult::Int(-2));
-        db.apply(entry(
-            3,
-            0,
-            set_op("s", "abc", Expiry::Never, Condition::Always, false),
-        ));
-        assert_eq!(
-            db.apply(entry(4, 0, incr("s", 1))),
-            OpResult::Error(ERR_NOT_INTEGER)
-        );
-        db.apply(entry(5, 0, incr("m", i64::MAX)));
-        assert_eq!(
-            db.apply(entry(6, 0, incr("m", 1))),
-            OpResult::Error(ERR_OVERFLOW)
-        );
-        assert_eq!(
-            db.keyspace(0).get(b"m", 0).unwrap().value[..],
-            i64::MAX.to_string().as_bytes()[..]
-        );
-        for bad in ["", " 1", "+1", "01", "-0", "1.0", "99999999999999999999"] {
-            assert_eq!(parse_i64(bad.as_bytes()), None, "{bad:?}");
-        }
-        assert_eq!(parse_i64(b"-9223372036854775808"), Some(i64::MIN));
-    }
-
-    #[test]
-    fn del_and_msetnx() {
-        let mut db = Db::default();
-        let pairs = |ps: &[(&str, &str)]| {
-            ps.iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-                .collect::<Vec<_>>()
-        };
-        let mset = |ps, nx| Op::MSet {
-            pairs: ps,
-            only_if_none_exist: nx,
-        };
-        assert_eq!(
-            db.apply(entry(1, 0, mset(pairs(&[("a", "1"), ("b", "2")]), true))),
-            OpResult::Int(1)
-        );
-        assert_eq!(
-            db.apply(entry(2, 0, mset(pairs(&[("b", "3"), ("c", "4")]), true))),
-            OpResult::Int(0)
-        );
-        assert!(db.keyspace(0).get(b"c", 0).is_none());
-        let del = Op::Del {
-            keys: vec![b"a".to_vec(), b"a".to_vec(), b"zz".to_vec(), b"b".to_vec()],
-        };
-        assert_eq!(db.apply(entry(3, 0, del)), OpResult::Int(2));
-        assert!(db.is_empty());
-        assert_eq!(db.live_bytes(), 0);
-    }
-
-    #[test]
-    fn live_bytes_tracks_overwrites() {
-        let mut db = Db::default();
-        db.apply(entry(
-            1,
-            0,
-            set_op("k", "aaaa", Expiry::Never, Condition::Always, false),
-        ));
-        let one = db.live_bytes();
-        db.apply(entry(
-            2,
-            0,
-            set_op("k", "bbbb", Expiry::Never, Condition::Always, false),
-        ));
-        assert_eq!(db.live_bytes(), one);
-        db.apply(entry(
-            3,
-            0,
-            Op::Del {
-                keys: vec![b"k".to_vec()],
-            },
-        ));
-        assert_eq!(db.live_bytes(), 0);
     }
 
     #[test]
@@ -2633,12 +1864,12 @@ mod tests {
             let preimages = s.read_all(|db| {
                 db.keyspaces()
                     .iter()
-                    .map(|ks| ks.map.preimages())
+                    .map(|ks| ks.preimages())
                     .sum::<usize>()
             });
             most_preimages = most_preimages.max(preimages);
             for _ in 0..40 {
-                r = crate::keymap::mix(r);
+                r = crate::db::keymap::mix(r);
                 let i = r % 4400;
                 let k = format!("k{i}");
                 let op = match (r >> 32) % 8 {
@@ -2668,7 +1899,7 @@ mod tests {
         assert!(steps > 10, "the walk went in steps ({steps})");
         assert!(most_preimages > 0, "writes landed ahead of the walk");
         assert!(
-            s.read_all(|db| db.keyspaces().iter().all(|ks| ks.map.tracking().is_none())),
+            s.read_all(|db| db.keyspaces().iter().all(|ks| ks.tracking().is_none())),
             "tracking ends with the snapshot"
         );
         let path = dir.path().join(format!("snapshot-{index:020}.snap"));
@@ -2730,7 +1961,7 @@ mod tests {
             assert!(!s.inner.stats.last_compaction_ok.load(Ordering::Relaxed));
             assert_eq!(snapshot_files(dir.path()), Vec::<String>::new(), "{what:?}");
             assert!(
-                s.read_all(|db| db.keyspaces().iter().all(|ks| ks.map.tracking().is_none())),
+                s.read_all(|db| db.keyspaces().iter().all(|ks| ks.tracking().is_none())),
                 "{what:?}: no tracking lingers"
             );
             let live = s.read_all(contents);
@@ -2758,201 +1989,14 @@ mod tests {
 
     /// Each database's contents.
     fn contents(db: &Db) -> Vec<Contents> {
-        db.keyspaces()
-            .iter()
-            .map(|ks| {
-                let mut v: Vec<_> = ks
-                    .map
-                    .iter()
-                    .map(|(k, i)| (k.to_vec(), i.value.to_vec(), i.expire_at))
-                    .collect();
-                v.sort();
-                v
-            })
-            .collect()
+        db.keyspaces().iter().map(Keyspace::contents).collect()
     }
 
     /// Every database's expiry index, deadline sum and live bytes agree with its map.
     fn check_invariants(db: &Db) {
         for ks in db.keyspaces() {
-            let mut fresh = Keyspace::default();
-            for (k, i) in &ks.map {
-                fresh.insert(k.into(), i.clone());
-            }
-            assert_eq!(ks.expires, fresh.expires);
-            assert_eq!(ks.deadline_sum, fresh.deadline_sum);
-            assert_eq!(ks.live_bytes, fresh.live_bytes);
+            ks.check_invariants();
         }
-    }
-
-    /// Operations apply to their own database only; MOVE, SWAPDB, COPY … DB, FLUSHDB and
-    /// FLUSHALL act across databases as Redis's do, and an index beyond the count is
-    /// refused without effect.
-    #[test]
-    fn apply_keeps_databases_apart() {
-        let mut db = Db::new(4);
-        let mut i = 0;
-        let mut ap = |db: &mut Db, d: u32, now: u64, op: Op| {
-            i += 1;
-            let r = db.apply(Entry {
-                index: i,
-                epoch: 0,
-                ts_ms: now,
-                db: d,
-                op,
-            });
-            check_invariants(db);
-            r
-        };
-        let set = |k: &str, v: &str, at: u64| Op::Set {
-            key: k.into(),
-            value: v.into(),
-            expiry: Expiry::from_deadline(at),
-            condition: Condition::Always,
-            get: false,
-        };
-        for d in 0..4 {
-            ap(&mut db, d, 0, set("k", &format!("v{d}"), 0));
-        }
-        assert_eq!(
-            ap(&mut db, 4, 0, set("k", "x", 0)),
-            OpResult::Error(ERR_DB_RANGE)
-        );
-        assert_eq!(
-            ap(
-                &mut db,
-                1,
-                0,
-                Op::IncrBy {
-                    key: b"n".to_vec(),
-                    delta: 2
-                }
-            ),
-            OpResult::Int(2)
-        );
-        assert_eq!(
-            db.keyspace(1).get(b"n", 0).map(|i| &i.value[..]),
-            Some(&b"2"[..])
-        );
-        assert!(db.keyspace(0).get(b"n", 0).is_none());
-        assert_eq!(db.len(), 5);
-        assert!(
-            db.keyspace(9).is_empty(),
-            "a database that does not exist reads empty"
-        );
-        // MOVE: the key and its deadline go; not onto an existing key; not to itself.
-        ap(&mut db, 0, 0, set("t", "tv", 500));
-        assert_eq!(
-            ap(&mut db, 0, 10, cmd(&["MOVE", "t", "2"])),
-            OpResult::Int(1)
-        );
-        assert!(db.keyspace(0).get(b"t", 10).is_none());
-        assert_eq!(db.keyspace(2).get(b"t", 10).map(|i| i.expire_at), Some(500));
-        assert_eq!(db.keyspace(2).expiring(), 1);
-        assert_eq!(db.keyspace(0).expiring(), 0);
-        assert_eq!(
-            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "2"])),
-            OpResult::Int(0)
-        );
-        assert_eq!(
-            ap(&mut db, 0, 10, cmd(&["MOVE", "nope", "2"])),
-            OpResult::Int(0)
-        );
-        assert_eq!(
-            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "0"])),
-            OpResult::Error("ERR source and destination objects are the same")
-        );
-        assert_eq!(
-            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "4"])),
-            OpResult::Error(ERR_DB_RANGE)
-        );
-        assert_eq!(
-            ap(&mut db, 0, 10, cmd(&["MOVE", "k", "x"])),
-            OpResult::Error(crate::exec::ERR_BAD_RECORD)
-        );
-        // An expired key in the target does not block a MOVE (it is deleted first); an
-        // expired source is missing.
-        assert_eq!(
-            ap(&mut db, 2, 600, cmd(&["MOVE", "t", "0"])),
-            OpResult::Int(0)
-        );
-        assert_eq!(db.keyspace(2).expired_keys, 1);
-        ap(&mut db, 3, 600, set("e", "old", 700));
-        ap(&mut db, 1, 600, set("e", "new", 0));
-        assert_eq!(
-            ap(&mut db, 1, 800, cmd(&["MOVE", "e", "3"])),
-            OpResult::Int(1)
-        );
-        assert_eq!(
-            db.keyspace(3).get(b"e", 800).map(|i| &i.value[..]),
-            Some(&b"new"[..])
-        );
-        // COPY … DB keeps the source, copies the deadline, REPLACE overwrites.
-        ap(&mut db, 0, 0, set("c", "cv", 9000));
-        assert_eq!(
-            ap(&mut db, 0, 0, cmd(&["COPY", "c", "k", "DB", "1"])),
-            OpResult::Int(0)
-        );
-        assert_eq!(
-            ap(
-                &mut db,
-                0,
-                0,
-                cmd(&["COPY", "c", "k", "DB", "1", "REPLACE"])
-            ),
-            OpResult::Int(1)
-        );
-        assert_eq!(db.keyspace(1).get(b"k", 0).map(|i| i.expire_at), Some(9000));
-        assert!(db.keyspace(0).get(b"c", 0).is_some());
-        assert_eq!(
-            ap(&mut db, 0, 0, cmd(&["COPY", "c", "c", "DB", "2"])),
-            OpResult::Int(1)
-        );
-        assert_eq!(
-            ap(&mut db, 0, 0, cmd(&["COPY", "c", "z", "DB", "9"])),
-            OpResult::Error(ERR_DB_RANGE)
-        );
-        // SWAPDB exchanges whole databases.
-        let before = contents(&db);
-        assert_eq!(ap(&mut db, 3, 0, cmd(&["SWAPDB", "0", "2"])), OpResult::Ok);
-        let after = contents(&db);
-        assert_eq!((&after[0], &after[2]), (&before[2], &before[0]));
-        assert_eq!((&after[1], &after[3]), (&before[1], &before[3]));
-        assert_eq!(ap(&mut db, 0, 0, cmd(&["SWAPDB", "1", "1"])), OpResult::Ok);
-        assert_eq!(
-            ap(&mut db, 0, 0, cmd(&["SWAPDB", "1", "4"])),
-            OpResult::Error(ERR_DB_RANGE)
-        );
-        assert_eq!(contents(&db), after);
-        // FLUSHDB empties its own database, FLUSHALL every one.
-        assert_eq!(ap(&mut db, 1, 0, cmd(&["FLUSHDB"])), OpResult::Ok);
-        assert!(db.keyspace(1).is_empty());
-        assert!(!db.keyspace(0).is_empty() && !db.keyspace(3).is_empty());
-        assert_eq!(ap(&mut db, 2, 0, cmd(&["FLUSHALL"])), OpResult::Ok);
-        assert!(db.is_empty());
-        assert_eq!((db.live_bytes(), db.expired_keys()), (0, 2));
-        assert_eq!(db.applied_index(), i);
-        // A transaction applies each of its operations in its own database.
-        assert_eq!(db.apply_op(3, set("m", "1", 0), 0), OpResult::Ok);
-        assert_eq!(db.keyspace(3).len(), 1);
-    }
-
-    #[test]
-    fn avg_ttl_is_the_mean_time_left() {
-        let mut ks = Keyspace::default();
-        assert_eq!(ks.avg_ttl(0), 0);
-        let item = |at| Item {
-            value: Box::from(&b"v"[..]),
-            expire_at: at,
-        };
-        ks.insert(Box::from(&b"a"[..]), item(1000));
-        ks.insert(Box::from(&b"b"[..]), item(3000));
-        ks.insert(Box::from(&b"c"[..]), item(0));
-        assert_eq!(ks.avg_ttl(0), 2000);
-        assert_eq!(ks.avg_ttl(500), 1500);
-        assert_eq!(ks.avg_ttl(10_000), 0);
-        ks.remove(b"b");
-        assert_eq!(ks.avg_ttl(0), 1000);
     }
 
     /// Compaction writes every database into the snapshot; reopening loads each key into

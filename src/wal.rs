@@ -2,7 +2,9 @@
 //! directory's lock, recovery and repair.
 //!
 //! Every write becomes an [`Entry`] (log index, epoch, the leader's clock, an [`Op`]) and is
-//! appended to the current segment file before the map changes. Data enters as entries
+//! appended to the current segment file before the map changes. The operation is the state
+//! machine's type: this module frames entries and leaves the operation's own bytes to its
+//! codec ([`crate::db::op`]). Data enters as entries
 //! pushed into a [`BatchBuf`] (the store's group commit encodes many writers' entries into
 //! one) and written by [`Wal::append`]; it leaves through [`Wal::open`], which replays the
 //! newest snapshot and then every later entry, in index order, through a callback.
@@ -21,7 +23,7 @@
 //! record  := len: u32 LE | entry
 //! entry   := version u8 (2) | index u64 | epoch u64 | ts_ms u64 | db u32 | op
 //! op      := code u8 | fields            (0 Noop, 1 Set, 2 Del, 3 MSet, 4 IncrBy, 5 Cmd)
-//!          | 6 | n: u32 LE | n × (db: u32 LE | op)
+//!          | 6 | n: u32 LE | n × (db: u32 LE | op)     (written and read by `db/op.rs`)
 //! ```
 //!
 //! `synced` is how far this segment had been fsync'd when the batch was written. The unit
@@ -98,6 +100,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The operation type and its parts, re-exported from the state machine that owns them
+/// (the log only frames their bytes).
+pub use crate::db::{Condition, Expiry, Op};
+
 /// First byte of every snapshot and meta frame.
 pub const MAGIC: u8 = 0xB7;
 /// First byte of every batch in a segment.
@@ -173,82 +179,6 @@ impl fmt::Display for FsyncPolicy {
             FsyncPolicy::No => "no",
         })
     }
-}
-
-/// How an operation treats an existing key's expiry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiry {
-    /// No expiry: the key lives until deleted.
-    Never,
-    /// Expires at this absolute Unix time in milliseconds. Never a relative time: replay must
-    /// not move a deadline.
-    At(u64),
-    /// Keep whatever expiry the key had (SET … KEEPTTL).
-    Keep,
-}
-
-impl Expiry {
-    /// `At(unix_ms)`, or `Never` for 0 (how items and snapshots store "no deadline").
-    pub fn from_deadline(unix_ms: u64) -> Expiry {
-        if unix_ms == 0 {
-            Expiry::Never
-        } else {
-            Expiry::At(unix_ms)
-        }
-    }
-}
-
-/// A condition on whether the key exists, checked when the entry is applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Condition {
-    Always,
-    /// Only if the key does not exist (NX).
-    IfMissing,
-    /// Only if the key exists (XX).
-    IfExists,
-}
-
-/// An operation in the log. Applying one is deterministic: it depends only on the map and
-/// on the entry (its `ts_ms` stands in for the clock).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    /// Does nothing; a new leader commits one in its own epoch.
-    Noop,
-    Set {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        expiry: Expiry,
-        condition: Condition,
-        /// Reply with the old value (SET … GET).
-        get: bool,
-    },
-    Del {
-        keys: Vec<Vec<u8>>,
-    },
-    /// Sets every pair, or (if `only_if_none_exist`, MSETNX) none of them.
-    MSet {
-        pairs: Vec<(Vec<u8>, Vec<u8>)>,
-        only_if_none_exist: bool,
-    },
-    IncrBy {
-        key: Vec<u8>,
-        delta: i64,
-    },
-    /// Any other write, as a canonical command (name first, upper case): relative times
-    /// already made absolute, options normalised, so that applying it is deterministic
-    /// (`src/exec.rs`). Like Redis's append-only file, this lets a new command reach the
-    /// log without a new record type.
-    Cmd {
-        args: Vec<Vec<u8>>,
-    },
-    /// A MULTI/EXEC transaction: every op applied in order, as one entry, so that no other
-    /// entry (and, on a cluster, no follower's view) falls between them. Each op carries
-    /// the index of the database it addresses. Read-only commands queued in the
-    /// transaction are here too, as canonical read commands (`src/multi.rs`), so that
-    /// they see the state at their place inside it. Never nested.
-    Multi {
-        ops: Vec<(u32, Op)>,
-    },
 }
 
 /// One log record.
@@ -379,77 +309,7 @@ pub fn encode_payload(entry: &Entry, p: &mut Vec<u8>) {
     put_u64(p, entry.epoch);
     put_u64(p, entry.ts_ms);
     put_u32(p, entry.db);
-    encode_op(&entry.op, p);
-}
-
-fn encode_op(op: &Op, p: &mut Vec<u8>) {
-    match op {
-        Op::Noop => p.push(0),
-        Op::Set {
-            key,
-            value,
-            expiry,
-            condition,
-            get,
-        } => {
-            p.push(1);
-            let (ecode, at) = match expiry {
-                Expiry::Never => (0u8, 0),
-                Expiry::At(t) => (1, *t),
-                Expiry::Keep => (2, 0),
-            };
-            let ccode = match condition {
-                Condition::Always => 0u8,
-                Condition::IfMissing => 1,
-                Condition::IfExists => 2,
-            };
-            p.push(ecode | (ccode << 2) | (u8::from(*get) << 4));
-            if ecode == 1 {
-                put_u64(p, at);
-            }
-            put_bytes(p, key);
-            put_bytes(p, value);
-        }
-        Op::Del { keys } => {
-            p.push(2);
-            put_u32(p, keys.len() as u32);
-            for k in keys {
-                put_bytes(p, k);
-            }
-        }
-        Op::MSet {
-            pairs,
-            only_if_none_exist,
-        } => {
-            p.push(3);
-            p.push(u8::from(*only_if_none_exist));
-            put_u32(p, pairs.len() as u32);
-            for (k, v) in pairs {
-                put_bytes(p, k);
-                put_bytes(p, v);
-            }
-        }
-        Op::IncrBy { key, delta } => {
-            p.push(4);
-            put_bytes(p, key);
-            put_u64(p, *delta as u64);
-        }
-        Op::Cmd { args } => {
-            p.push(5);
-            put_u32(p, args.len() as u32);
-            for a in args {
-                put_bytes(p, a);
-            }
-        }
-        Op::Multi { ops } => {
-            p.push(6);
-            put_u32(p, ops.len() as u32);
-            for (db, op) in ops {
-                put_u32(p, *db);
-                encode_op(op, p);
-            }
-        }
-    }
+    crate::db::op::encode(&entry.op, p);
 }
 
 /// A cursor over a payload that reports truncation instead of panicking.
@@ -479,15 +339,6 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> Result<Vec<u8>, String> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
-    }
-    fn count(&mut self) -> Result<usize, String> {
-        let n = self.u32()? as usize;
-        // Each element takes at least 4 bytes: a count beyond that is damage, and
-        // refusing it here keeps a bad count from allocating gigabytes.
-        if n > (self.buf.len() - self.pos) / 4 {
-            return Err(format!("element count {n} exceeds the record"));
-        }
-        Ok(n)
     }
     fn done(&self) -> Result<(), String> {
         if self.pos == self.buf.len() {
@@ -519,94 +370,13 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
     } else {
         r.u32()?
     };
-    let op = decode_op(&mut r, true)?;
-    r.done()?;
+    let op = crate::db::op::decode(payload, r.pos)?;
     Ok(Entry {
         index,
         epoch,
         ts_ms,
         db,
         op,
-    })
-}
-
-/// Decodes one operation. Only a top-level op may be a transaction: its ops may not.
-fn decode_op(r: &mut Reader<'_>, top_level: bool) -> Result<Op, String> {
-    Ok(match r.u8()? {
-        0 => Op::Noop,
-        1 => {
-            let flags = r.u8()?;
-            let expiry = match flags & 3 {
-                0 => Expiry::Never,
-                1 => Expiry::At(r.u64()?),
-                2 => Expiry::Keep,
-                x => return Err(format!("unknown expiry code {x}")),
-            };
-            let condition = match (flags >> 2) & 3 {
-                0 => Condition::Always,
-                1 => Condition::IfMissing,
-                2 => Condition::IfExists,
-                x => return Err(format!("unknown condition code {x}")),
-            };
-            let get = flags & 0x10 != 0;
-            let key = r.bytes()?;
-            let value = r.bytes()?;
-            Op::Set {
-                key,
-                value,
-                expiry,
-                condition,
-                get,
-            }
-        }
-        2 => {
-            let n = r.count()?;
-            let mut keys = Vec::with_capacity(n);
-            for _ in 0..n {
-                keys.push(r.bytes()?);
-            }
-            Op::Del { keys }
-        }
-        3 => {
-            let only_if_none_exist = r.u8()? != 0;
-            let n = r.count()?;
-            let mut pairs = Vec::with_capacity(n);
-            for _ in 0..n {
-                pairs.push((r.bytes()?, r.bytes()?));
-            }
-            Op::MSet {
-                pairs,
-                only_if_none_exist,
-            }
-        }
-        4 => Op::IncrBy {
-            key: r.bytes()?,
-            delta: r.u64()? as i64,
-        },
-        5 => {
-            let n = r.count()?;
-            if n == 0 {
-                return Err("empty command record".into());
-            }
-            let mut args = Vec::with_capacity(n);
-            for _ in 0..n {
-                args.push(r.bytes()?);
-            }
-            Op::Cmd { args }
-        }
-        6 if !top_level => return Err("nested transaction record".into()),
-        6 => {
-            // `count` bounds n by the bytes left (each op takes at least 5), so a damaged
-            // count cannot size a huge allocation.
-            let n = r.count()?;
-            let mut ops = Vec::with_capacity(n);
-            for _ in 0..n {
-                let db = r.u32()?;
-                ops.push((db, decode_op(r, false)?));
-            }
-            Op::Multi { ops }
-        }
-        x => return Err(format!("unknown operation code {x}")),
     })
 }
 
@@ -2256,7 +2026,7 @@ mod tests {
             put_u64(p, 5);
             put_u64(p, 1);
             put_u64(p, 77);
-            encode_op(&Op::Noop, p);
+            crate::db::op::encode(&Op::Noop, p);
         });
         let FrameRead::Frame(p, _) = read_frame(&buf) else {
             panic!()

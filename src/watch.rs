@@ -42,7 +42,7 @@
 //! EXPIRE, `EXPIRED` for the expirer), and a canonical name this module does not know
 //! marks everything, so a new write command can never slip past a WATCH.
 
-use crate::wal::Op;
+use crate::db::Op;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -115,8 +115,8 @@ fn touches<'a>(db: u32, op: &'a Op, f: &mut impl FnMut(Touch<'a>)) {
                 }
                 b"FLUSHDB" => f(Touch::AllIn(db)),
                 // Within one database; COPY … DB n spans two, and is matched below.
-                b"COPY" if !crate::keyspace::spans_databases(args) => f(Touch::Write(db, arg(2))),
-                n if crate::multi::is_read_record(n) => {}
+                b"COPY" if !crate::db::spans_databases(args) => f(Touch::Write(db, arg(2))),
+                n if crate::db::is_read_record(n) => {}
                 _ => f(Touch::All),
             }
         }

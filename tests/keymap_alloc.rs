@@ -1,10 +1,10 @@
 //! What the key table keeps on the heap per key, counted by a global allocator of this
 //! test binary's own (so it has its own file: every test in a binary shares the
-//! allocator). A short key lives in its node (`kvstore::keymap::Key`): one allocation a
+//! allocator). A short key lives in its node (`kvstore::db::keymap::Key`): one allocation a
 //! key besides the value's, where a boxed key took two.
 
-use kvstore::keymap::KeyMap;
-use kvstore::store::Item;
+use kvstore::db::Item;
+use kvstore::db::keymap::KeyMap;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 

@@ -1,4 +1,4 @@
-//! Deterministic execution of logged commands ([`Op::Cmd`](crate::wal::Op::Cmd)).
+//! Deterministic execution of logged commands ([`Op::Cmd`](super::Op::Cmd)).
 //!
 //! A write that has no record type of its own reaches the log as a *canonical command*:
 //! the dispatcher (`commands.rs`) has already validated it, made every relative time
@@ -10,14 +10,15 @@
 //! Every function here runs under the map lock, inside [`Db::apply`] (on the entry's
 //! database; commands that span databases go to `keyspace.rs` instead); arguments come from
 //! our own log, but are still checked, because a damaged or foreign log must produce an
-//! error result, not a panic.
+//! error result, not a panic. [`Keyspace::exec`] names the file that applies each
+//! family; the expiry commands (EXPIRED, PEXPIREAT, PERSIST) are here.
 
 #[cfg(doc)]
-use crate::store::Db;
-use crate::store::{Keyspace, OpResult};
+use super::Db;
+use super::{Keyspace, OpResult};
 
 /// The result of a logged command whose arguments do not parse (a damaged or foreign log).
-pub(crate) const ERR_BAD_RECORD: &str = "ERR malformed command in the log";
+pub(super) const ERR_BAD_RECORD: &str = "ERR malformed command in the log";
 
 fn parse_u64(b: &[u8]) -> Option<u64> {
     std::str::from_utf8(b).ok()?.parse().ok()
@@ -25,7 +26,7 @@ fn parse_u64(b: &[u8]) -> Option<u64> {
 
 impl Keyspace {
     /// Applies one canonical command at time `now`.
-    pub(crate) fn exec(&mut self, args: Vec<Vec<u8>>, now: u64) -> OpResult {
+    pub(super) fn exec(&mut self, args: Vec<Vec<u8>>, now: u64) -> OpResult {
         let Some(name) = args.first() else {
             return OpResult::Error(ERR_BAD_RECORD);
         };
@@ -39,8 +40,8 @@ impl Keyspace {
             b"RENAME" | b"RENAMENX" | b"COPY" | b"FLUSHDB" | b"FLUSHALL" => {
                 self.exec_keyspace(&args, now)
             }
-            // Reads inside a transaction (`src/multi.rs`).
-            n if crate::multi::is_read_record(n) => self.exec_read(&args, now),
+            // Reads inside a transaction (`reads.rs`).
+            n if super::is_read_record(n) => self.exec_read(&args, now),
             _ => OpResult::Error("ERR unknown command in the log (written by a newer kvstore?)"),
         }
     }
@@ -109,8 +110,7 @@ impl Keyspace {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::{Keyspace, OpResult};
-    use crate::wal::{Condition, Expiry, Op};
+    use crate::db::{Condition, Expiry, Keyspace, Op, OpResult};
 
     fn run(db: &mut Keyspace, _index: u64, now: u64, op: Op) -> OpResult {
         db.apply_op(op, now)

@@ -93,7 +93,7 @@
 //! written during the walk: nothing when writes are rare, the changed keys when not (a
 //! fork's copy-on-write pays the same per touched page).
 
-use crate::store::Item;
+use super::Item;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 

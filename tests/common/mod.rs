@@ -34,6 +34,9 @@
 //!   name and how to install it: a missing tool never turns into a silent pass.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod proxy;
+
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{Read, Write};

@@ -367,10 +367,9 @@ pub enum Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::WrongSecret => f.write_str(
-                "wrong cluster secret (the other side could not prove it knows ours; give \
-                 every node the same --cluster-secret)",
-            ),
+            Refusal::WrongSecret => {
+                f.write_str("wrong cluster secret (every node needs the same --cluster-secret)")
+            }
             Refusal::NotMember(id) => write!(f, "node id {id} is not a member of this cluster"),
             Refusal::OwnId(id) => write!(f, "it claims this node's own id {id}"),
             Refusal::WrongNode { expected, actual } => write!(

@@ -800,6 +800,8 @@ pub struct LinkStatus {
     pub since: Option<Instant>,
     /// The remote socket address of the current (or last) connection.
     pub remote: Option<String>,
+    /// Why it last closed, failed to connect or was refused (cleared when it connects).
+    pub last_error: Option<String>,
 }
 
 /// One peer's links, for INFO and tests.
@@ -812,8 +814,6 @@ pub struct PeerStatus {
     pub outbound: LinkStatus,
     /// Its connection to us (its messages to us).
     pub inbound: LinkStatus,
-    /// Why the outbound link last failed or was refused, or the inbound one closed.
-    pub last_error: Option<String>,
     /// The epoch it reported in its last handshake.
     pub epoch: Option<u64>,
     /// Messages waiting in its outbound queue.
@@ -882,6 +882,12 @@ impl PeerNet {
         cfg: &ClusterConfig,
         epoch: impl Fn() -> u64 + Send + Sync + 'static,
     ) -> io::Result<(PeerNet, Receiver<Incoming>)> {
+        if cfg.secret.is_empty() && !cfg.peers.is_empty() {
+            log::warn!(
+                "no --cluster-secret: any host that reaches the client port can join this \
+                 cluster as a peer. Give every node the same --cluster-secret-file."
+            );
+        }
         let (incoming, rx) = bounded(INCOMING_MESSAGES);
         let (stop_tx, stop_rx) = bounded(0);
         let mut outbound = HashMap::new();
@@ -904,7 +910,6 @@ impl PeerNet {
                     addr: p.addr.clone(),
                     outbound: LinkStatus::default(),
                     inbound: LinkStatus::default(),
-                    last_error: None,
                     epoch: None,
                     queued: 0,
                     dropped: 0,
@@ -1069,7 +1074,7 @@ impl Inner {
                     self.set_status(id, |s| {
                         s.outbound.connected = false;
                         s.outbound.since = Some(Instant::now());
-                        s.last_error = Some(why.clone());
+                        s.outbound.last_error = Some(why.clone());
                     });
                     if self.stopping() {
                         break;
@@ -1081,7 +1086,7 @@ impl Inner {
                         DialError::Io(m) => (m.clone(), true),
                         DialError::Refused(r) => (r.to_string(), true),
                     };
-                    self.set_status(id, |s| s.last_error = Some(msg.clone()));
+                    self.set_status(id, |s| s.outbound.last_error = Some(msg.clone()));
                     if self.stopping() {
                         break;
                     }
@@ -1189,9 +1194,9 @@ impl Inner {
                 connected: true,
                 since: Some(Instant::now()),
                 remote,
+                last_error: None,
             };
             st.epoch = Some(challenged.peer_epoch());
-            st.last_error = None;
         });
         Ok(())
     }
@@ -1336,6 +1341,7 @@ impl Inner {
                 connected: true,
                 since: Some(Instant::now()),
                 remote: Some(addr.clone()),
+                last_error: None,
             };
             st.epoch = Some(accepting.dialer_epoch());
         });
@@ -1356,7 +1362,7 @@ impl Inner {
             self.set_status(id, |st| {
                 st.inbound.connected = false;
                 st.inbound.since = Some(Instant::now());
-                st.last_error = Some(format!("inbound: {why}"));
+                st.inbound.last_error = Some(why.to_string());
             });
         }
     }

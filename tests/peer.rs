@@ -20,7 +20,8 @@ use crossbeam_channel::Receiver;
 use kvstore::commands::Settings;
 use kvstore::config::{ClusterConfig, Peer};
 use kvstore::peer::{
-    FrameDecoder, HandshakeConfig, Incoming, NONCE_LEN, PeerNet, PeerStatus, encode_frame,
+    FrameDecoder, HandshakeConfig, Incoming, NONCE_LEN, PeerNet, PeerStatus, QUEUE_MESSAGES,
+    encode_frame,
 };
 use kvstore::protocol::Limits;
 use kvstore::server::{Server, ServerConfig, ShutdownHandle};
@@ -28,6 +29,7 @@ use kvstore::store::Options;
 use kvstore::wal::FsyncPolicy;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -113,8 +115,12 @@ struct Node {
     _dir: tempfile::TempDir,
 }
 
+/// Timers looser than the defaults: links here must not time out when a loaded machine
+/// (the whole suite on two cores) stalls a thread for a moment.
 fn cluster_config(id: u64, peers: &[(u64, String)], secret: &str) -> ClusterConfig {
     ClusterConfig {
+        failure_timeout: Duration::from_secs(2),
+        lease: Duration::from_secs(1),
         peers: peers
             .iter()
             .map(|(id, addr)| Peer {
@@ -204,10 +210,12 @@ fn cluster(ids: &[u64], secret: &str) -> Vec<Node> {
 // --- a TCP proxy the test can cut --------------------------------------------------------
 
 /// Forwards connections to `upstream`; [`Proxy::cut`] kills every connection it
-/// carries (new ones still go through).
+/// carries (new ones still go through); while closed ([`Proxy::set_open`]) it accepts
+/// connections and closes them at once.
 struct Proxy {
     addr: SocketAddr,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    open: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -215,10 +223,15 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let conns = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new(AtomicBool::new(true));
         let kept = conns.clone();
+        let is_open = open.clone();
         thread::spawn(move || {
             for down in listener.incoming() {
                 let Ok(down) = down else { return };
+                if !is_open.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let Ok(up) = TcpStream::connect(upstream) else {
                     continue;
                 };
@@ -239,7 +252,11 @@ impl Proxy {
                 pipe(up, down);
             }
         });
-        Proxy { addr, conns }
+        Proxy { addr, conns, open }
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.store(open, Ordering::SeqCst);
     }
 
     /// Kills every connection through the proxy, both ways.
@@ -329,6 +346,7 @@ fn a_wrong_secret_is_refused_with_the_logged_reason() {
     });
     wait_until(DEADLINE, "the dialer's status says why", || {
         nb.status(21)
+            .outbound
             .last_error
             .is_some_and(|e| e.contains("refused by the other side: wrong cluster secret"))
     });
@@ -363,6 +381,7 @@ fn a_duplicate_id_is_refused_with_the_logged_reason() {
     wait_until(DEADLINE, "the impostor told why", || {
         impostor
             .status(31)
+            .outbound
             .last_error
             .is_some_and(|e| e.contains("duplicate id 32"))
     });
@@ -546,4 +565,37 @@ fn peer_typed_by_a_client_is_an_error_not_a_hand_over() {
     wait_until(DEADLINE, "the refusal logged", || {
         logged(&["(claims id 77) refused: node id 77 is not a member"])
     });
+}
+
+/// While a peer cannot be reached, its queue fills; past its limit the oldest messages
+/// are dropped and `send` never blocks. When the link comes up, the rest arrive in order.
+#[test]
+fn a_full_queue_drops_the_oldest_and_never_blocks() {
+    capture_logs();
+    let (a, b) = (bind(), bind());
+    let a_addr = a.server.local_addr().to_string();
+    let proxy = Proxy::start(b.server.local_addr());
+    proxy.set_open(false);
+    let na = Node::start(a, cluster_config(71, &[(72, proxy.addr.to_string())], "s"));
+    let nb = Node::start(b, cluster_config(72, &[(71, a_addr)], "s"));
+    let extra = 10;
+    let total = (QUEUE_MESSAGES + extra) as u32;
+    for i in 0..total {
+        na.net.send(72, 1, i.to_le_bytes().to_vec()).unwrap();
+    }
+    let s = na.status(72);
+    assert!(!s.outbound.connected);
+    assert_eq!((s.queued, s.dropped), (QUEUE_MESSAGES, extra as u64));
+
+    proxy.set_open(true);
+    for want in extra as u32..total {
+        let m = nb.recv();
+        assert_eq!(m.from, 71);
+        assert_eq!(
+            m.payload,
+            want.to_le_bytes(),
+            "the oldest were dropped, in order"
+        );
+    }
+    wait_until(DEADLINE, "the queue drained", || na.status(72).queued == 0);
 }

@@ -77,7 +77,7 @@
 use crate::config::ClusterConfig;
 use crate::ratelog::{RateLimit, suppressed_note};
 use byteorder::{ByteOrder, LittleEndian};
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError, bounded, select};
 use hmac::{KeyInit, Mac};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -952,6 +952,15 @@ impl PeerNet {
         self.inner.hs.id
     }
 
+    /// Whether our link to peer `id` is up (it proved itself, and our messages go out).
+    pub fn is_connected(&self, id: u64) -> bool {
+        self.inner
+            .status
+            .lock()
+            .get(&id)
+            .is_some_and(|s| s.outbound.connected)
+    }
+
     /// Queues a message for peer `to`. Never blocks: a full queue drops its oldest
     /// message. Ok does not mean delivered (links break; see the module doc).
     pub fn send(&self, to: u64, kind: u8, payload: Vec<u8>) -> Result<(), SendError> {
@@ -1082,15 +1091,15 @@ impl Inner {
                     log::info!("peer link to node {id} at {addr} broke: {why}; reconnecting");
                 }
                 Err(e) => {
-                    let (msg, warn) = match &e {
-                        DialError::Io(m) => (m.clone(), true),
-                        DialError::Refused(r) => (r.to_string(), true),
+                    let msg = match e {
+                        DialError::Io(m) => m,
+                        DialError::Refused(r) => r.to_string(),
                     };
                     self.set_status(id, |s| s.outbound.last_error = Some(msg.clone()));
                     if self.stopping() {
                         break;
                     }
-                    if warn && last_logged.as_deref() != Some(msg.as_str()) {
+                    if last_logged.as_deref() != Some(msg.as_str()) {
                         log::warn!(
                             "peer link to node {id} at {addr} failed: {msg} (retrying; further \
                              failures like this one are logged at debug level)"
@@ -1113,13 +1122,23 @@ impl Inner {
     /// Connects to peer `id` and runs the dialer's side of the handshake.
     fn dial(&self, id: u64, addr: &str) -> Result<TcpStream, DialError> {
         let io = |what: &str, e: io::Error| DialError::Io(format!("{what}: {e}"));
-        let target = addr
+        // Every address the name resolves to, in turn ("localhost" may give ::1 first
+        // while the node listens on 127.0.0.1 only).
+        let mut last = DialError::Io("the address resolves to nothing".into());
+        let mut connected = None;
+        for target in addr
             .to_socket_addrs()
             .map_err(|e| io("cannot resolve the address", e))?
-            .next()
-            .ok_or_else(|| DialError::Io("the address resolves to nothing".into()))?;
-        let stream = TcpStream::connect_timeout(&target, HANDSHAKE_TIMEOUT)
-            .map_err(|e| io("cannot connect", e))?;
+        {
+            match TcpStream::connect_timeout(&target, HANDSHAKE_TIMEOUT) {
+                Ok(s) => {
+                    connected = Some(s);
+                    break;
+                }
+                Err(e) => last = io("cannot connect", e),
+            }
+        }
+        let stream = connected.ok_or(last)?;
         if let Ok(s) = stream.try_clone() {
             self.dialed.lock().insert(id, s);
         }
@@ -1305,12 +1324,19 @@ impl Inner {
             }
         };
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let handle = match stream.try_clone() {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("peer link from {addr}: cannot keep a handle on its socket: {e}");
+                return;
+            }
+        };
         let verdict = {
+            // Checked and registered under one lock: of two links proving one id at
+            // once, exactly one wins.
             let mut inbound = self.inbound.lock();
             let r = accepting.on_proof(&self.hs, &proof, |id| inbound.contains_key(&id));
-            if r.is_ok()
-                && let Ok(handle) = stream.try_clone()
-            {
+            if r.is_ok() {
                 inbound.insert(
                     claimed,
                     Inbound {
@@ -1367,6 +1393,19 @@ impl Inner {
         }
     }
 
+    /// Hands a message to the node, waiting while its channel is full (which stops this
+    /// link's reading: backpressure on the sender). False if the node is gone or we
+    /// are shutting down.
+    fn deliver(&self, mut msg: Incoming) -> bool {
+        loop {
+            match self.incoming.send_timeout(msg, self.heartbeat) {
+                Ok(()) => return true,
+                Err(SendTimeoutError::Timeout(m)) if !self.stopping() => msg = m,
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// Reads frames from a proved peer and delivers them, until the link closes.
     fn receive(
         &self,
@@ -1396,7 +1435,7 @@ impl Inner {
                             kind: f.kind,
                             payload: f.payload,
                         };
-                        if self.incoming.send(msg).is_err() {
+                        if !self.deliver(msg) {
                             return "the node no longer receives".into();
                         }
                     }

@@ -32,8 +32,10 @@
 //!
 //! `len u32 | crc32 u32 | kind u8 | payload`, little endian; `len` counts the kind byte
 //! and the payload (so it is never 0, and a zero-filled buffer is no frame), the CRC
-//! covers the same bytes. [`MAX_FRAME`] bounds `len`; [`FrameDecoder`] checks it before
-//! it waits for the body, so a peer cannot make us hold more than one maximal frame. A
+//! covers the same bytes. [`MAX_FRAME`] (the log's largest entry plus 1 MiB) bounds
+//! `len`; [`FrameDecoder`] checks it before it waits for the body, and grows its buffer
+//! only with bytes that arrived, so a peer cannot make us hold more than one maximal
+//! frame. A
 //! frame that fails its CRC, or is empty or oversized, closes the link (the stream is no
 //! longer trustworthy to resynchronise on). Kind [`KIND_LINK`] is the link's own
 //! (handshake proof, welcome, refusal, keepalive); every other kind is the node's.
@@ -95,9 +97,14 @@ use std::time::{Duration, Instant};
 
 /// Bytes before a frame's kind: `len u32 | crc32 u32`.
 pub const HEADER_LEN: usize = 8;
-/// The largest `len` (kind byte plus payload) a frame may declare. The node keeps its
-/// APPEND batches under it.
-pub const MAX_FRAME: usize = 64 << 20;
+/// The largest `len` (kind byte plus payload) a frame may declare: the log's largest
+/// entry ([`crate::wal::MAX_ENTRY`], a little over 1 GiB) plus 1 MiB for the message
+/// around it, so that any entry the log accepted can be replicated in one frame. The
+/// node keeps an APPEND of several entries under it (a large entry goes alone), and
+/// sends a snapshot in chunks. Only a peer that proved the secret gets to send one this
+/// big; before that the handshake reads a few hundred bytes.
+pub const MAX_FRAME: usize = crate::wal::MAX_ENTRY + (1 << 20);
+const _: () = assert!(MAX_FRAME <= u32::MAX as usize);
 /// The largest payload [`PeerNet::send`] takes.
 pub const MAX_PAYLOAD: usize = MAX_FRAME - 1;
 /// The link's own frames (handshake, keepalive); the node uses every other kind.
@@ -226,12 +233,19 @@ impl FrameDecoder {
         if actual != expected {
             return Err(FrameError::BadCrc { expected, actual });
         }
-        let frame = Frame {
-            kind,
-            payload: payload.to_vec(),
+        let payload = if self.start == 0 && end == self.buf.len() && end > 1 << 20 {
+            // A large frame that is all we hold: hand over the buffer itself rather
+            // than hold the payload twice (a 1 GiB entry would briefly take 2 GiB).
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.drain(..HEADER_LEN + 1);
+            self.start = 0;
+            buf
+        } else {
+            let p = payload.to_vec();
+            self.start += end;
+            p
         };
-        self.start += end;
-        Ok(Some(frame))
+        Ok(Some(Frame { kind, payload }))
     }
 
     /// The undecoded bytes (what followed the handshake, for the next reader).
@@ -1579,11 +1593,37 @@ mod tests {
     }
 
     #[test]
-    fn the_largest_frame_decodes() {
-        let payload = vec![9u8; MAX_PAYLOAD];
+    fn the_largest_frame_is_awaited_and_a_large_one_handed_over_whole() {
+        // A header declaring exactly MAX_FRAME is waited for (not refused), and nothing
+        // is allocated for it up front.
         let mut d = FrameDecoder::new();
-        d.extend(&frame(1, &payload));
-        assert_eq!(d.next_frame().unwrap().unwrap().payload.len(), MAX_PAYLOAD);
+        let mut h = (MAX_FRAME as u32).to_le_bytes().to_vec();
+        h.extend([0u8; 5]);
+        d.extend(&h);
+        assert_eq!(d.next_frame(), Ok(None));
+        assert!(d.buf.capacity() < 1024);
+        // A frame over 1 MiB that is all the buffer holds comes out without a copy,
+        // and the decoder goes on with the next one.
+        let big: Vec<u8> = (0..(3 << 20)).map(|i| i as u8).collect();
+        let mut d = FrameDecoder::new();
+        d.extend(&frame(4, &big));
+        assert_eq!(
+            d.next_frame(),
+            Ok(Some(Frame {
+                kind: 4,
+                payload: big.clone()
+            }))
+        );
+        assert_eq!(d.buffered(), 0);
+        d.extend(&frame(5, b"next"));
+        assert_eq!(d.next_frame().unwrap().unwrap().payload, b"next");
+        // Followed by more bytes: copied out, the rest kept.
+        let mut two = frame(4, &big);
+        two.extend(frame(6, b"x"));
+        let mut d = FrameDecoder::new();
+        d.extend(&two);
+        assert_eq!(d.next_frame().unwrap().unwrap().payload, big);
+        assert_eq!(d.next_frame().unwrap().unwrap().kind, 6);
     }
 
     #[test]

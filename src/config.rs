@@ -82,7 +82,8 @@ pub const MAX_SECRET_LEN: usize = 4096;
 /// The checked cluster configuration.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// This node's id (Bully priority), never 0.
+    /// This node's id (Bully priority). Never 0, except for a cluster of one on port 0,
+    /// whose id is the port the OS gives it (the server fills it in).
     pub id: u64,
     /// The other members; empty for a cluster of one.
     pub peers: Vec<Peer>,
@@ -144,13 +145,18 @@ impl ClusterConfig {
         a: &ClusterArgs,
         read_file: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
     ) -> Result<ClusterConfig, ConfigError> {
-        let id = a.id.unwrap_or(u64::from(a.port));
-        if id == 0 {
-            return Err(ConfigError::ZeroId);
-        }
         let peers = match &a.peers {
             Some(s) => parse_peers(s)?,
             None => Vec::new(),
+        };
+        let id = match (a.id, a.port) {
+            (Some(0), _) => return Err(ConfigError::ZeroId),
+            (Some(id), _) => id,
+            // Port 0: the OS picks one at bind. A cluster of one may (its id is then the
+            // port it got, filled in by the server); a member of a cluster may not, as
+            // its peers must know its id in advance.
+            (None, 0) if !peers.is_empty() => return Err(ConfigError::EphemeralPort),
+            (None, port) => u64::from(port),
         };
         for (i, p) in peers.iter().enumerate() {
             if p.id == id {
@@ -328,6 +334,7 @@ pub fn parse_peer(s: &str) -> Result<Peer, ConfigError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
     ZeroId,
+    EphemeralPort,
     BadPeer {
         entry: String,
         why: String,
@@ -354,6 +361,10 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::ZeroId => f.write_str("--id 0 is reserved: ids start at 1"),
+            ConfigError::EphemeralPort => f.write_str(
+                "port 0 (any free port) cannot be a node's id: with peers, give a fixed PORT \
+                 or an --id",
+            ),
             ConfigError::BadPeer { entry, why } => write!(
                 f,
                 "bad peer '{entry}': {why} (peers are host:port or ID@host:port, \
@@ -479,6 +490,17 @@ mod tests {
         let a = ClusterArgs::new(7001, Some("7001@10.0.0.2:7001"));
         let e = build(&a).unwrap_err();
         assert!(e.to_string().contains("own id 7001"), "{e}");
+
+        // Port 0 (any free port): fine alone (the server sets the id to the port it
+        // gets), not in a cluster unless an id is given.
+        assert_eq!(build(&ClusterArgs::new(0, None)).unwrap().id, 0);
+        assert_eq!(
+            build(&ClusterArgs::new(0, Some("h:2"))),
+            Err(ConfigError::EphemeralPort)
+        );
+        let mut a = ClusterArgs::new(0, Some("h:2"));
+        a.id = Some(1);
+        assert_eq!(build(&a).unwrap().id, 1);
 
         // Two members with one id: the same port on two hosts needs ID@.
         let a = ClusterArgs::new(7001, Some("10.0.0.2:7002,10.0.0.3:7002"));

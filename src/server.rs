@@ -167,6 +167,10 @@ impl Server {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let mut settings = cfg.settings.clone();
         settings.port = addr.port();
+        if settings.node_id == 0 {
+            // A cluster of one on port 0: its id defaults to its port, known only now.
+            settings.node_id = u64::from(addr.port());
+        }
         settings.bind = cfg.bind.clone();
         let ctx = Arc::new(Context::new(store, settings));
         let shared = Arc::new(Shared {

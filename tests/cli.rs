@@ -282,6 +282,11 @@ fn server_checks_the_cluster_flags_first() {
     );
     refused(&["7001", "localhost"], &[], "bad peer 'localhost'");
     refused(
+        &["0", peers],
+        &[],
+        "port 0 (any free port) cannot be a node's id",
+    );
+    refused(
         &[
             "7001",
             peers,

@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use kvstore::client::{self, ClientOptions};
 use kvstore::commands::Settings;
+use kvstore::config::{self, ClusterArgs, ClusterConfig, Replication};
 use kvstore::protocol::Limits;
 use kvstore::server::{self, Server, ServerConfig};
 use kvstore::store::{DEFAULT_DATABASES, Options};
@@ -48,16 +49,43 @@ struct ServerArgs {
     /// TCP port to listen on.
     #[arg(env = "KVSTORE_PORT", default_value_t = DEFAULT_PORT)]
     port: u16,
-    /// Other nodes of the cluster, comma-separated host:port (not available yet: this
-    /// version runs a cluster of one).
-    #[arg(env = "KVSTORE_PEERS")]
+    /// The other nodes of the cluster, comma-separated: host:port (their client port;
+    /// the node's id is that port) or ID@host:port (say which id answers there: needed
+    /// when a proxy or NAT sits between nodes). Not available yet: given peers, the
+    /// server checks the cluster flags, then says so and exits.
+    #[arg(env = "KVSTORE_PEERS", value_name = "PEERS")]
     peers: Option<String>,
     /// Address to bind; 0.0.0.0 listens on every interface.
     #[arg(long, env = "KVSTORE_BIND", default_value = "127.0.0.1")]
     bind: String,
-    /// This node's id (its Bully priority in a cluster) [default: the port].
+    /// This node's id: its Bully priority (the highest alive id leads) and the name the
+    /// other nodes know it by; unique in the cluster, never 0 [default: PORT, so nodes
+    /// on one machine need no ids].
     #[arg(long, env = "KVSTORE_ID")]
     id: Option<u64>,
+    /// The secret every node of the cluster shares; nodes prove it to each other (an
+    /// HMAC challenge-response: it never crosses the network). Prefer
+    /// --cluster-secret-file: a flag shows in `ps`.
+    #[arg(long, env = "KVSTORE_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
+    /// Read the cluster secret from this file (one trailing newline is ignored).
+    #[arg(long, env = "KVSTORE_CLUSTER_SECRET_FILE", value_name = "PATH")]
+    cluster_secret_file: Option<PathBuf>,
+    /// When a write is acknowledged: async (once the leader's log has it; a failover
+    /// may lose the last writes), quorum (once a majority, the leader included, has it
+    /// on disk), all (once every node has).
+    #[arg(long, env = "KVSTORE_REPLICATION", default_value = "quorum", value_parser = parse_replication)]
+    replication: Replication,
+    /// How often the leader sends heartbeats, in milliseconds.
+    #[arg(long, env = "KVSTORE_HEARTBEAT_MS", default_value_t = config::DEFAULT_HEARTBEAT_MS)]
+    heartbeat_ms: u64,
+    /// A follower that hears no leader for this long (ms) starts an election.
+    #[arg(long, env = "KVSTORE_FAILURE_TIMEOUT_MS", default_value_t = config::DEFAULT_FAILURE_TIMEOUT_MS)]
+    failure_timeout_ms: u64,
+    /// A leader that has not heard a majority for this long (ms) stops serving; must be
+    /// longer than --heartbeat-ms and shorter than --failure-timeout-ms.
+    #[arg(long, env = "KVSTORE_LEASE_MS", default_value_t = config::DEFAULT_LEASE_MS)]
+    lease_ms: u64,
     /// Directory for the log, snapshots and meta, locked while the server runs (one
     /// process per directory) [default: ./kvstore-data-PORT].
     #[arg(long, env = "KVSTORE_DATA_DIR")]
@@ -190,6 +218,10 @@ fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
     s.parse()
 }
 
+fn parse_replication(s: &str) -> Result<Replication, String> {
+    s.parse()
+}
+
 fn main() -> ExitCode {
     // Every connection is a thread, and the allocator gives each thread its own heap: with
     // transparent huge pages each heap would start as a 2 MiB page, over a megabyte of
@@ -234,10 +266,31 @@ fn main() -> ExitCode {
 }
 
 fn run_server(a: ServerArgs) -> ExitCode {
-    if let Some(peers) = a.peers.filter(|p| !p.trim().is_empty()) {
+    // The cluster flags are checked first, before anything is opened, so a mistake in
+    // them is what the operator hears about.
+    let cluster_args = ClusterArgs {
+        port: a.port,
+        peers: a.peers.clone(),
+        id: a.id,
+        secret: a.cluster_secret.clone(),
+        secret_file: a.cluster_secret_file.clone(),
+        replication: a.replication,
+        heartbeat_ms: a.heartbeat_ms,
+        failure_timeout_ms: a.failure_timeout_ms,
+        lease_ms: a.lease_ms,
+    };
+    let cluster = match ClusterConfig::from_args(&cluster_args, |p| std::fs::read(p)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kvstore: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !cluster.peers.is_empty() {
         eprintln!(
-            "kvstore: peers given ({peers}), but this version runs a cluster of one; start it \
-             without peers"
+            "kvstore: peers given ({}), but clustering is not available yet: this version \
+             runs a cluster of one; start it without peers",
+            a.peers.as_deref().unwrap_or_default().trim()
         );
         return ExitCode::from(2);
     }
@@ -281,7 +334,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
             proto_max_bulk_len: a.proto_max_bulk_len,
             client_query_buffer_limit: usize::try_from(a.client_query_buffer_limit)
                 .unwrap_or(usize::MAX),
-            node_id: a.id.unwrap_or(a.port as u64),
+            node_id: cluster.id,
             enable_debug_command: a.enable_debug_command,
         },
         limits: Limits {

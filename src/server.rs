@@ -44,9 +44,17 @@
 //!
 //! A panic in a connection thread is caught and logged; the connection closes, the
 //! server goes on.
+//!
+//! Peer links: another node of the cluster dials the client port and opens with
+//! `PEER HELLO …` ([`crate::peer`]). When a [`PeerNet`] is attached
+//! ([`Server::attach_peers`]), the connection answers what it received before, stops
+//! serving, and its thread becomes [`PeerNet::accept`], which finishes the handshake and
+//! receives that peer's messages. Without one, or for a malformed `PEER`, the client
+//! just gets an error reply.
 
 use crate::commands::{self, Context, Dispatched, Reply, Session, Settings};
 use crate::db::{Op, OpResult};
+use crate::peer::{self, Hello, PeerNet};
 use crate::protocol::Proto;
 use crate::protocol::{Limits, RequestParser, UNAUTH_MAX_QUERY_BUFFER, write_error};
 use crate::ratelog::{RateLimit, suppressed_note};
@@ -112,6 +120,8 @@ struct Shared {
     addr: SocketAddr,
     /// Every open connection, to shut its socket's read side on shutdown.
     conns: Mutex<HashMap<u64, Arc<ConnShared>>>,
+    /// The cluster's peer links, which take over connections that open with `PEER`.
+    peers: std::sync::OnceLock<Arc<PeerNet>>,
 }
 
 impl ShutdownHandle {
@@ -159,6 +169,10 @@ impl Server {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let mut settings = cfg.settings.clone();
         settings.port = addr.port();
+        if settings.node_id == 0 {
+            // A cluster of one on port 0: its id defaults to its port, known only now.
+            settings.node_id = u64::from(addr.port());
+        }
         settings.bind = cfg.bind.clone();
         let ctx = Arc::new(Context::new(store, settings));
         let shared = Arc::new(Shared {
@@ -166,6 +180,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             addr,
             conns: Mutex::new(HashMap::new()),
+            peers: std::sync::OnceLock::new(),
         });
         // SHUTDOWN reaches the server through the context. A weak reference: the
         // context belongs to `shared` and must not keep it alive.
@@ -195,6 +210,13 @@ impl Server {
 
     pub fn context(&self) -> Arc<Context> {
         self.shared.ctx.clone()
+    }
+
+    /// Lets connections that open with `PEER HELLO` become peer links of `net`. Call
+    /// before [`Server::run`] (connections accepted earlier answer `PEER` with an
+    /// error). Once only: a second call returns `net` back. Shutdown shuts `net` down.
+    pub fn attach_peers(&self, net: Arc<PeerNet>) -> Result<(), Arc<PeerNet>> {
+        self.shared.peers.set(net)
     }
 
     /// Accepts connections until shut down, then drains them and fsyncs the log.
@@ -243,6 +265,9 @@ impl Server {
         }
         drop(self.listener);
         log::info!("shutting down: no longer accepting connections");
+        if let Some(net) = self.shared.peers.get() {
+            net.shutdown();
+        }
         for c in self.shared.conns.lock().values() {
             let _ = c.stream.shutdown(Shutdown::Read);
         }
@@ -277,6 +302,7 @@ impl Server {
             stream,
         });
         shared.conns.lock().insert(id, conn.clone());
+        let peers = shared.peers.get().cloned();
         let cleanup = {
             let shared = shared.clone();
             move || {
@@ -297,9 +323,22 @@ impl Server {
                 move || {
                     let _guard = Guard(Some(cleanup));
                     let r = catch_unwind(AssertUnwindSafe(|| {
-                        match Connection::new(conn, session, limits) {
-                            Ok(c) => c.serve(),
-                            Err(e) => log::error!("cannot set up connection {id}: {e}"),
+                        let handoff =
+                            match Connection::new(conn.clone(), session, limits, peers.is_some()) {
+                                Ok(c) => c.serve(),
+                                Err(e) => {
+                                    log::error!("cannot set up connection {id}: {e}");
+                                    None
+                                }
+                            };
+                        // The connection opened a peer link: this thread is its receiver now.
+                        if let (Some((hello, leftover)), Some(net)) = (handoff, &peers) {
+                            match conn.stream.try_clone() {
+                                Ok(stream) => net.accept(stream, hello, &leftover),
+                                Err(e) => log::error!(
+                                    "cannot hand connection {id} to the peer links: {e}"
+                                ),
+                            }
                         }
                     }));
                     if let Err(panic) = r {
@@ -489,6 +528,11 @@ struct Connection {
     chunk: Box<[u8]>,
     /// The last read filled `chunk`: more input is likely waiting in the socket.
     more_input: bool,
+    /// Whether a `PEER HELLO` may hand this connection to the peer links.
+    cluster: bool,
+    /// Set when it opened with a well-formed `PEER HELLO`: [`Connection::serve`] stops
+    /// and returns it.
+    handoff: Option<Hello>,
 }
 
 impl Drop for Connection {
@@ -500,7 +544,12 @@ impl Drop for Connection {
 
 impl Connection {
     /// Sets up the connection on its own thread (the one that will serve it).
-    fn new(shared: Arc<ConnShared>, session: Session, limits: Limits) -> io::Result<Self> {
+    fn new(
+        shared: Arc<ConnShared>,
+        session: Session,
+        limits: Limits,
+        cluster: bool,
+    ) -> io::Result<Self> {
         // Block the wake-up signal in this thread, so that one sent while we are not in
         // ppoll waits for it; ppoll lets it through with `poll_mask` (the old mask, which
         // keeps SIGTERM/SIGINT blocked, minus the wake-up signal).
@@ -532,16 +581,20 @@ impl Connection {
             closing: false,
             chunk: vec![0u8; READ_CHUNK].into_boxed_slice(),
             more_input: false,
+            cluster,
+            handoff: None,
         })
     }
 
-    fn serve(mut self) {
+    /// Serves the client until it goes. Returns the `PEER HELLO` (and the bytes that
+    /// followed it) if the connection turned out to be a peer link.
+    fn serve(mut self) -> Option<(Hello, Vec<u8>)> {
         loop {
             let (unsent, inflight) = {
                 let mut ob = self.shared.outbox.lock();
                 ob.render_completed();
                 if ob.unsent() > 0 && ob.send(&self.shared.stream, &self.shared.ctx).is_err() {
-                    return;
+                    return None;
                 }
                 // A completion arriving from now on must signal us if we are about to
                 // `ppoll` (replies unsent and outcomes owed). If we end up not polling,
@@ -554,11 +607,11 @@ impl Connection {
                     "closing client {}: {unsent} bytes of replies unread (limit {MAX_OUTPUT})",
                     self.session.id
                 );
-                return;
+                return None;
             }
             if self.closing && unsent == 0 {
                 if inflight == 0 {
-                    return;
+                    return None;
                 }
                 // Answer every write the client sent before it went away.
                 self.wait_for_inflight();
@@ -570,11 +623,11 @@ impl Connection {
                     Ok(0) => self.closing = true,
                     Ok(n) => {
                         if !self.take_input(n) {
-                            return;
+                            return None;
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return,
+                    Err(_) => return None,
                 }
             } else if unsent == 0 {
                 // Only write outcomes are owed. Take input likely waiting (a pipelining
@@ -590,14 +643,14 @@ impl Connection {
                     Ok(Some(0)) => self.closing = true,
                     Ok(Some(n)) => {
                         if !self.take_input(n) {
-                            return;
+                            return None;
                         }
                     }
                     Ok(None) => {
                         self.wait_for_completion();
                         continue;
                     }
-                    Err(_) => return,
+                    Err(_) => return None,
                 }
             } else {
                 // Replies wait to be sent: wait for input, for room to send, or for an
@@ -610,23 +663,50 @@ impl Connection {
                     &self.poll_mask,
                 ) {
                     Ok(r) => r,
-                    Err(_) => return,
+                    Err(_) => return None,
                 };
                 if readable {
                     match recv_nonblocking(&self.shared.stream, &mut self.chunk) {
                         Ok(Some(0)) => self.closing = true,
                         Ok(Some(n)) => {
                             if !self.take_input(n) {
-                                return;
+                                return None;
                             }
                         }
                         Ok(None) => {}
-                        Err(_) => return,
+                        Err(_) => return None,
                     }
                 }
             }
             if self.shared.outbox.lock().unsent() < OUTPUT_PAUSE {
                 self.process();
+            }
+            if let Some(hello) = self.handoff.take() {
+                // Everything owed to the client goes first; the peer links own the
+                // socket from here.
+                if !self.flush() {
+                    return None;
+                }
+                return Some((hello, self.input[self.consumed..].to_vec()));
+            }
+        }
+    }
+
+    /// Sends every unsent reply, waiting for the socket as needed. False if the client
+    /// is gone.
+    fn flush(&self) -> bool {
+        loop {
+            {
+                let mut ob = self.shared.outbox.lock();
+                if ob.send(&self.shared.stream, &self.shared.ctx).is_err() {
+                    return false;
+                }
+                if ob.unsent() == 0 {
+                    return true;
+                }
+            }
+            if poll(self.shared.stream.as_raw_fd(), false, true, &self.poll_mask).is_err() {
+                return false;
             }
         }
     }
@@ -776,6 +856,27 @@ impl Connection {
                     break;
                 }
             };
+            if peer::is_peer_command(&args[0]) {
+                match Hello::parse(&args) {
+                    Ok(hello) if self.cluster => {
+                        // A node of the cluster dialing in: answer what came before, then
+                        // hand the connection over (serve returns it).
+                        self.submit();
+                        self.wait_for_inflight();
+                        self.handoff = Some(hello);
+                        break;
+                    }
+                    Ok(_) => self.reply(|_, out| {
+                        write_error(
+                            out,
+                            "ERR PEER refused: this node is not part of a cluster (it was \
+                             started without peers)",
+                        )
+                    }),
+                    Err(e) => self.reply(|_, out| write_error(out, &e)),
+                }
+                continue;
+            }
             let spec = commands::lookup(&args[0]);
             if crate::multi::intercepts(&self.session, spec) {
                 // A transaction's place in the log must follow this connection's earlier

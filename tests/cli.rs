@@ -244,3 +244,94 @@ fn default_data_dir_is_ignored_by_git() {
     });
     assert!(ignored, ".gitignore does not ignore /{name}/:\n{gitignore}");
 }
+
+/// The cluster flags are checked before anything is opened: a mistake in them is
+/// reported (exit 2) ahead of "clustering is not available yet", and no data directory
+/// is created. Every flag also reads its `KVSTORE_…` variable.
+#[test]
+fn server_checks_the_cluster_flags_first() {
+    let dir = DataDir::new();
+    let data = dir.path().join("never-created");
+    let data = data.to_str().expect("utf-8 temp path");
+    let refused = |args: &[&str], envs: &[(&str, &str)], want: &str| {
+        let mut all = vec!["server", "--data-dir", data];
+        all.extend_from_slice(args);
+        let out = kvstore(&all, envs, "");
+        assert_eq!(out.status.code(), Some(2), "{args:?} {envs:?}: {out:?}");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+        assert!(!std::path::Path::new(data).exists(), "{args:?}");
+    };
+    let peers = "127.0.0.1:7002,127.0.0.1:7003";
+    refused(&["7001", peers], &[], "clustering is not available yet");
+    refused(&["7001", peers, "--id", "0"], &[], "--id 0 is reserved");
+    refused(
+        &["7001", peers],
+        &[("KVSTORE_ID", "0")],
+        "--id 0 is reserved",
+    );
+    refused(&["7002", peers], &[], "this node's own id 7002");
+    refused(
+        &["7001", "10.0.0.1:7002,10.0.0.2:7002"],
+        &[],
+        "have the same id 7002",
+    );
+    refused(
+        &["7001", "2@10.0.0.1:7002,3@10.0.0.2:7002"],
+        &[],
+        "not available yet",
+    );
+    refused(&["7001", "localhost"], &[], "bad peer 'localhost'");
+    refused(
+        &["0", peers],
+        &[],
+        "port 0 (any free port) cannot be a node's id",
+    );
+    refused(
+        &[
+            "7001",
+            peers,
+            "--cluster-secret",
+            "a",
+            "--cluster-secret-file",
+            "/nonexistent",
+        ],
+        &[],
+        "not both",
+    );
+    refused(
+        &[
+            "7001",
+            peers,
+            "--cluster-secret-file",
+            "/nonexistent/secret",
+        ],
+        &[],
+        "cannot use --cluster-secret-file /nonexistent/secret",
+    );
+    refused(
+        &["7001", "--lease-ms", "500"],
+        &[],
+        "must be shorter than --failure-timeout-ms",
+    );
+    refused(
+        &["7001"],
+        &[
+            ("KVSTORE_LEASE_MS", "900"),
+            ("KVSTORE_FAILURE_TIMEOUT_MS", "800"),
+        ],
+        "--lease-ms (900) must be shorter than --failure-timeout-ms (800)",
+    );
+    refused(
+        &["7001", "--heartbeat-ms", "400"],
+        &[],
+        "longer than --heartbeat-ms",
+    );
+    let out = kvstore(&["server", "--replication", "most"], &[], "");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        stderr(&out).contains("expected async, quorum or all"),
+        "{out:?}"
+    );
+    let out = kvstore(&["server"], &[("KVSTORE_REPLICATION", "sometimes")], "");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

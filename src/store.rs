@@ -1717,6 +1717,43 @@ mod tests {
         assert!(err.to_string().contains("was committed"), "{err}");
     }
 
+    /// The log cannot tell a payload it holds from garbage; the store's replay can, and a
+    /// command that does not decode is corruption, named with its file and offset.
+    #[test]
+    fn a_command_that_does_not_decode_is_corruption() {
+        use crate::log::{LogEntry, LogStore};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), opts()).unwrap();
+            s.set(b"a", b"1").unwrap();
+        }
+        {
+            let mut bad = Vec::new();
+            Command::noop().encode(&mut bad);
+            let code = bad.len() - 1;
+            bad[code] = 99;
+            let (mut w, _) =
+                Wal::open(dir.path(), WalOptions::default(), |_| {}, |_| Ok(())).unwrap();
+            // A no-op entry (empty payload) is fine; the next one is not.
+            let entries = [
+                LogEntry {
+                    index: 2,
+                    epoch: 0,
+                    payload: Vec::new(),
+                },
+                LogEntry {
+                    index: 3,
+                    epoch: 0,
+                    payload: bad,
+                },
+            ];
+            LogStore::append(&mut w, &entries).unwrap();
+        }
+        let err = Store::open(dir.path(), opts()).unwrap_err().to_string();
+        assert!(err.contains("entry 3: unknown operation code 99"), "{err}");
+        assert!(err.contains("byte offset"), "{err}");
+    }
+
     #[test]
     fn concurrent_writers_share_commits_and_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();

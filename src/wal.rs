@@ -84,6 +84,18 @@
 //! shutdown if `meta` is removed with it), and a whole data directory replaced by an
 //! older copy.
 //!
+//! # The log as the node sees it
+//!
+//! `impl LogStore for Wal` serves the replication node from the same files. An in-memory
+//! index, built by recovery and kept by every append, holds per segment the offsets of
+//! some of its batches (the first, then one per 4 KiB of segment: a read seeks to
+//! the mark before the index it wants and reads on from there) and, for the whole log,
+//! the runs of entries of one epoch, so `epoch_at` needs no I/O. `truncate_after` cuts at
+//! a batch boundary by truncating the file, and inside a batch by rewriting the segment
+//! atomically (every batch keeps its own checksum); `install_snapshot` orders its steps
+//! so that every state between them is a log recovery reads (see there). A compaction
+//! prunes segments on its own thread; [`Wal::note_pruned`] brings the index up to date.
+//!
 //! # Files appear atomically
 //!
 //! New segments, snapshots and `meta` are written under a `.tmp` name, fsync'd, renamed,
@@ -1328,6 +1340,10 @@ pub struct Wal {
     snapshot: (u64, u64),
     /// The meta file as last read or written through this log.
     meta: Meta,
+    /// Bumped whenever the log is cut back ([`LogStore::truncate_after`], an install): a
+    /// [`SyncHandle`] taken before covers bytes that may no longer be there, so its
+    /// report must not move `synced_len` or `durable_index`.
+    generation: u64,
     _lock: DirLock,
 }
 
@@ -1387,6 +1403,7 @@ pub struct SyncHandle {
     first_index: u64,
     len: u64,
     last_index: u64,
+    generation: u64,
 }
 
 /// A read-only scan of one data directory (recovery and `check-log`).
@@ -1734,6 +1751,7 @@ impl Wal {
             epochs: scan.epochs,
             snapshot: scan.snapshot,
             meta: report.meta,
+            generation: 0,
             _lock: lock,
         };
         Ok((wal, report))
@@ -1809,11 +1827,16 @@ impl Wal {
             first_index: self.file_first_index,
             len: self.file_len,
             last_index: self.last_index,
+            generation: self.generation,
         })
     }
 
     /// Records that the fsync of `h` completed.
     pub fn synced(&mut self, h: &SyncHandle) {
+        if h.generation != self.generation {
+            // The log was cut back meanwhile (and the cut fsync'd what it kept).
+            return;
+        }
         if h.first_index == self.file_first_index {
             self.synced_len = self.synced_len.max(h.len);
         }
@@ -2195,6 +2218,7 @@ impl Wal {
                 index + 1
             )));
         };
+        self.generation += 1;
         for seg in self.segments[si + 1..].iter().rev() {
             let path = self.dir.join(segment_name(seg.first));
             match fs::remove_file(&path) {
@@ -2255,7 +2279,9 @@ impl Wal {
             let written = File::open(&path)
                 .and_then(|src| {
                     let mut out = File::create(&tmp)?;
-                    io::copy(&mut src.take(cut_at), &mut out)?;
+                    if io::copy(&mut src.take(cut_at), &mut out)? != cut_at {
+                        return Err(io::Error::other("segment shorter than its index says"));
+                    }
                     out.write_all(bytes)?;
                     out.sync_all()
                 })
@@ -3735,5 +3761,28 @@ mod tests {
         assert_eq!(w.segments.len(), list_dir(w.dir()).unwrap().segments.len());
         let w = open(Some(w));
         assert_eq!(w.read(11, usize::MAX).unwrap(), entries[10..]);
+    }
+
+    /// An `everysec` fsync that was under way when the log was cut back reports on bytes
+    /// that are gone: it must not move what the log claims is on disk.
+    #[test]
+    fn a_sync_from_before_a_cut_claims_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            fsync: FsyncPolicy::EverySec,
+            segment_size: 1 << 20,
+        };
+        let (mut w, _) = open_collect(dir.path(), opts.clone()).unwrap();
+        let entries: Vec<LogEntry> = (1..=6).map(|i| set(i, "k", "v")).collect();
+        LogStore::append(&mut w, &entries).unwrap();
+        let h = w.take_sync_handle().unwrap();
+        h.file.sync_data().unwrap();
+        w.truncate_after(2).unwrap();
+        w.synced(&h);
+        assert_eq!((w.durable_index(), w.synced_len), (2, w.file_len));
+        LogStore::append(&mut w, &[set(3, "x", "y")]).unwrap();
+        drop(w);
+        let (_, got) = open_collect(dir.path(), opts).unwrap();
+        assert_eq!(got, [&entries[..2], &[set(3, "x", "y")]].concat());
     }
 }

@@ -888,6 +888,22 @@ mod tests {
         assert_eq!(db.live_bytes(), 0);
     }
 
+    /// The log's no-op entry (an empty payload) moves the applied index and nothing else.
+    #[test]
+    fn a_noop_entry_only_moves_the_applied_index() {
+        let mut db = Db::new(2);
+        db.apply_entry(entry(
+            1,
+            0,
+            set_op("k", "v", Expiry::Never, Condition::Always, false),
+        ));
+        let noop = Command::decode(&[]).unwrap();
+        assert_eq!(db.apply(2, noop), OpResult::Ok);
+        assert_eq!(db.applied_index(), 2);
+        assert_eq!(db.keyspace(0).len(), 1);
+        assert_eq!(db.keyspace(1).len(), 0);
+    }
+
     /// Operations apply to their own database only; MOVE, SWAPDB, COPY … DB, FLUSHDB and
     /// FLUSHALL act across databases as Redis's do, and an index beyond the count is
     /// refused without effect.

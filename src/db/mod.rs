@@ -7,11 +7,13 @@
 //!
 //! # How data enters
 //!
-//! - [`Db::apply`] of a committed log entry, in log order. The operation type, [`Op`],
-//!   is the state machine's own (`op.rs`, with its byte codec): the command layer builds
-//!   one from a request, the log stores its bytes without looking inside, and applying
-//!   it depends only on the databases and the entry (its timestamp stands in for the
-//!   clock), so a restart or a follower replaying the log reaches the same state.
+//! - [`Db::apply`] of a committed log entry's [`Command`], in log order. The operation
+//!   type, [`Op`], is the state machine's own (`op.rs`, with its byte codec): the command
+//!   layer builds one from a request, the store wraps it in a [`Command`] (its database
+//!   and the leader's clock; `command.rs`) whose bytes the log stores as an opaque
+//!   payload, and applying it depends only on the databases and the command (its
+//!   timestamp stands in for the clock), so a restart or a follower replaying the log
+//!   reaches the same state. An empty payload is a no-op entry.
 //!   Canonical commands ([`Op::Cmd`]) are applied by `exec.rs`, which hands each family
 //!   to its file: `strings.rs` (APPEND, SETRANGE, GETDEL, GETEX, INCRBYFLOAT),
 //!   `keyspace.rs` (RENAME, COPY, FLUSHDB, and MOVE, SWAPDB, COPY … DB, FLUSHALL, which

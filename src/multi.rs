@@ -699,15 +699,14 @@ mod tests {
                 super::Queued::Local(_) | super::Queued::Refused(_) => None,
             })
             .collect();
-        let entry = crate::wal::Entry {
-            index: u64::MAX,
-            epoch: u64::MAX,
+        let command = crate::db::Command {
             ts_ms: u64::MAX,
             db: u32::MAX,
             op: crate::db::Op::Multi { ops },
         };
-        let mut buf = Vec::new();
-        crate::wal::encode_entry(&entry, &mut buf);
+        // The record as the log holds it: its length and header, then the payload.
+        let mut buf = vec![0; crate::wal::RECORD_HEADER];
+        command.encode(&mut buf);
         assert!(
             buf.len() <= tx.bytes + 64,
             "{} > {} + 64",

@@ -4,9 +4,10 @@
 //! databases, each a [`Keyspace`] of keys, deadlines and counters; the map, the expiry
 //! index, the operation type and `apply` are the state machine's, in `src/db/`, with
 //! private fields) and the write-ahead log. Reads lock the map and look at one database
-//! ([`Store::read`]). Writes never touch the map directly: a write becomes log
-//! [`Entry`]s naming their database, the entries are appended (and fsync'd as `--fsync`
-//! asks), and only then are they applied, in log order, by [`Db::apply`]. Recovery is the same `apply` run over the snapshot and the log, so
+//! ([`Store::read`]). Writes never touch the map directly: a write becomes
+//! [`Command`]s naming their database, encoded as the payloads of log entries, which are
+//! appended (and fsync'd as `--fsync` asks), and only then are the commands applied, in
+//! log order, by [`Db::apply`]. Recovery is the same `apply` run over the snapshot and the log, so
 //! what a client was told is exactly what a restart rebuilds; a snapshot or log that
 //! names a database beyond [`Options::databases`] is refused rather than half applied.
 //!
@@ -68,9 +69,11 @@
 //! SWAPDB: Redis's FLUSHALL kills a running BGSAVE too) gives the snapshot up: its temp
 //! file goes, nothing is pruned, and the log still holds every write.
 
-use crate::db::{Condition, Db, ERR_DB_RANGE, ERR_NOT_INTEGER, Expiry, Keyspace, Op, OpResult};
+use crate::db::{
+    Command, Condition, Db, ERR_DB_RANGE, ERR_NOT_INTEGER, Expiry, Keyspace, Op, OpResult,
+};
 use crate::wal::{
-    self, BatchBuf, Entry, FsyncPolicy, RecoveryReport, SnapshotPart, Wal, WalError, WalOptions,
+    self, BatchBuf, FsyncPolicy, RecoveryReport, SnapshotPart, Wal, WalError, WalOptions,
 };
 use crate::watch::{KeyState, Watches};
 use parking_lot::{Mutex, MutexGuard};
@@ -288,7 +291,8 @@ impl Drop for Deliveries {
 struct Queue {
     next_index: u64,
     buf: BatchBuf,
-    entries: Vec<Entry>,
+    /// The queued commands with their log indexes (their bytes are in `buf`).
+    entries: Vec<(u64, Command)>,
     waiters: Vec<Waiter>,
 }
 
@@ -297,7 +301,8 @@ struct Queue {
 /// here for its node's [`Store::commit_to`].
 #[derive(Default)]
 struct Unapplied {
-    entries: VecDeque<Entry>,
+    /// Commands with their log indexes, in log order.
+    entries: VecDeque<(u64, Command)>,
     waiters: VecDeque<Waiter>,
 }
 
@@ -417,17 +422,22 @@ impl Store {
                 }
             },
             |e| {
-                if e.index > commit_limit {
-                    unapplied.entries.push_back(e);
-                    return;
+                // Decoded once, straight from the log's buffer; a payload that does not
+                // decode is reported by the log as corruption at its file and offset.
+                let command = Command::decode(e.payload)?;
+                let index = e.index;
+                if index > commit_limit {
+                    unapplied.entries.push_back((index, command));
+                    return Ok(());
                 }
-                let (index, entry_db) = (e.index, e.db);
+                let entry_db = command.db;
                 // Dispatch checks every index against the same count, so only a log
                 // written with more databases makes an entry fail this way.
-                if db.borrow_mut().apply(e) == OpResult::Error(ERR_DB_RANGE) {
+                if db.borrow_mut().apply(index, command) == OpResult::Error(ERR_DB_RANGE) {
                     let d = (entry_db >= databases).then_some(entry_db);
                     too_few(d, format!("log entry {index}"));
                 }
+                Ok(())
             },
         )?;
         if let Some(e) = beyond.into_inner() {
@@ -723,21 +733,16 @@ impl Store {
             let first = q.next_index;
             let mut refused = None;
             for (i, op) in ops.into_iter().enumerate() {
-                let entry = Entry {
-                    index: first + i as u64,
-                    epoch,
-                    ts_ms,
-                    db,
-                    op,
-                };
-                if let Err(e) = q.buf.push(&entry) {
+                let index = first + i as u64;
+                let command = Command { ts_ms, db, op };
+                if let Err(e) = q.buf.push_with(index, epoch, |out| command.encode(out)) {
                     // Refused before anything of this submission was logged.
                     q.buf.rollback(mark);
                     q.entries.truncate(q.entries.len() - i);
                     refused = Some(e);
                     break;
                 }
-                q.entries.push(entry);
+                q.entries.push((index, command));
             }
             match refused {
                 Some(e) => Err((e, done)),
@@ -886,7 +891,7 @@ impl Store {
         if inner.panic_next_flush.swap(false, Ordering::Relaxed) {
             panic!("injected panic in the log writer");
         }
-        let last = entries.last().map_or(0, |e| e.index);
+        let last = entries.last().map_or(0, |e| e.0);
         let started = std::time::Instant::now();
         let res = match inner.failed.get() {
             Some(why) => Err(why.clone()),
@@ -949,8 +954,8 @@ impl Store {
     fn apply_committed(&self, commit: u64) -> (Deliveries, u64) {
         let inner = &*self.inner;
         let mut u = inner.unapplied.lock();
-        let n = u.entries.partition_point(|e| e.index <= commit);
-        let Some(base) = u.entries.front().map(|e| e.index).filter(|_| n > 0) else {
+        let n = u.entries.partition_point(|e| e.0 <= commit);
+        let Some(base) = u.entries.front().map(|e| e.0).filter(|_| n > 0) else {
             return (Deliveries::default(), 0);
         };
         let answered = u.waiters.partition_point(|w| w.last <= commit);
@@ -961,8 +966,8 @@ impl Store {
             let (a, b) = u.entries.as_slices();
             db.touch(&a[..n.min(a.len())]);
             db.touch(&b[..n.saturating_sub(a.len())]);
-            for e in u.entries.drain(..n) {
-                results.push(db.apply(e));
+            for (index, command) in u.entries.drain(..n) {
+                results.push(db.apply(index, command));
             }
             db.live_bytes()
         };
@@ -1163,6 +1168,8 @@ impl Store {
         };
         wal::write_meta(&inner.dir, &meta)?;
         *written = meta;
+        // The log's own copy, which its truncation checks against.
+        inner.wal.lock().note_meta(meta);
         Ok(())
     }
 
@@ -1708,6 +1715,43 @@ mod tests {
             .unwrap();
         let err = Store::open(dir.path(), opts()).unwrap_err();
         assert!(err.to_string().contains("was committed"), "{err}");
+    }
+
+    /// The log cannot tell a payload it holds from garbage; the store's replay can, and a
+    /// command that does not decode is corruption, named with its file and offset.
+    #[test]
+    fn a_command_that_does_not_decode_is_corruption() {
+        use crate::log::{LogEntry, LogStore};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), opts()).unwrap();
+            s.set(b"a", b"1").unwrap();
+        }
+        {
+            let mut bad = Vec::new();
+            Command::noop().encode(&mut bad);
+            let code = bad.len() - 1;
+            bad[code] = 99;
+            let (mut w, _) =
+                Wal::open(dir.path(), WalOptions::default(), |_| {}, |_| Ok(())).unwrap();
+            // A no-op entry (empty payload) is fine; the next one is not.
+            let entries = [
+                LogEntry {
+                    index: 2,
+                    epoch: 0,
+                    payload: Vec::new(),
+                },
+                LogEntry {
+                    index: 3,
+                    epoch: 0,
+                    payload: bad,
+                },
+            ];
+            LogStore::append(&mut w, &entries).unwrap();
+        }
+        let err = Store::open(dir.path(), opts()).unwrap_err().to_string();
+        assert!(err.contains("entry 3: unknown operation code 99"), "{err}");
+        assert!(err.contains("byte offset"), "{err}");
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! The write-ahead log: record codec, segment files, snapshots, the meta file, the data
 //! directory's lock, recovery and repair.
 //!
-//! Every write becomes an [`Entry`] (log index, epoch, the leader's clock, an [`Op`]) and is
-//! appended to the current segment file before the map changes. The operation is the state
-//! machine's type: this module frames entries and leaves the operation's own bytes to its
-//! codec ([`crate::db::op`]). Data enters as entries
-//! pushed into a [`BatchBuf`] (the store's group commit encodes many writers' entries into
-//! one) and written by [`Wal::append`]; it leaves through [`Wal::open`], which replays the
-//! newest snapshot and then every later entry, in index order, through a callback.
+//! Every write becomes a log entry (index, epoch, and an opaque payload: the state
+//! machine's encoding of the command, `db/command.rs`; empty for a no-op) and is appended
+//! to the current segment file before the map changes. This module frames entries and
+//! never looks inside a payload. Data enters as entries pushed into a [`BatchBuf`] (the
+//! store's group commit encodes many writers' commands straight into one, with
+//! [`BatchBuf::push_with`]) and written by [`Wal::append`], or through the node's
+//! [`LogStore`] interface (`impl LogStore for Wal`, at the end of this file); it leaves
+//! through [`Wal::open`], which replays the newest snapshot and then every later entry, in
+//! index order, through a callback that borrows each payload ([`EntryRef`]), and through
+//! [`LogStore::read`].
 //!
 //! # On-disk format (version 2)
 //!
@@ -21,9 +24,9 @@
 //! batch   := 0xB8 | len: u32 LE | crc32(salt ++ len ++ body): u32 LE | body
 //! body    := synced: u64 LE | count: u32 LE | record * count
 //! record  := len: u32 LE | entry
-//! entry   := version u8 (2) | index u64 | epoch u64 | ts_ms u64 | db u32 | op
-//! op      := code u8 | fields            (0 Noop, 1 Set, 2 Del, 3 MSet, 4 IncrBy, 5 Cmd)
-//!          | 6 | n: u32 LE | n × (db: u32 LE | op)     (written and read by `db/op.rs`)
+//! entry   := version u8 (2) | index u64 | epoch u64 | payload
+//! payload := (empty: a no-op entry) | ts_ms u64 | db u32 | op    (the state machine's:
+//!                                                    `db/command.rs` and `db/op.rs`)
 //! ```
 //!
 //! `synced` is how far this segment had been fsync'd when the batch was written. The unit
@@ -34,17 +37,12 @@
 //! salt keeps a client's value, however crafted, from ever passing for a batch. Snapshots
 //! and `meta` are written whole and atomically, as frames `0xB7 | len | crc32 | payload`.
 //!
-//! In an entry, `epoch` is the leader's term (the cluster's fencing token), `ts_ms` the
-//! leader's wall clock when it accepted the write, which lets expiry be decided
-//! deterministically on replay (see `store.rs`), and `db` the database (Redis's `SELECT`
-//! index) the operation applies to. Commands that span databases name the others in their
-//! arguments (`MOVE key 3`, `SWAPDB 0 1`, `COPY a b DB 2`); `FLUSHALL` empties every
-//! database whatever its `db`.
-//!
-//! Code 6 is a MULTI/EXEC transaction ([`Op::Multi`]): one entry, so it is applied (and
-//! will be replicated) whole or not at all; each of its ops names its own database (SELECT
-//! may come between them). Its ops are never transactions themselves, and the decoder
-//! refuses a count larger than the record could hold.
+//! In an entry, `epoch` is the leader's term (the cluster's fencing token). The payload is
+//! the state machine's business (today: the leader's clock, the database and the
+//! operation); a payload the store cannot decode during recovery is reported here as
+//! corruption at its batch's file and offset, like any other damage. Entry version 1
+//! (before databases existed) cannot occur: its segments have format 1, whose header
+//! recovery refuses.
 //!
 //! A snapshot file (`KVSNP`, version 2) is the header, then frames: `M` (index, epoch,
 //! key count), then for each database that has keys a `D` frame (db u32, its key count,
@@ -58,8 +56,8 @@
 //!
 //! [`MAX_ENTRY`] and [`MAX_BATCH`] bound what the writer writes and what the reader
 //! accepts, in one place ([`Limits`]), so whatever the log accepts it reads back: an entry
-//! over the limit is refused by [`BatchBuf::push`] before anything is written (the store
-//! answers that write with an error and logs nothing of it).
+//! over the limit is refused by [`BatchBuf::push_with`] before anything is written (the
+//! store answers that write with an error and logs nothing of it).
 //!
 //! # Damage
 //!
@@ -72,7 +70,8 @@
 //! and the cause, and points to `kvstore check-log`:
 //! - a bad batch that a later batch proves was fsync'd, or one in a segment that is not the
 //!   last (a segment is fsync'd before the next begins);
-//! - a batch that passed its checksum but holds a record that does not decode;
+//! - a batch that passed its checksum but holds a record that does not decode (the log's
+//!   header, or the payload as the replay callback decodes it);
 //! - indexes that are not consecutive: a gap between segments, or a duplicate or backward
 //!   index that no snapshot covers (two writers on one directory would leave that);
 //! - a bad segment or snapshot header, or a damaged snapshot;
@@ -84,6 +83,18 @@
 //! `meta` recorded the commit index (up to a second of writes, or everything after a clean
 //! shutdown if `meta` is removed with it), and a whole data directory replaced by an
 //! older copy.
+//!
+//! # The log as the node sees it
+//!
+//! `impl LogStore for Wal` serves the replication node from the same files. An in-memory
+//! index, built by recovery and kept by every append, holds per segment the offsets of
+//! some of its batches (the first, then one per 4 KiB of segment: a read seeks to
+//! the mark before the index it wants and reads on from there) and, for the whole log,
+//! the runs of entries of one epoch, so `epoch_at` needs no I/O. `truncate_after` cuts at
+//! a batch boundary by truncating the file, and inside a batch by rewriting the segment
+//! atomically (every batch keeps its own checksum); `install_snapshot` orders its steps
+//! so that every state between them is a log recovery reads (see there). A compaction
+//! prunes segments on its own thread; [`Wal::note_pruned`] brings the index up to date.
 //!
 //! # Files appear atomically
 //!
@@ -100,9 +111,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The operation type and its parts, re-exported from the state machine that owns them
-/// (the log only frames their bytes).
-pub use crate::db::{Condition, Expiry, Op};
+pub use crate::log::LogEntry;
+use crate::log::LogStore;
 
 /// First byte of every snapshot and meta frame.
 pub const MAGIC: u8 = 0xB7;
@@ -143,8 +153,10 @@ const SNAPSHOT_HEADER: &[u8; 8] = b"KVSNP\x00\x00\x02";
 const SNAPSHOT_HEADER_V1: &[u8; 8] = b"KVSNP\x00\x00\x01";
 const META_HEADER: &[u8; 8] = b"KVMETA\x00\x01";
 const ENTRY_VERSION: u8 = 2;
-/// Entries written before databases existed: no `db` field (database 0).
-const ENTRY_VERSION_V1: u8 = 1;
+/// Bytes of an entry's own header: version, index, epoch. The payload follows.
+pub const ENTRY_HEADER: usize = 17;
+/// Bytes a record adds to its payload: its length, then the entry header.
+pub const RECORD_HEADER: usize = 4 + ENTRY_HEADER;
 
 /// When the log is fsync'd (`--fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,16 +193,26 @@ impl fmt::Display for FsyncPolicy {
     }
 }
 
-/// One log record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+/// One entry as the log reads it, its payload borrowed from the log's buffer: replay
+/// hands these out so that the store decodes each value once, straight from the bytes
+/// read (replay speed matters), never through a copy of the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryRef<'a> {
     pub index: u64,
     pub epoch: u64,
-    /// The leader's wall clock (Unix ms) when it accepted the write.
-    pub ts_ms: u64,
-    /// The database (`SELECT` index) `op` applies to.
-    pub db: u32,
-    pub op: Op,
+    /// Opaque to the log; empty for a no-op entry.
+    pub payload: &'a [u8],
+}
+
+impl EntryRef<'_> {
+    /// An owned copy.
+    pub fn to_entry(&self) -> LogEntry {
+        LogEntry {
+            index: self.index,
+            epoch: self.epoch,
+            payload: self.payload.to_vec(),
+        }
+    }
 }
 
 /// What can go wrong with the log.
@@ -211,6 +233,10 @@ pub enum WalError {
         dir: PathBuf,
         pid: Option<u32>,
     },
+    /// A request the log refuses, with nothing changed: an append that does not follow
+    /// the last entry, a read of entries compacted into the snapshot, a truncation below
+    /// the commit index, an entry over the size limit, a snapshot that does not decode.
+    Refused(String),
 }
 
 impl WalError {
@@ -259,6 +285,7 @@ impl fmt::Display for WalError {
                      --data-dir)",
                 )
             }
+            WalError::Refused(why) => write!(f, "log request refused: {why}"),
         }
     }
 }
@@ -293,23 +320,17 @@ fn frame(out: &mut Vec<u8>, payload_fn: impl FnOnce(&mut Vec<u8>)) {
     LittleEndian::write_u32(&mut out[start + 5..start + 9], crc);
 }
 
-/// Appends `entry` as a record (`len | payload`) to `out`, as it sits inside a batch.
-pub fn encode_entry(entry: &Entry, out: &mut Vec<u8>) {
+/// Appends a record (`len | version | index | epoch | payload`) to `out`, as it sits
+/// inside a batch, with `payload` writing the payload's bytes straight into `out`.
+fn encode_record(out: &mut Vec<u8>, index: u64, epoch: u64, payload: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    encode_payload(entry, out);
+    out.push(ENTRY_VERSION);
+    put_u64(out, index);
+    put_u64(out, epoch);
+    payload(out);
     let len = (out.len() - start - 4) as u32;
     LittleEndian::write_u32(&mut out[start..start + 4], len);
-}
-
-/// The bytes of one entry (what a record's length counts and `decode_entry` reads).
-pub fn encode_payload(entry: &Entry, p: &mut Vec<u8>) {
-    p.push(ENTRY_VERSION);
-    put_u64(p, entry.index);
-    put_u64(p, entry.epoch);
-    put_u64(p, entry.ts_ms);
-    put_u32(p, entry.db);
-    crate::db::op::encode(&entry.op, p);
 }
 
 /// A cursor over a payload that reports truncation instead of panicking.
@@ -352,31 +373,22 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes an entry payload (the bytes inside a frame).
-pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
-    let mut r = Reader {
-        buf: payload,
-        pos: 0,
+/// Decodes an entry (the bytes a record's length counts): the log's header, and the
+/// payload as a borrowed slice.
+pub fn decode_entry(entry: &[u8]) -> Result<EntryRef<'_>, String> {
+    let Some(&version) = entry.first() else {
+        return Err("record truncated at payload byte 0".into());
     };
-    let version = r.u8()?;
-    if version != ENTRY_VERSION && version != ENTRY_VERSION_V1 {
+    if version != ENTRY_VERSION {
         return Err(format!("unknown record version {version}"));
     }
-    let index = r.u64()?;
-    let epoch = r.u64()?;
-    let ts_ms = r.u64()?;
-    let db = if version == ENTRY_VERSION_V1 {
-        0
-    } else {
-        r.u32()?
-    };
-    let op = crate::db::op::decode(payload, r.pos)?;
-    Ok(Entry {
-        index,
-        epoch,
-        ts_ms,
-        db,
-        op,
+    if entry.len() < ENTRY_HEADER {
+        return Err(format!("record truncated at payload byte {}", entry.len()));
+    }
+    Ok(EntryRef {
+        index: LittleEndian::read_u64(&entry[1..9]),
+        epoch: LittleEndian::read_u64(&entry[9..17]),
+        payload: &entry[ENTRY_HEADER..],
     })
 }
 
@@ -462,8 +474,12 @@ impl fmt::Display for EntryTooLarge {
 #[derive(Debug, Default)]
 pub struct BatchBuf {
     buf: Vec<u8>,
-    /// Start offset in `buf` and record count of each batch; the last one is open.
-    batches: Vec<(usize, u32)>,
+    /// Start offset in `buf`, record count and first index of each batch; the last one is
+    /// open.
+    batches: Vec<(usize, u32, u64)>,
+    /// (first index, epoch) of each run of entries of one epoch, in order (the log's
+    /// epoch index learns them on append).
+    epochs: Vec<(u64, u64)>,
     last_index: u64,
     limits: Option<Limits>,
 }
@@ -474,6 +490,7 @@ pub struct Mark {
     len: usize,
     batches: usize,
     last_count: u32,
+    epochs: usize,
     last_index: u64,
 }
 
@@ -490,40 +507,58 @@ impl BatchBuf {
         self.limits.unwrap_or(Limits::DEFAULT)
     }
 
-    fn open_batch(&mut self) {
-        self.batches.push((self.buf.len(), 0));
+    fn open_batch(&mut self, first_index: u64) {
+        self.batches.push((self.buf.len(), 0, first_index));
         self.buf.extend_from_slice(&[0; BATCH_HEADER]);
     }
 
-    /// Encodes `entry` at the end of the open batch (or of a new one, if it would make the
-    /// batch too large). Refuses, leaving the buffer as it was, an entry over the limit.
-    pub fn push(&mut self, entry: &Entry) -> Result<(), EntryTooLarge> {
+    /// Encodes an entry at `index` in `epoch` at the end of the open batch (or of a new
+    /// one, if it would make the batch too large), `payload` writing its payload straight
+    /// into the buffer (so a value is copied once, from the request into the batch).
+    /// Refuses, leaving the buffer as it was, an entry over the limit. The caller pushes
+    /// consecutive indexes.
+    pub fn push_with(
+        &mut self,
+        index: u64,
+        epoch: u64,
+        payload: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), EntryTooLarge> {
         let limits = self.limits();
         let mark = self.mark();
         if self.batches.is_empty() {
-            self.open_batch();
+            self.open_batch(index);
         }
         let rec = self.buf.len();
-        encode_entry(entry, &mut self.buf);
-        let payload = self.buf.len() - rec - 4;
-        if payload > limits.max_entry {
+        encode_record(&mut self.buf, index, epoch, payload);
+        let entry = self.buf.len() - rec - 4;
+        if entry > limits.max_entry {
             self.rollback(mark);
             return Err(EntryTooLarge {
-                bytes: payload,
+                bytes: entry,
                 limit: limits.max_entry,
             });
         }
-        let (start, count) = *self.batches.last().unwrap_or(&(0, 0));
+        let (start, count, _) = *self.batches.last().unwrap_or(&(0, 0, 0));
         if count > 0 && self.buf.len() - start - FRAME_HEADER > limits.max_batch {
             let record = self.buf.split_off(rec);
-            self.open_batch();
+            self.open_batch(index);
             self.buf.extend_from_slice(&record);
         }
         if let Some(last) = self.batches.last_mut() {
             last.1 += 1;
         }
-        self.last_index = entry.index;
+        if self.epochs.last().map(|r| r.1) != Some(epoch) {
+            self.epochs.push((index, epoch));
+        }
+        self.last_index = index;
         Ok(())
+    }
+
+    /// Encodes `entry` (see [`BatchBuf::push_with`]).
+    pub fn push(&mut self, entry: &LogEntry) -> Result<(), EntryTooLarge> {
+        self.push_with(entry.index, entry.epoch, |out| {
+            out.extend_from_slice(&entry.payload)
+        })
     }
 
     /// Where the buffer is now.
@@ -532,6 +567,7 @@ impl BatchBuf {
             len: self.buf.len(),
             batches: self.batches.len(),
             last_count: self.batches.last().map_or(0, |b| b.1),
+            epochs: self.epochs.len(),
             last_index: self.last_index,
         }
     }
@@ -543,6 +579,7 @@ impl BatchBuf {
         if let Some(last) = self.batches.last_mut() {
             last.1 = m.last_count;
         }
+        self.epochs.truncate(m.epochs);
         self.last_index = m.last_index;
     }
 
@@ -569,13 +606,14 @@ impl BatchBuf {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.batches.clear();
+        self.epochs.clear();
     }
 
     /// Fills in every batch header: `synced` is the segment offset up to which the log was
     /// fsync'd before these bytes were written, `salt` the segment's.
     fn seal(&mut self, synced: u64, salt: u64) -> &[u8] {
         for i in 0..self.batches.len() {
-            let (start, count) = self.batches[i];
+            let (start, count, _) = self.batches[i];
             let end = self.batches.get(i + 1).map_or(self.buf.len(), |b| b.0);
             let b = &mut self.buf[start..end];
             b[0] = BATCH_MAGIC;
@@ -1291,7 +1329,71 @@ pub struct Wal {
     /// Index of the last entry known to be fsync'd.
     durable_index: u64,
     unsynced: bool,
+    /// Every segment, oldest first (the last is `file`'s), with where its batches are:
+    /// what [`LogStore::read`] and [`LogStore::truncate_after`] seek with.
+    segments: Vec<SegmentIndex>,
+    /// (first index, epoch) of each run of entries of one epoch after the snapshot, in
+    /// order: epochs change only at elections, so this is a few words, and
+    /// [`LogStore::epoch_at`] answers from it for any index without I/O.
+    epochs: Vec<(u64, u64)>,
+    /// Index and epoch of the newest snapshot ((0, 0): none).
+    snapshot: (u64, u64),
+    /// The meta file as last read or written through this log.
+    meta: Meta,
+    /// Bumped whenever the log is cut back ([`LogStore::truncate_after`], an install): a
+    /// [`SyncHandle`] taken before covers bytes that may no longer be there, so its
+    /// report must not move `synced_len` or `durable_index`.
+    generation: u64,
     _lock: DirLock,
+}
+
+/// A segment as the in-memory index knows it.
+#[derive(Debug, Clone)]
+struct SegmentIndex {
+    /// The index its name gives (that of its first entry, if it has one).
+    first: u64,
+    salt: u64,
+    /// Bytes in the file.
+    len: u64,
+    /// (first index, offset) of some of its batches, ascending: always its first batch,
+    /// then the first batch starting at least [`MARK_SPACING`] bytes past the previous
+    /// mark. Finding an entry reads from the mark before it: at most that many bytes
+    /// (and one batch) more than needed, for 16 bytes of memory per mark.
+    marks: Vec<(u64, u64)>,
+}
+
+/// Bytes of segment between two marks of the in-memory index: one mark per 4 KiB costs
+/// 0.4% of the log's size in memory (a batch of its own per write, say under `everysec`,
+/// would cost a mark of 16 bytes for every write), and a read seeks within 4 KiB.
+const MARK_SPACING: u64 = 4096;
+
+impl SegmentIndex {
+    fn new(first: u64, salt: u64, len: u64) -> SegmentIndex {
+        SegmentIndex {
+            first,
+            salt,
+            len,
+            marks: Vec::new(),
+        }
+    }
+
+    /// Remembers the batch at `offset`, whose first entry is `index`, if it is due a mark.
+    fn note_batch(&mut self, index: u64, offset: u64) {
+        if self
+            .marks
+            .last()
+            .is_none_or(|m| offset >= m.1 + MARK_SPACING)
+        {
+            self.marks.push((index, offset));
+        }
+    }
+}
+
+/// Adds `epoch` for the entry at `index` to a list of epoch runs.
+fn note_epoch(runs: &mut Vec<(u64, u64)>, index: u64, epoch: u64) {
+    if runs.last().map(|r| r.1) != Some(epoch) {
+        runs.push((index, epoch));
+    }
 }
 
 /// What the `everysec` syncer fsyncs: a segment, and what was written to it when taken.
@@ -1301,6 +1403,7 @@ pub struct SyncHandle {
     first_index: u64,
     len: u64,
     last_index: u64,
+    generation: u64,
 }
 
 /// A read-only scan of one data directory (recovery and `check-log`).
@@ -1309,6 +1412,15 @@ struct Scan {
     /// The torn tail to cut: (path, offset).
     cut: Option<(PathBuf, u64)>,
     log_bytes: u64,
+    /// The segments as read (a torn tail already left out).
+    segments: Vec<SegmentIndex>,
+    /// Epoch runs of the entries after the snapshot.
+    epochs: Vec<(u64, u64)>,
+    snapshot: (u64, u64),
+    /// The newest snapshot was installed from a leader and the process stopped before it
+    /// started the segment that follows it (see [`LogStore::install_snapshot`]): the
+    /// opener starts it.
+    install_cut_short: bool,
 }
 
 /// Why a segment's batch at some offset cannot be a torn write: a later valid batch
@@ -1330,12 +1442,13 @@ fn fsync_proof(buf: &[u8], damage: usize, salt: u64) -> Option<(usize, u64)> {
 }
 
 /// Walks the directory: newest snapshot, then every segment, feeding `apply` in order.
-/// Nothing is modified; the caller decides whether to truncate a torn tail.
+/// Nothing is modified; the caller decides whether to truncate a torn tail. An error from
+/// `apply` (a payload it cannot decode) is corruption at that entry's batch.
 fn scan(
     dir: &Path,
     listing: &Listing,
     mut on_snapshot: impl FnMut(SnapshotPart),
-    mut apply: impl FnMut(Entry),
+    mut apply: impl FnMut(EntryRef<'_>) -> Result<(), String>,
 ) -> Result<Scan, WalError> {
     let mut report = RecoveryReport {
         meta: read_meta(dir)?,
@@ -1344,6 +1457,11 @@ fn scan(
     let mut next = 1u64;
     let mut snap_index = 0;
     let mut missing_after_snapshot: Option<PathBuf> = None;
+    let mut snapshot = (0, 0);
+    let mut segments = Vec::with_capacity(listing.segments.len());
+    let mut epochs = Vec::new();
+    // The highest index any segment holds (or would hold next, less one, if empty).
+    let mut max_seen = 0;
     if let Some((_, path)) = listing.snapshots.last() {
         let mut header = (0, 0);
         decode_snapshot_with(path, &read_file(path)?, |part| {
@@ -1353,6 +1471,7 @@ fn scan(
             on_snapshot(part);
         })?;
         let (index, epoch) = header;
+        snapshot = header;
         report.snapshot_index = Some(index);
         report.last_index = index;
         report.last_epoch = epoch;
@@ -1402,6 +1521,7 @@ fn scan(
             ));
         }
         let salt = LittleEndian::read_u64(&buf[8..16]);
+        let mut seg = SegmentIndex::new(*first, salt, buf.len() as u64);
         if *first > next {
             return Err(corrupt(
                 0,
@@ -1428,10 +1548,13 @@ fn scan(
                             format!("bad batch: it claims the log was fsync'd to byte {synced}"),
                         ));
                     }
-                    for payload in split_records(records, count, Limits::DEFAULT) {
+                    for (i, payload) in split_records(records, count, Limits::DEFAULT).enumerate() {
                         let e = payload
                             .and_then(decode_entry)
                             .map_err(|why| corrupt(pos, format!("bad record: {why}")))?;
+                        if i == 0 {
+                            seg.note_batch(e.index, pos as u64);
+                        }
                         if e.index != seg_next {
                             return Err(corrupt(
                                 pos,
@@ -1465,7 +1588,10 @@ fn scan(
                         report.last_index = e.index;
                         report.last_epoch = e.epoch;
                         report.entries_replayed += 1;
-                        apply(e);
+                        note_epoch(&mut epochs, e.index, e.epoch);
+                        apply(e).map_err(|why| {
+                            corrupt(pos, format!("bad record: entry {}: {why}", e.index))
+                        })?;
                     }
                     pos += len;
                     continue;
@@ -1496,10 +1622,21 @@ fn scan(
             }
             report.torn_tail = Some((path.clone(), pos as u64, (buf.len() - pos) as u64));
             cut = Some((path.clone(), pos as u64));
+            seg.len = pos as u64;
             break;
         }
+        max_seen = max_seen.max(seg_next.saturating_sub(1));
+        segments.push(seg);
     }
-    if let Some(snapshot) = missing_after_snapshot {
+    // A snapshot installed from a leader is written before the segment that follows it
+    // is started (until then the log it replaces must stay readable): a process stopped
+    // in between leaves segments that all end before the snapshot. Compaction never does
+    // (its snapshot is at or below the end of the log it keeps), and removing the segment
+    // after a compaction's snapshot leaves either no segment or one that reaches its
+    // index, which stays an error.
+    let install_cut_short =
+        missing_after_snapshot.is_some() && !segments.is_empty() && max_seen < snap_index;
+    if let Some(snapshot) = missing_after_snapshot.filter(|_| !install_cut_short) {
         return Err(WalError::Corrupt {
             path: dir.join(segment_name(snap_index + 1)),
             offset: 0,
@@ -1537,18 +1674,24 @@ fn scan(
         report,
         cut,
         log_bytes,
+        segments,
+        epochs,
+        snapshot,
+        install_cut_short,
     })
 }
 
 impl Wal {
     /// Opens (creating if needed) the log in `dir`, locks it, replays it, and returns the
     /// writer. `on_snapshot` receives the newest snapshot, then `apply` every later entry
-    /// in index order. A torn tail is truncated (with a warning); corruption is an error.
+    /// in index order, its payload borrowed; an error from `apply` (a payload the caller
+    /// cannot decode) makes the open fail as corruption at that entry's file and offset.
+    /// A torn tail is truncated (with a warning); corruption is an error.
     pub fn open(
         dir: &Path,
         opts: WalOptions,
         on_snapshot: impl FnMut(SnapshotPart),
-        apply: impl FnMut(Entry),
+        apply: impl FnMut(EntryRef<'_>) -> Result<(), String>,
     ) -> Result<(Wal, RecoveryReport), WalError> {
         fs::create_dir_all(dir).map_err(|e| WalError::io(dir, e))?;
         let lock = DirLock::acquire(dir)?;
@@ -1557,7 +1700,10 @@ impl Wal {
             log::warn!("removing leftover temporary file {}", t.display());
             fs::remove_file(t).map_err(|e| WalError::io(t, e))?;
         }
-        let scan = scan(dir, &listing, on_snapshot, apply)?;
+        let mut scan = scan(dir, &listing, on_snapshot, apply)?;
+        if scan.install_cut_short {
+            finish_install(dir, &mut scan)?;
+        }
         if let Some((path, offset)) = &scan.cut {
             let (_, _, dropped) = scan.report.torn_tail.clone().unwrap_or_default();
             log::warn!(
@@ -1568,24 +1714,20 @@ impl Wal {
             truncate(path, *offset)?;
         }
         let report = scan.report;
+        let mut segments = scan.segments;
         let mut log_bytes = scan.log_bytes - report.torn_tail.as_ref().map_or(0, |t| t.2);
-        let (file, first, len, salt) = match listing.segments.last() {
-            Some((first, path)) => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| WalError::io(path, e))?;
-                let len = f.metadata().map_err(|e| WalError::io(path, e))?.len();
-                let mut header = [0u8; SEGMENT_HEADER_LEN];
-                f.read_exact_at(&mut header, 0)
-                    .map_err(|e| WalError::io(path, e))?;
-                (f, *first, len, LittleEndian::read_u64(&header[8..16]))
+        let (file, first, len, salt) = match segments.last() {
+            Some(seg) => {
+                let path = dir.join(segment_name(seg.first));
+                let f = open_segment(&path)?;
+                let len = f.metadata().map_err(|e| WalError::io(&path, e))?.len();
+                (f, seg.first, len, seg.salt)
             }
             None => {
                 let first = report.last_index + 1;
                 let (f, len, salt) = create_segment(dir, first)?;
                 log_bytes += len;
+                segments.push(SegmentIndex::new(first, salt, len));
                 (f, first, len, salt)
             }
         };
@@ -1605,6 +1747,11 @@ impl Wal {
             last_index: report.last_index,
             durable_index: report.last_index,
             unsynced: false,
+            segments,
+            epochs: scan.epochs,
+            snapshot: scan.snapshot,
+            meta: report.meta,
+            generation: 0,
             _lock: lock,
         };
         Ok((wal, report))
@@ -1628,6 +1775,9 @@ impl Wal {
         let bytes = batch.seal(self.synced_len, self.file_salt);
         let n = bytes.len() as u64;
         let written = (&*self.file).write_all(bytes);
+        if written.is_ok() {
+            self.note_appended(batch);
+        }
         batch.clear();
         written.map_err(|e| WalError::io(&path, e))?;
         self.file_len += n;
@@ -1638,6 +1788,21 @@ impl Wal {
             self.sync()?;
         }
         Ok(())
+    }
+
+    /// Records the batches and epochs of `batch`, just written at the end of the current
+    /// segment, in the in-memory index.
+    fn note_appended(&mut self, batch: &BatchBuf) {
+        let base = self.file_len;
+        if let Some(seg) = self.segments.last_mut() {
+            for &(start, _, first) in &batch.batches {
+                seg.note_batch(first, base + start as u64);
+            }
+            seg.len = base + batch.len() as u64;
+        }
+        for &(index, epoch) in &batch.epochs {
+            note_epoch(&mut self.epochs, index, epoch);
+        }
     }
 
     /// fsyncs the current segment (data only: its size is fixed by appends that fsync'd
@@ -1662,11 +1827,16 @@ impl Wal {
             first_index: self.file_first_index,
             len: self.file_len,
             last_index: self.last_index,
+            generation: self.generation,
         })
     }
 
     /// Records that the fsync of `h` completed.
     pub fn synced(&mut self, h: &SyncHandle) {
+        if h.generation != self.generation {
+            // The log was cut back meanwhile (and the cut fsync'd what it kept).
+            return;
+        }
         if h.first_index == self.file_first_index {
             self.synced_len = self.synced_len.max(h.len);
         }
@@ -1713,6 +1883,8 @@ impl Wal {
         self.file_salt = salt;
         self.synced_len = len;
         self.log_bytes += len;
+        self.segments
+            .push(SegmentIndex::new(first_index, salt, len));
         Ok(())
     }
 
@@ -1754,10 +1926,94 @@ impl Wal {
         Ok(freed)
     }
 
-    /// Records that `bytes` of old segments were removed by compaction.
+    /// Records that `meta` was written to the meta file by its other writer (the store).
+    pub fn note_meta(&mut self, meta: Meta) {
+        self.meta = meta;
+    }
+
+    /// Records that `bytes` of old segments were removed by compaction (on another
+    /// thread, through [`Wal::prune_covered`]): the in-memory index forgets them and
+    /// learns the new snapshot.
     pub fn note_pruned(&mut self, bytes: u64) {
         self.log_bytes = self.log_bytes.saturating_sub(bytes);
+        if let Err(e) = self.forget_pruned() {
+            log::warn!("cannot list the log after a compaction: {e}");
+        }
     }
+
+    /// Brings the in-memory index in line with the directory after a compaction: drops
+    /// the segments no longer there, and takes the newest snapshot's index and epoch.
+    fn forget_pruned(&mut self) -> Result<(), WalError> {
+        let listing = list_dir(&self.dir)?;
+        if let Some((index, path)) = listing.snapshots.last()
+            && *index > self.snapshot.0
+        {
+            self.snapshot = (*index, snapshot_header(path)?.1);
+        }
+        let current = self.file_first_index;
+        self.segments
+            .retain(|s| s.first == current || listing.segments.iter().any(|(f, _)| *f == s.first));
+        self.trim_epochs();
+        Ok(())
+    }
+
+    /// Drops the epoch runs that end at or before the snapshot.
+    fn trim_epochs(&mut self) {
+        let keep_from = self
+            .epochs
+            .partition_point(|r| r.0 <= self.snapshot.0 + 1)
+            .saturating_sub(1);
+        self.epochs.drain(..keep_from);
+    }
+}
+
+/// Opens a segment for reading and appending.
+fn open_segment(path: &Path) -> Result<File, WalError> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| WalError::io(path, e))
+}
+
+/// Index and epoch of the snapshot in `path`, from its `M` frame (the rest is not read).
+fn snapshot_header(path: &Path) -> Result<(u64, u64), WalError> {
+    let mut head = [0u8; 8 + FRAME_HEADER + 25];
+    File::open(path)
+        .and_then(|f| f.read_exact_at(&mut head, 0))
+        .map_err(|e| WalError::io(path, e))?;
+    let corrupt = |why: &str| WalError::Corrupt {
+        path: path.to_path_buf(),
+        offset: 8,
+        reason: why.into(),
+    };
+    match read_frame(&head[8..]) {
+        FrameRead::Frame(p, _) if p.len() == 25 && p[0] == b'M' => Ok((
+            LittleEndian::read_u64(&p[1..9]),
+            LittleEndian::read_u64(&p[9..17]),
+        )),
+        _ => Err(corrupt("bad snapshot header frame")),
+    }
+}
+
+/// Finishes the install of a snapshot that stopped after writing it (see
+/// [`Scan::install_cut_short`]): starts the segment that follows it, then removes the
+/// segments it covers, as [`LogStore::install_snapshot`] would have.
+fn finish_install(dir: &Path, scan: &mut Scan) -> Result<(), WalError> {
+    let index = scan.snapshot.0;
+    log::warn!(
+        "the snapshot at index {index} was installed but its log segment not started \
+         (the process stopped in between): finishing the install"
+    );
+    let (_, len, salt) = create_segment(dir, index + 1)?;
+    let freed = Wal::prune_covered(dir, index)?;
+    scan.log_bytes = (scan.log_bytes + len).saturating_sub(freed);
+    scan.segments = vec![SegmentIndex::new(index + 1, salt, len)];
+    scan.epochs.clear();
+    scan.cut = None;
+    scan.report.torn_tail = None;
+    scan.install_cut_short = false;
+    Ok(())
 }
 
 /// Creates segment `first_index` (header and a new salt) atomically; returns it open for
@@ -1786,6 +2042,455 @@ fn truncate(path: &Path, len: u64) -> Result<(), WalError> {
 }
 
 // ---------------------------------------------------------------------------------------
+// The log as the node sees it
+
+/// Bytes a [`SegmentReader`] reads at a time when the batch it needs is smaller: reads
+/// of consecutive batches (`read`, the seek from a mark) cost one system call per 64 KiB.
+const READ_AHEAD: usize = 64 << 10;
+
+/// Reads one segment's batches through a window of the file.
+struct SegmentReader {
+    file: File,
+    path: PathBuf,
+    salt: u64,
+    /// The segment's length as the index knows it: nothing past it is read.
+    end: u64,
+    /// The window: `win` holds the file's bytes from `win_start` on.
+    win_start: u64,
+    win: Vec<u8>,
+}
+
+impl SegmentReader {
+    fn open(dir: &Path, seg: &SegmentIndex) -> Result<SegmentReader, WalError> {
+        let path = dir.join(segment_name(seg.first));
+        let file = File::open(&path).map_err(|e| WalError::io(&path, e))?;
+        Ok(SegmentReader {
+            file,
+            path,
+            salt: seg.salt,
+            end: seg.len,
+            win_start: 0,
+            win: Vec::new(),
+        })
+    }
+
+    fn corrupt(&self, offset: u64, reason: String) -> WalError {
+        WalError::Corrupt {
+            path: self.path.clone(),
+            offset,
+            reason,
+        }
+    }
+
+    /// Makes the window hold bytes `off..off + n` (the caller checked they are below
+    /// `end`, so `n` is bounded by the file).
+    fn fill(&mut self, off: u64, n: usize) -> Result<(), WalError> {
+        let have =
+            off >= self.win_start && off + n as u64 <= self.win_start + self.win.len() as u64;
+        if have {
+            return Ok(());
+        }
+        let want = n.max(READ_AHEAD).min((self.end - off) as usize);
+        self.win.clear();
+        self.win.resize(want, 0);
+        self.win_start = off;
+        self.file
+            .read_exact_at(&mut self.win, off)
+            .map_err(|e| WalError::io(&self.path, e))
+    }
+
+    /// The batch at `off`: its records, their count, and the batch's length. These bytes
+    /// were read whole at recovery or written by this process, so damage is corruption.
+    fn batch(&mut self, off: u64) -> Result<(&[u8], u32, u64), WalError> {
+        if off + FRAME_HEADER as u64 > self.end {
+            return Err(self.corrupt(off, "batch header past the end of the segment".into()));
+        }
+        self.fill(off, FRAME_HEADER)?;
+        let rel = (off - self.win_start) as usize;
+        let len = LittleEndian::read_u32(&self.win[rel + 1..rel + 5]) as u64;
+        let total = FRAME_HEADER as u64 + len;
+        if len > MAX_BATCH as u64 || off + total > self.end {
+            return Err(self.corrupt(off, format!("impossible batch length {len}")));
+        }
+        self.fill(off, total as usize)?;
+        let rel = (off - self.win_start) as usize;
+        match read_batch(
+            &self.win[rel..rel + total as usize],
+            self.salt,
+            Limits::DEFAULT,
+        ) {
+            BatchRead::Batch { count, records, .. } => Ok((records, count, total)),
+            BatchRead::Truncated => Err(self.corrupt(off, "batch cut short".into())),
+            BatchRead::Invalid(why) => Err(self.corrupt(off, why.into())),
+        }
+    }
+}
+
+impl Wal {
+    /// The segment holding `index`, if any, and the offset of the batch to read from to
+    /// find it (the mark at or before it).
+    fn locate(&self, index: u64) -> Option<(usize, u64)> {
+        let si = self
+            .segments
+            .partition_point(|s| s.first <= index)
+            .checked_sub(1)?;
+        let marks = &self.segments[si].marks;
+        let off = match marks.partition_point(|m| m.0 <= index) {
+            0 => SEGMENT_HEADER_LEN as u64,
+            m => marks[m - 1].1,
+        };
+        Some((si, off))
+    }
+
+    /// Calls `f` with every entry from `from` on, in order, until it returns false or the
+    /// log ends. Checks that the indexes follow each other.
+    fn for_each_from(
+        &self,
+        from: u64,
+        mut f: impl FnMut(EntryRef<'_>) -> bool,
+    ) -> Result<(), WalError> {
+        let Some((mut si, mut off)) = self.locate(from) else {
+            return Ok(());
+        };
+        let mut expect = from;
+        loop {
+            let mut r = SegmentReader::open(&self.dir, &self.segments[si])?;
+            let path = r.path.clone();
+            let corrupt = |offset: u64, reason: String| WalError::Corrupt {
+                path: path.clone(),
+                offset,
+                reason,
+            };
+            while off < r.end {
+                let (records, count, len) = r.batch(off)?;
+                for rec in split_records(records, count, Limits::DEFAULT) {
+                    let e = rec
+                        .and_then(decode_entry)
+                        .map_err(|why| corrupt(off, format!("bad record: {why}")))?;
+                    if e.index < from {
+                        continue;
+                    }
+                    if e.index != expect {
+                        return Err(corrupt(
+                            off,
+                            format!(
+                                "index out of order: record has index {} but {expect} was \
+                                 expected",
+                                e.index
+                            ),
+                        ));
+                    }
+                    expect += 1;
+                    if !f(e) {
+                        return Ok(());
+                    }
+                }
+                off += len;
+            }
+            si += 1;
+            if si == self.segments.len() {
+                return Ok(());
+            }
+            off = SEGMENT_HEADER_LEN as u64;
+        }
+    }
+
+    /// The epoch of the last entry (of the snapshot, if the log holds none after it).
+    fn last_epoch(&self) -> u64 {
+        if self.last_index <= self.snapshot.0 {
+            return self.snapshot.1;
+        }
+        self.epochs.last().map_or(self.snapshot.1, |r| r.1)
+    }
+
+    /// Drops every entry after `index` (below the end of the log, at or above the
+    /// snapshot), durably. Segments after the one holding `index + 1` are removed, newest
+    /// first, so that a crash on the way leaves a shorter log, never one with a hole. In
+    /// that segment, a cut at a batch boundary truncates the file; a cut inside a batch
+    /// rewrites the segment (a temp file with every batch before it and the kept records
+    /// of the cut batch as a new batch, then renamed over it), because a batch's checksum
+    /// covers all of it and cutting the file there and appending the kept records after
+    /// would, if the process stopped in between, lose entries that may be committed.
+    fn cut_after(&mut self, index: u64) -> Result<(), WalError> {
+        let Some((si, mut off)) = self.locate(index + 1) else {
+            return Err(WalError::Refused(format!(
+                "cannot cut the log after index {index}: no segment holds index {}",
+                index + 1
+            )));
+        };
+        self.generation += 1;
+        for seg in self.segments[si + 1..].iter().rev() {
+            let path = self.dir.join(segment_name(seg.first));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(WalError::io(&path, e)),
+            }
+            self.log_bytes = self.log_bytes.saturating_sub(seg.len);
+        }
+        if si + 1 < self.segments.len() {
+            sync_dir(&self.dir)?;
+            self.segments.truncate(si + 1);
+        }
+        // The batch holding `index + 1`, and the records before it in that batch.
+        let seg = self.segments[si].clone();
+        let path = self.dir.join(segment_name(seg.first));
+        let mut kept = BatchBuf::default();
+        let mut cut_at = None;
+        {
+            let mut r = SegmentReader::open(&self.dir, &seg)?;
+            while off < seg.len {
+                let (records, count, len) = r.batch(off)?;
+                kept.clear();
+                for rec in split_records(records, count, Limits::DEFAULT) {
+                    let e = rec
+                        .and_then(decode_entry)
+                        .map_err(|why| WalError::Corrupt {
+                            path: path.clone(),
+                            offset: off,
+                            reason: format!("bad record: {why}"),
+                        })?;
+                    if e.index > index {
+                        cut_at = Some(off);
+                        break;
+                    }
+                    kept.push_with(e.index, e.epoch, |out| out.extend_from_slice(e.payload))
+                        .map_err(|e| WalError::Refused(e.to_string()))?;
+                }
+                if cut_at.is_some() {
+                    break;
+                }
+                off += len;
+            }
+        }
+        let Some(cut_at) = cut_at else {
+            return Err(WalError::Corrupt {
+                path,
+                offset: seg.len,
+                reason: format!("index {} is not in the segment meant to hold it", index + 1),
+            });
+        };
+        let new_len = if kept.is_empty() {
+            truncate(&path, cut_at)?;
+            cut_at
+        } else {
+            let tmp = self.dir.join(format!("{}.tmp", segment_name(seg.first)));
+            let bytes = kept.seal(cut_at, seg.salt);
+            let written = File::open(&path)
+                .and_then(|src| {
+                    let mut out = File::create(&tmp)?;
+                    if io::copy(&mut src.take(cut_at), &mut out)? != cut_at {
+                        return Err(io::Error::other("segment shorter than its index says"));
+                    }
+                    out.write_all(bytes)?;
+                    out.sync_all()
+                })
+                .map_err(|e| WalError::io(&tmp, e));
+            if let Err(e) = written {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+            let n = cut_at + bytes.len() as u64;
+            fs::rename(&tmp, &path).map_err(|e| WalError::io(&path, e))?;
+            sync_dir(&self.dir)?;
+            n
+        };
+        let seg = &mut self.segments[si];
+        self.log_bytes = (self.log_bytes + new_len).saturating_sub(seg.len);
+        seg.len = new_len;
+        seg.marks.retain(|m| m.1 < cut_at);
+        if let Some(&(_, _, first)) = kept.batches.first() {
+            seg.note_batch(first, cut_at);
+        }
+        let (first, salt) = (seg.first, seg.salt);
+        self.file = Arc::new(open_segment(&path)?);
+        self.file_first_index = first;
+        self.file_len = new_len;
+        self.file_salt = salt;
+        self.synced_len = new_len;
+        self.unsynced = false;
+        self.last_index = index;
+        // What is left was fsync'd: by the truncation, or written whole by the rewrite,
+        // or, in an earlier segment, when the next one began.
+        self.durable_index = index;
+        self.epochs.retain(|r| r.0 <= index);
+        Ok(())
+    }
+}
+
+/// The real log behind the node's interface. Everything goes through the same segment
+/// files, format and recovery as the store's own write path.
+impl LogStore for Wal {
+    fn last(&self) -> (u64, u64) {
+        (self.last_index, self.last_epoch())
+    }
+
+    fn snapshot(&self) -> (u64, u64) {
+        self.snapshot
+    }
+
+    fn epoch_at(&self, index: u64) -> Result<Option<u64>, WalError> {
+        if index == 0 {
+            return Ok(Some(0));
+        }
+        if index == self.snapshot.0 {
+            return Ok(Some(self.snapshot.1));
+        }
+        if index < self.snapshot.0 || index > self.last_index {
+            return Ok(None);
+        }
+        Ok(self
+            .epochs
+            .partition_point(|r| r.0 <= index)
+            .checked_sub(1)
+            .map(|i| self.epochs[i].1))
+    }
+
+    fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<LogEntry>, WalError> {
+        if from <= self.snapshot.0 {
+            return Err(WalError::Refused(format!(
+                "index {from} is compacted into the snapshot at index {} (send the snapshot)",
+                self.snapshot.0
+            )));
+        }
+        let mut out = Vec::new();
+        if from > self.last_index {
+            return Ok(out);
+        }
+        let mut bytes = 0usize;
+        let last = self.last_index;
+        self.for_each_from(from, |e| {
+            if !out.is_empty() && bytes.saturating_add(e.payload.len()) > max_bytes {
+                return false;
+            }
+            bytes += e.payload.len();
+            out.push(e.to_entry());
+            e.index < last
+        })?;
+        Ok(out)
+    }
+
+    fn append(&mut self, entries: &[LogEntry]) -> Result<(), WalError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        if first.index != self.last_index + 1 {
+            return Err(WalError::Refused(format!(
+                "append at index {} but the log ends at {}",
+                first.index, self.last_index
+            )));
+        }
+        let mut buf = BatchBuf::default();
+        for (i, e) in entries.iter().enumerate() {
+            if e.index != first.index + i as u64 {
+                return Err(WalError::Refused(format!(
+                    "append of index {} after {}: indexes must be consecutive",
+                    e.index,
+                    first.index + i as u64 - 1
+                )));
+            }
+            buf.push(e).map_err(|e| WalError::Refused(e.to_string()))?;
+        }
+        Wal::append(self, &mut buf)
+    }
+
+    fn truncate_after(&mut self, index: u64) -> Result<(), WalError> {
+        if index < self.meta.commit_index {
+            return Err(WalError::Refused(format!(
+                "cannot drop entries after index {index}: index {} is committed",
+                self.meta.commit_index
+            )));
+        }
+        if index < self.snapshot.0 {
+            return Err(WalError::Refused(format!(
+                "cannot drop entries after index {index}: the snapshot at {} covers them",
+                self.snapshot.0
+            )));
+        }
+        if index >= self.last_index {
+            return Ok(());
+        }
+        self.cut_after(index)
+    }
+
+    fn sync(&mut self) -> Result<(), WalError> {
+        Wal::sync(self)
+    }
+
+    fn durable_index(&self) -> u64 {
+        self.durable_index
+    }
+
+    fn meta(&self) -> Meta {
+        self.meta
+    }
+
+    fn save_meta(&mut self, meta: Meta) -> Result<(), WalError> {
+        write_meta(&self.dir, &meta)?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Every step leaves a directory that recovery reads: first the divergent suffix is
+    /// cut (if the log does not hold `index` in `epoch`); if the log then ends exactly at
+    /// `index`, the segment that follows the snapshot is started; then the snapshot is
+    /// written (atomically: the install's commit point); if the log ended before `index`,
+    /// the segment is started now (recovery finishes this step if the process stopped
+    /// just before it, see `scan`); last the segments it covers are removed.
+    fn install_snapshot(&mut self, index: u64, epoch: u64, data: &[u8]) -> Result<(), WalError> {
+        let mut header = None;
+        decode_snapshot_with(Path::new("the snapshot to install"), data, |p| {
+            if let SnapshotPart::Header { index, epoch, .. } = p {
+                header = Some((index, epoch));
+            }
+        })
+        .map_err(|e| WalError::Refused(format!("not a whole snapshot: {e}")))?;
+        if header != Some((index, epoch)) {
+            return Err(WalError::Refused(format!(
+                "the snapshot's header says (index, epoch) {header:?}, not ({index}, {epoch})"
+            )));
+        }
+        if index < self.snapshot.0 || (index == self.snapshot.0 && epoch != self.snapshot.1) {
+            return Err(WalError::Refused(format!(
+                "a snapshot at index {index} would replace the newer one at {}",
+                self.snapshot.0
+            )));
+        }
+        if index == self.snapshot.0 {
+            return Ok(());
+        }
+        let keep = self.last_index >= index && self.epoch_at(index)? == Some(epoch);
+        if !keep && self.last_index > index {
+            self.cut_after(index)?;
+        }
+        if self.last_index == index && self.file_first_index != index + 1 {
+            Wal::roll(self, index + 1)?;
+        }
+        write_atomically(&self.dir, &snapshot_name(index), data)?;
+        if self.last_index < index {
+            Wal::roll(self, index + 1)?;
+        }
+        let freed = Wal::prune_covered(&self.dir, index)?;
+        self.log_bytes = self.log_bytes.saturating_sub(freed);
+        let starts: Vec<u64> = self.segments.iter().map(|s| s.first).collect();
+        let mut i = 0;
+        self.segments.retain(|_| {
+            i += 1;
+            starts.get(i).is_none_or(|next| *next > index + 1)
+        });
+        self.snapshot = (index, epoch);
+        if self.last_index <= index {
+            self.last_index = index;
+            self.durable_index = index;
+            self.epochs.clear();
+        } else {
+            self.trim_epochs();
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // check-log
 
 /// The verdict of `kvstore check-log`.
@@ -1799,10 +2504,15 @@ pub struct CheckReport {
 
 /// Verifies a data directory without changing it, and without its lock, so a live
 /// directory can be checked (a segment being appended to may show a torn tail that is
-/// only a write in progress). `repair` takes the lock (refused while a server has the
-/// directory open) and truncates a torn tail exactly as startup would. Corruption is
-/// returned as the error.
-pub fn check(dir: &Path, repair: bool) -> Result<CheckReport, WalError> {
+/// only a write in progress). `validate` checks each entry's payload as the store would
+/// decode it (the log cannot). `repair` takes the lock (refused while a server has the
+/// directory open) and truncates a torn tail (or finishes a snapshot install) exactly as
+/// startup would. Corruption is returned as the error.
+pub fn check(
+    dir: &Path,
+    repair: bool,
+    validate: impl FnMut(EntryRef<'_>) -> Result<(), String>,
+) -> Result<CheckReport, WalError> {
     if !dir.is_dir() {
         return Err(WalError::io(
             dir,
@@ -1815,7 +2525,10 @@ pub fn check(dir: &Path, repair: bool) -> Result<CheckReport, WalError> {
         None
     };
     let listing = list_dir(dir)?;
-    let scan = scan(dir, &listing, |_| {}, |_| {})?;
+    let mut scan = scan(dir, &listing, |_| {}, validate)?;
+    if repair && scan.install_cut_short {
+        finish_install(dir, &mut scan)?;
+    }
     if repair && let Some((path, offset)) = &scan.cut {
         truncate(path, *offset)?;
     }
@@ -1827,94 +2540,291 @@ pub fn check(dir: &Path, repair: bool) -> Result<CheckReport, WalError> {
     })
 }
 
+// ---------------------------------------------------------------------------------------
+// The LogStore contract, for any implementation
+
+/// The contract of [`LogStore`], checked against any implementation (the tests below run
+/// it against [`Wal`]; the same function can run it against the in-memory log).
+/// `open(None)` returns a new, empty log; `open(Some(log))` closes `log` and opens it
+/// again, as a restart would (the suite syncs before every reopen, so a log that keeps
+/// only what was synced keeps everything). Snapshots are given in the snapshot file
+/// format ([`encode_snapshot`]). Panics on the first broken rule.
+#[cfg(test)]
+pub(crate) fn log_store_contract<L: LogStore>(mut open: impl FnMut(Option<L>) -> L) {
+    /// Entry `i` in `epoch`: every fifth a no-op (empty payload), the others of varied
+    /// sizes.
+    fn entry(i: u64, epoch: u64) -> LogEntry {
+        let payload = if i.is_multiple_of(5) {
+            Vec::new()
+        } else {
+            format!("entry {i:03} ")
+                .repeat(1 + (i % 3) as usize)
+                .into_bytes()
+        };
+        LogEntry {
+            index: i,
+            epoch,
+            payload,
+        }
+    }
+    /// The reference log: 1..=30, epochs 1 (1..=10), 2 (11..=20), 4 (21..=30).
+    fn all() -> Vec<LogEntry> {
+        (1..=30)
+            .map(|i| entry(i, [1, 2, 4][((i - 1) / 10) as usize]))
+            .collect()
+    }
+    /// Appends [`all`] in appends of several sizes (so batches of several entries).
+    fn fill<L: LogStore>(log: &mut L) {
+        let all = all();
+        for range in [0..1, 1..10, 10..25, 25..30] {
+            log.append(&all[range]).unwrap();
+        }
+    }
+    fn snap(index: u64, epoch: u64) -> Vec<u8> {
+        encode_snapshot(
+            index,
+            epoch,
+            vec![(0, std::iter::once((&b"k"[..], &b"v"[..], None)))],
+        )
+    }
+    fn everything<L: LogStore>(log: &L, from: u64) -> Vec<LogEntry> {
+        log.read(from, usize::MAX).unwrap()
+    }
+    /// Closes and reopens, after a sync.
+    fn reopen<L: LogStore>(open: &mut impl FnMut(Option<L>) -> L, mut log: L) -> L {
+        log.sync().unwrap();
+        open(Some(log))
+    }
+
+    // A new log.
+    let mut log = open(None);
+    assert_eq!((log.last(), log.snapshot()), ((0, 0), (0, 0)));
+    assert_eq!(log.epoch_at(0).unwrap(), Some(0));
+    assert_eq!(log.epoch_at(1).unwrap(), None);
+    assert!(everything(&log, 1).is_empty());
+    assert_eq!(log.durable_index(), 0);
+    assert_eq!(log.meta(), Meta::default());
+
+    // Append, read, epochs; refused appends change nothing.
+    fill(&mut log);
+    let all = all();
+    let check_all = |log: &L| {
+        assert_eq!(log.last(), (30, 4));
+        assert_eq!(everything(log, 1), all);
+        assert_eq!(everything(log, 17), all[16..]);
+        for e in &all {
+            assert_eq!(log.epoch_at(e.index).unwrap(), Some(e.epoch), "{}", e.index);
+        }
+        assert_eq!(log.epoch_at(31).unwrap(), None);
+        assert!(everything(log, 31).is_empty());
+        assert!(everything(log, 1000).is_empty());
+    };
+    check_all(&log);
+    assert!(log.append(&[entry(32, 4)]).is_err(), "gap");
+    assert!(log.append(&[entry(30, 4)]).is_err(), "overlap");
+    assert!(
+        log.append(&[entry(31, 4), entry(33, 4)]).is_err(),
+        "not consecutive"
+    );
+    check_all(&log);
+    assert!(log.durable_index() <= 30);
+    log.sync().unwrap();
+    assert_eq!(log.durable_index(), 30);
+    // Read limits: payload bytes up to max_bytes, but always at least one entry.
+    let size = |range: std::ops::Range<usize>| -> usize {
+        all[range].iter().map(|e| e.payload.len()).sum()
+    };
+    assert_eq!(log.read(1, size(0..3)).unwrap(), all[0..3]);
+    assert_eq!(log.read(1, size(0..3) - 1).unwrap(), all[0..2]);
+    assert_eq!(log.read(2, 0).unwrap(), all[1..2]);
+    assert_eq!(log.read(5, 0).unwrap(), all[4..5], "a no-op entry alone");
+    assert_eq!(log.read(12, size(11..20)).unwrap(), all[11..20]);
+    let mut log = reopen(&mut open, log);
+    check_all(&log);
+
+    // Truncation: inside a batch, at a batch boundary, to nothing; durable at once.
+    log.truncate_after(30).unwrap();
+    log.truncate_after(100).unwrap();
+    check_all(&log);
+    log.truncate_after(17).unwrap();
+    assert_eq!(log.last(), (17, 2));
+    assert_eq!(log.durable_index(), 17);
+    assert_eq!(everything(&log, 1), all[..17]);
+    assert_eq!(log.epoch_at(18).unwrap(), None);
+    let new: Vec<LogEntry> = (18..=22).map(|i| entry(i, 5)).collect();
+    log.append(&new).unwrap();
+    assert_eq!(log.last(), (22, 5));
+    assert_eq!(everything(&log, 16), [&all[15..17], &new[..]].concat());
+    assert_eq!(log.epoch_at(17).unwrap(), Some(2));
+    assert_eq!(log.epoch_at(18).unwrap(), Some(5));
+    let mut log = reopen(&mut open, log);
+    assert_eq!(everything(&log, 1), [&all[..17], &new[..]].concat());
+    log.truncate_after(10).unwrap();
+    assert_eq!(log.last(), (10, 1));
+    let mut log = open(Some(log));
+    assert_eq!(log.last(), (10, 1));
+    assert_eq!(everything(&log, 1), all[..10]);
+    log.append(&[entry(11, 6)]).unwrap();
+    let mut log = reopen(&mut open, log);
+    assert_eq!(log.last(), (11, 6));
+    log.truncate_after(0).unwrap();
+    assert_eq!(log.last(), (0, 0));
+    let mut log = open(Some(log));
+    assert_eq!(log.last(), (0, 0));
+    assert!(everything(&log, 1).is_empty());
+
+    // Meta, and no truncation below the commit index.
+    fill(&mut log);
+    let meta = Meta {
+        epoch: 3,
+        voted_for: 2,
+        commit_index: 12,
+    };
+    log.save_meta(meta).unwrap();
+    assert_eq!(log.meta(), meta);
+    assert!(log.truncate_after(11).is_err());
+    let mut log = reopen(&mut open, log);
+    assert_eq!(log.meta(), meta);
+    assert!(log.truncate_after(11).is_err());
+    check_all(&log);
+    log.truncate_after(12).unwrap();
+    assert_eq!(log.last(), (12, 2));
+    drop(log);
+
+    // A snapshot the log agrees with: the entries after it stay.
+    let mut log = open(None);
+    fill(&mut log);
+    log.install_snapshot(15, 2, &snap(15, 2)).unwrap();
+    let check_kept = |log: &L| {
+        assert_eq!((log.snapshot(), log.last()), ((15, 2), (30, 4)));
+        assert!(
+            log.read(15, usize::MAX).is_err(),
+            "read of the snapshot's index"
+        );
+        assert!(log.read(3, usize::MAX).is_err(), "read below the snapshot");
+        assert_eq!(everything(log, 16), all[15..]);
+        assert_eq!(log.epoch_at(15).unwrap(), Some(2));
+        assert_eq!(log.epoch_at(14).unwrap(), None);
+        assert_eq!(log.epoch_at(16).unwrap(), Some(2));
+        assert_eq!(log.epoch_at(30).unwrap(), Some(4));
+    };
+    check_kept(&log);
+    let mut log = reopen(&mut open, log);
+    check_kept(&log);
+    assert!(log.truncate_after(14).is_err(), "below the snapshot");
+    assert!(
+        log.install_snapshot(10, 1, &snap(10, 1)).is_err(),
+        "older than the snapshot"
+    );
+    check_kept(&log);
+    log.truncate_after(15).unwrap();
+    assert_eq!(log.last(), (15, 2));
+    assert!(everything(&log, 16).is_empty());
+    log.append(&[entry(16, 7)]).unwrap();
+    let log = reopen(&mut open, log);
+    assert_eq!((log.snapshot(), log.last()), ((15, 2), (16, 7)));
+    assert_eq!(everything(&log, 16), vec![entry(16, 7)]);
+    drop(log);
+
+    // A snapshot at the last index, in its epoch.
+    let mut log = open(None);
+    fill(&mut log);
+    log.install_snapshot(30, 4, &snap(30, 4)).unwrap();
+    assert_eq!((log.snapshot(), log.last()), ((30, 4), (30, 4)));
+    let mut log = reopen(&mut open, log);
+    assert_eq!((log.snapshot(), log.last()), ((30, 4), (30, 4)));
+    log.append(&[entry(31, 4)]).unwrap();
+    let log = reopen(&mut open, log);
+    assert_eq!(everything(&log, 31), vec![entry(31, 4)]);
+    drop(log);
+
+    // A snapshot the log disagrees with (another epoch at its index): every entry goes.
+    let mut log = open(None);
+    fill(&mut log);
+    log.install_snapshot(20, 9, &snap(20, 9)).unwrap();
+    let check_fresh = |log: &L| {
+        assert_eq!((log.snapshot(), log.last()), ((20, 9), (20, 9)));
+        assert!(everything(log, 21).is_empty());
+        assert_eq!(log.epoch_at(20).unwrap(), Some(9));
+        assert_eq!(log.epoch_at(19).unwrap(), None);
+        assert_eq!(log.epoch_at(21).unwrap(), None);
+        assert!(log.durable_index() >= 20);
+    };
+    check_fresh(&log);
+    let mut log = reopen(&mut open, log);
+    check_fresh(&log);
+    assert!(log.append(&[entry(22, 9)]).is_err());
+    log.append(&[entry(21, 9)]).unwrap();
+    let log = reopen(&mut open, log);
+    assert_eq!(log.last(), (21, 9));
+    assert_eq!(everything(&log, 21), vec![entry(21, 9)]);
+    drop(log);
+
+    // A snapshot past the end of the log.
+    let mut log = open(None);
+    fill(&mut log);
+    log.install_snapshot(100, 7, &snap(100, 7)).unwrap();
+    assert_eq!((log.snapshot(), log.last()), ((100, 7), (100, 7)));
+    let mut log = reopen(&mut open, log);
+    assert_eq!((log.snapshot(), log.last()), ((100, 7), (100, 7)));
+    assert!(log.read(30, usize::MAX).is_err());
+    log.append(&[entry(101, 7)]).unwrap();
+    let log = reopen(&mut open, log);
+    assert_eq!(everything(&log, 101), vec![entry(101, 7)]);
+    drop(log);
+
+    // Many entries, in batches of every size: paged reads return each exactly once.
+    let mut log = open(None);
+    let many: Vec<LogEntry> = (1..=600).map(|i| entry(i, 1 + i / 200)).collect();
+    let mut at = 0;
+    for n in (1..).cycle() {
+        if at == many.len() {
+            break;
+        }
+        let end = (at + n % 17).min(many.len()).max(at + 1);
+        log.append(&many[at..end]).unwrap();
+        at = end;
+    }
+    let log = reopen(&mut open, log);
+    for max_bytes in [0, 100, 5000] {
+        let mut got = Vec::new();
+        while let Some(next) = got.last().map_or(Some(1), |e: &LogEntry| {
+            (e.index < 600).then_some(e.index + 1)
+        }) {
+            let page = log.read(next, max_bytes).unwrap();
+            assert!(!page.is_empty());
+            let bytes: usize = page.iter().map(|e| e.payload.len()).sum();
+            assert!(page.len() == 1 || bytes <= max_bytes);
+            got.extend(page);
+        }
+        assert_eq!(got, many);
+    }
+    for e in &many {
+        assert_eq!(log.epoch_at(e.index).unwrap(), Some(e.epoch));
+        assert_eq!(log.read(e.index, 0).unwrap(), vec![e.clone()]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn set(i: u64, k: &str, v: &str) -> Entry {
-        Entry {
+    /// An entry whose payload names its key and value (every seventh one a no-op, with
+    /// an empty payload); the log never looks inside.
+    fn set(i: u64, k: &str, v: &str) -> LogEntry {
+        LogEntry {
             index: i,
             epoch: 1,
-            ts_ms: 1000 + i,
-            db: (i % 3) as u32,
-            op: Op::Set {
-                key: k.into(),
-                value: v.into(),
-                expiry: if i.is_multiple_of(2) {
-                    Expiry::At(99_000 + i)
-                } else {
-                    Expiry::Never
-                },
-                condition: Condition::Always,
-                get: false,
+            payload: if i.is_multiple_of(7) {
+                Vec::new()
+            } else {
+                format!("{k}={v}").into_bytes()
             },
         }
     }
 
-    fn all_ops() -> Vec<Op> {
-        vec![
-            Op::Noop,
-            Op::Set {
-                key: b"k\r\n\0".to_vec(),
-                value: vec![0, 1, 2, 255],
-                expiry: Expiry::Keep,
-                condition: Condition::IfExists,
-                get: true,
-            },
-            Op::Set {
-                key: vec![],
-                value: vec![],
-                expiry: Expiry::At(u64::MAX),
-                condition: Condition::IfMissing,
-                get: false,
-            },
-            Op::Del {
-                keys: vec![b"a".to_vec(), vec![], b"c".to_vec()],
-            },
-            Op::MSet {
-                pairs: vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), vec![])],
-                only_if_none_exist: true,
-            },
-            Op::IncrBy {
-                key: b"n".to_vec(),
-                delta: i64::MIN,
-            },
-            Op::Cmd {
-                args: vec![b"PEXPIREAT".to_vec(), b"k".to_vec(), b"123".to_vec()],
-            },
-            Op::Multi { ops: vec![] },
-            Op::Multi {
-                ops: vec![
-                    (
-                        0,
-                        Op::Set {
-                            key: b"k".to_vec(),
-                            value: b"v".to_vec(),
-                            expiry: Expiry::At(7),
-                            condition: Condition::Always,
-                            get: true,
-                        },
-                    ),
-                    (
-                        15,
-                        Op::Cmd {
-                            args: vec![b"GET".to_vec(), b"k".to_vec()],
-                        },
-                    ),
-                    (u32::MAX, Op::Noop),
-                    (
-                        1,
-                        Op::Del {
-                            keys: vec![b"a".to_vec()],
-                        },
-                    ),
-                ],
-            },
-        ]
-    }
-
     /// One sealed batch holding `entries`, as a fresh segment would get it.
-    fn batch_bytes(entries: &[Entry], salt: u64) -> Vec<u8> {
+    fn batch_bytes(entries: &[LogEntry], salt: u64) -> Vec<u8> {
         let mut b = BatchBuf::default();
         for e in entries {
             b.push(e).unwrap();
@@ -1922,67 +2832,49 @@ mod tests {
         b.seal(SEGMENT_HEADER_LEN as u64, salt).to_vec()
     }
 
-    fn payload(e: &Entry) -> Vec<u8> {
+    /// The bytes of one entry (what a record's length counts).
+    fn entry_bytes(e: &LogEntry) -> Vec<u8> {
         let mut p = Vec::new();
-        encode_payload(e, &mut p);
-        p
-    }
-
-    fn op_payload(op: &Op) -> Vec<u8> {
-        payload(&Entry {
-            index: 1,
-            epoch: 1,
-            ts_ms: 1,
-            db: 0,
-            op: op.clone(),
-        })
-    }
-
-    #[test]
-    fn a_transaction_record_refuses_nesting_and_absurd_counts() {
-        let inner = Op::Multi {
-            ops: vec![(0, Op::Noop)],
-        };
-        // Hand-made nesting (the encoder has no reason to refuse it; the decoder must).
-        let nested = Op::Multi {
-            ops: vec![(0, inner)],
-        };
-        let err = decode_entry(&op_payload(&nested)).unwrap_err();
-        assert!(err.contains("nested transaction"), "{err}");
-        // A count of 2^32-1 ops in a record of a few bytes.
-        let mut p = op_payload(&Op::Multi { ops: vec![] });
-        let n = p.len();
-        p[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
-        let err = decode_entry(&p).unwrap_err();
-        assert!(err.contains("exceeds the record"), "{err}");
-        // An inner op cut short.
-        let mut p = op_payload(&Op::Multi {
-            ops: vec![(
-                3,
-                Op::Del {
-                    keys: vec![b"abc".to_vec()],
-                },
-            )],
+        encode_record(&mut p, e.index, e.epoch, |out| {
+            out.extend_from_slice(&e.payload)
         });
-        p.pop();
-        assert!(decode_entry(&p).is_err());
+        p.split_off(4)
+    }
+
+    fn decode_all(records: &[u8], count: u32, limits: Limits) -> Vec<LogEntry> {
+        split_records(records, count, limits)
+            .map(|p| decode_entry(p.unwrap()).unwrap().to_entry())
+            .collect()
     }
 
     #[test]
-    fn every_op_round_trips() {
-        let entries: Vec<Entry> = all_ops()
+    fn every_entry_round_trips() {
+        let payloads: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            b"k\r\n\0".to_vec(),
+            vec![0, 1, 2, 255],
+            vec![BATCH_MAGIC; 300],
+            (0..=255).collect(),
+        ];
+        let entries: Vec<LogEntry> = payloads
             .into_iter()
             .enumerate()
-            .map(|(i, op)| Entry {
+            .map(|(i, payload)| LogEntry {
                 index: i as u64 + 1,
-                epoch: 7,
-                ts_ms: 123,
-                db: [0, 1, 15, u32::MAX][i % 4],
-                op,
+                epoch: [0, 1, 7, u64::MAX][i % 4],
+                payload,
             })
             .collect();
         for e in &entries {
-            assert_eq!(&decode_entry(&payload(e)).unwrap(), e);
+            let bytes = entry_bytes(e);
+            assert_eq!(bytes.len(), ENTRY_HEADER + e.payload.len());
+            assert_eq!(decode_entry(&bytes).unwrap().to_entry(), *e);
+            // push and push_with write the same bytes.
+            let (mut a, mut b) = (BatchBuf::default(), BatchBuf::default());
+            a.push(e).unwrap();
+            b.push_with(e.index, e.epoch, |out| out.extend_from_slice(&e.payload))
+                .unwrap();
+            assert_eq!(a.seal(16, 1), b.seal(16, 1));
         }
         let buf = batch_bytes(&entries, 42);
         let BatchRead::Batch {
@@ -1998,10 +2890,7 @@ mod tests {
             (synced, count as usize, len),
             (16, entries.len(), buf.len())
         );
-        let got: Vec<Entry> = split_records(records, count, Limits::DEFAULT)
-            .map(|p| decode_entry(p.unwrap()).unwrap())
-            .collect();
-        assert_eq!(got, entries);
+        assert_eq!(decode_all(records, count, Limits::DEFAULT), entries);
         // Every strict prefix is truncated, never a batch or garbage.
         for cut in 0..buf.len() {
             assert_eq!(
@@ -2017,22 +2906,24 @@ mod tests {
         );
     }
 
+    /// The log's own header is checked; a version 1 entry (before databases existed)
+    /// cannot occur any more and is refused like any unknown version.
     #[test]
-    fn version_1_records_read_as_database_0() {
-        // A version 1 entry as written before databases existed: no `db` field.
-        let mut buf = Vec::new();
-        frame(&mut buf, |p| {
-            p.push(ENTRY_VERSION_V1);
-            put_u64(p, 5);
-            put_u64(p, 1);
-            put_u64(p, 77);
-            crate::db::op::encode(&Op::Noop, p);
-        });
-        let FrameRead::Frame(p, _) = read_frame(&buf) else {
-            panic!()
-        };
-        let e = decode_entry(p).unwrap();
-        assert_eq!((e.index, e.ts_ms, e.db, e.op), (5, 77, 0, Op::Noop));
+    fn an_entry_header_is_checked() {
+        let mut p = entry_bytes(&set(1, "k", "v"));
+        for cut in 0..ENTRY_HEADER {
+            assert!(decode_entry(&p[..cut]).is_err(), "cut {cut}");
+        }
+        assert_eq!(decode_entry(&p[..ENTRY_HEADER]).unwrap().payload, b"");
+        p[0] = 1;
+        assert_eq!(
+            decode_entry(&p).unwrap_err(),
+            "unknown record version 1".to_string()
+        );
+    }
+
+    #[test]
+    fn version_1_snapshots_read_as_database_0() {
         // A version 1 snapshot: every key in database 0, and a `D` frame is refused.
         let mut snap = SNAPSHOT_HEADER_V1.to_vec();
         frame(&mut snap, |p| {
@@ -2090,17 +2981,7 @@ mod tests {
 
     #[test]
     fn decode_refuses_hostile_counts() {
-        let e = Entry {
-            index: 1,
-            epoch: 1,
-            ts_ms: 1,
-            db: 0,
-            op: Op::Del { keys: vec![] },
-        };
-        let mut p = payload(&e);
-        let n = p.len();
-        p[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(decode_entry(&p).is_err());
+        let e = set(1, "k", "v");
         // A record length beyond the batch, or a count beyond its records.
         let buf = batch_bytes(std::slice::from_ref(&e), 1);
         let BatchRead::Batch { records, .. } = read_batch(&buf, 1, Limits::DEFAULT) else {
@@ -2116,14 +2997,14 @@ mod tests {
     /// accepted and read back, one byte more is refused before anything is written.
     #[test]
     fn entry_limit_is_the_same_for_writer_and_reader() {
-        let base = payload(&set(1, "k", "")).len();
+        let base = entry_bytes(&set(1, "k", "")).len();
         let limits = Limits {
             max_entry: base + 100,
             max_batch: 3 * (base + 100),
         };
         let at_limit = set(1, "k", &"v".repeat(100));
         let over = set(3, "k", &"v".repeat(101));
-        assert_eq!(payload(&at_limit).len(), limits.max_entry);
+        assert_eq!(entry_bytes(&at_limit).len(), limits.max_entry);
         let mut b = BatchBuf::with_limits(limits);
         b.push(&at_limit).unwrap();
         let before = b.len();
@@ -2135,10 +3016,7 @@ mod tests {
         let BatchRead::Batch { records, count, .. } = read_batch(&buf, 5, limits) else {
             panic!()
         };
-        let got: Vec<Entry> = split_records(records, count, limits)
-            .map(|p| decode_entry(p.unwrap()).unwrap())
-            .collect();
-        assert_eq!(got, vec![at_limit.clone()]);
+        assert_eq!(decode_all(records, count, limits), vec![at_limit.clone()]);
         // The reader refuses what the writer would have refused.
         let mut big = BatchBuf::with_limits(Limits {
             max_entry: limits.max_entry + 1,
@@ -2280,14 +3158,22 @@ mod tests {
         assert_eq!(names(), vec![snapshot_name(12)]);
     }
 
-    fn open_collect(dir: &Path, opts: WalOptions) -> Result<(Wal, Vec<Entry>), WalError> {
+    fn open_collect(dir: &Path, opts: WalOptions) -> Result<(Wal, Vec<LogEntry>), WalError> {
         let mut got = Vec::new();
-        let (w, _) = Wal::open(dir, opts, |_| {}, |e| got.push(e))?;
+        let (w, _) = Wal::open(
+            dir,
+            opts,
+            |_| {},
+            |e| {
+                got.push(e.to_entry());
+                Ok(())
+            },
+        )?;
         Ok((w, got))
     }
 
     /// Appends each entry as its own batch (one append, one fsync under `always`).
-    fn write_entries(w: &mut Wal, entries: &[Entry]) {
+    fn write_entries(w: &mut Wal, entries: &[LogEntry]) {
         for e in entries {
             let mut b = BatchBuf::default();
             b.push(e).unwrap();
@@ -2302,7 +3188,7 @@ mod tests {
             fsync: FsyncPolicy::No,
             segment_size: 100,
         };
-        let entries: Vec<Entry> = (1..=50).map(|i| set(i, &format!("k{i}"), "v")).collect();
+        let entries: Vec<LogEntry> = (1..=50).map(|i| set(i, &format!("k{i}"), "v")).collect();
         let (mut w, got) = open_collect(dir.path(), opts.clone()).unwrap();
         assert!(got.is_empty());
         write_entries(&mut w, &entries);
@@ -2320,7 +3206,7 @@ mod tests {
 
     #[test]
     fn torn_tail_at_every_offset_recovers_every_earlier_record() {
-        let entries: Vec<Entry> = (1..=3).map(|i| set(i, "key", "some value")).collect();
+        let entries: Vec<LogEntry> = (1..=3).map(|i| set(i, "key", "some value")).collect();
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = open_collect(dir.path(), WalOptions::default()).unwrap();
         write_entries(&mut w, &entries[..2]);
@@ -2401,8 +3287,8 @@ mod tests {
     #[test]
     fn power_cut_with_pages_out_of_order_is_a_torn_tail() {
         // fsync always: three batches fsync'd, then one of ~3.5 KiB that was being written.
-        let entries: Vec<Entry> = (1..=3).map(|i| set(i, "key", "value")).collect();
-        let last: Vec<Entry> = (4..=10).map(|i| set(i, "k", &"x".repeat(500))).collect();
+        let entries: Vec<LogEntry> = (1..=3).map(|i| set(i, "key", "value")).collect();
+        let last: Vec<LogEntry> = (4..=10).map(|i| set(i, "k", &"x".repeat(500))).collect();
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = open_collect(dir.path(), WalOptions::default()).unwrap();
         write_entries(&mut w, &entries);
@@ -2443,8 +3329,8 @@ mod tests {
     fn power_cut_under_everysec_loses_only_unsynced_batches() {
         // fsync no/everysec: several batches written since the last fsync; any of their
         // pages may be missing. Whatever survives, the fsync'd prefix is kept.
-        let synced: Vec<Entry> = (1..=2).map(|i| set(i, "key", "value")).collect();
-        let unsynced: Vec<Entry> = (3..=8).map(|i| set(i, "k", &"y".repeat(300))).collect();
+        let synced: Vec<LogEntry> = (1..=2).map(|i| set(i, "key", "value")).collect();
+        let unsynced: Vec<LogEntry> = (3..=8).map(|i| set(i, "k", &"y".repeat(300))).collect();
         let dir = tempfile::tempdir().unwrap();
         let opts = WalOptions {
             fsync: FsyncPolicy::No,
@@ -2466,14 +3352,14 @@ mod tests {
             let (_, got) = open_collect(dir.path(), opts.clone())
                 .unwrap_or_else(|e| panic!("image {n} refused: {e}"));
             assert!(got.len() >= 2, "image {n} lost fsync'd entries");
-            let all: Vec<Entry> = synced.iter().chain(&unsynced).cloned().collect();
+            let all: Vec<LogEntry> = synced.iter().chain(&unsynced).cloned().collect();
             assert_eq!(got[..], all[..got.len()], "image {n}");
         }
     }
 
     #[test]
     fn flipped_byte_mid_log_is_refused_with_offset() {
-        let entries: Vec<Entry> = (1..=5).map(|i| set(i, "key", "value")).collect();
+        let entries: Vec<LogEntry> = (1..=5).map(|i| set(i, "key", "value")).collect();
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = open_collect(dir.path(), WalOptions::default()).unwrap();
         write_entries(&mut w, &entries[..1]);
@@ -2495,7 +3381,7 @@ mod tests {
         assert_eq!(fs::read(&seg).unwrap(), bytes);
         // check-log says the same, and --repair does not "fix" corruption.
         assert!(matches!(
-            check(dir.path(), true),
+            check(dir.path(), true, |_| Ok(())),
             Err(WalError::Corrupt { .. })
         ));
         assert_eq!(fs::read(&seg).unwrap(), bytes);
@@ -2503,7 +3389,7 @@ mod tests {
 
     /// Writes `entries` as batches straight into segment `first` (bypassing the writer's
     /// checks), to build logs the writer never would.
-    fn raw_segment(dir: &Path, first: u64, entries: &[Entry]) {
+    fn raw_segment(dir: &Path, first: u64, entries: &[LogEntry]) {
         let salt = 99u64;
         let mut bytes = SEGMENT_MAGIC.to_vec();
         bytes.extend_from_slice(&salt.to_le_bytes());
@@ -2528,7 +3414,7 @@ mod tests {
         let err = open_collect(dir.path(), WalOptions::default()).unwrap_err();
         assert!(err.to_string().contains("index out of order"), "{err}");
         assert!(matches!(
-            check(dir.path(), false),
+            check(dir.path(), false, |_| Ok(())),
             Err(WalError::Corrupt { .. })
         ));
         // Across segments, with no snapshot covering the repeat (two writers on one
@@ -2543,7 +3429,7 @@ mod tests {
         let err = open_collect(dir.path(), WalOptions::default()).unwrap_err();
         assert!(err.to_string().contains("duplicate index"), "{err}");
         assert!(matches!(
-            check(dir.path(), false),
+            check(dir.path(), false, |_| Ok(())),
             Err(WalError::Corrupt { .. })
         ));
         // Backward: a record below its segment's first index.
@@ -2561,7 +3447,7 @@ mod tests {
             segment_size: 1 << 20,
         };
         let (mut w, _) = open_collect(dir.path(), opts.clone()).unwrap();
-        let entries: Vec<Entry> = (1..=6).map(|i| set(i, &format!("k{i}"), "v")).collect();
+        let entries: Vec<LogEntry> = (1..=6).map(|i| set(i, &format!("k{i}"), "v")).collect();
         write_entries(&mut w, &entries[..3]);
         w.roll(4).unwrap();
         let snap = encode_snapshot(
@@ -2602,7 +3488,7 @@ mod tests {
         let err = open_collect(dir.path(), WalOptions::default()).unwrap_err();
         assert!(err.to_string().contains("index 2 was committed"), "{err}");
         assert!(matches!(
-            check(dir.path(), false),
+            check(dir.path(), false, |_| Ok(())),
             Err(WalError::Corrupt { .. })
         ));
         // Deleted altogether: the same.
@@ -2654,11 +3540,11 @@ mod tests {
             .unwrap()
             .set_len(len - 3)
             .unwrap();
-        let r = check(dir.path(), false).unwrap();
+        let r = check(dir.path(), false, |_| Ok(())).unwrap();
         assert!(r.report.torn_tail.is_some());
         assert_eq!(fs::metadata(&seg).unwrap().len(), len - 3);
-        check(dir.path(), true).unwrap();
-        let r = check(dir.path(), false).unwrap();
+        check(dir.path(), true, |_| Ok(())).unwrap();
+        let r = check(dir.path(), false, |_| Ok(())).unwrap();
         assert!(r.report.torn_tail.is_none());
         assert_eq!(r.report.last_index, 1);
     }
@@ -2671,7 +3557,7 @@ mod tests {
             segment_size: 200,
         };
         let (mut w, _) = open_collect(dir.path(), opts.clone()).unwrap();
-        let entries: Vec<Entry> = (1..=20).map(|i| set(i, &format!("k{i}"), "v")).collect();
+        let entries: Vec<LogEntry> = (1..=20).map(|i| set(i, &format!("k{i}"), "v")).collect();
         write_entries(&mut w, &entries[..10]);
         w.roll(11).unwrap();
         let snap = encode_snapshot(
@@ -2689,7 +3575,16 @@ mod tests {
         assert!(l.segments.iter().all(|(f, _)| *f > 10));
         let mut snap_seen = Vec::new();
         let mut got = Vec::new();
-        let (w, rep) = Wal::open(dir.path(), opts, |p| snap_seen.push(p), |e| got.push(e)).unwrap();
+        let (w, rep) = Wal::open(
+            dir.path(),
+            opts,
+            |p| snap_seen.push(p),
+            |e| {
+                got.push(e.to_entry());
+                Ok(())
+            },
+        )
+        .unwrap();
         assert!(matches!(
             snap_seen[..],
             [
@@ -2718,5 +3613,176 @@ mod tests {
         .unwrap();
         open_collect(dir.path(), WalOptions::default()).unwrap();
         assert!(list_dir(dir.path()).unwrap().temps.is_empty());
+    }
+
+    /// Opens a `Wal` for [`log_store_contract`]: a new directory for `None`, the same one
+    /// again for `Some`.
+    fn wal_opener(segment_size: u64) -> impl FnMut(Option<Wal>) -> Wal {
+        let mut dirs = Vec::new();
+        move |old| {
+            let dir = match old {
+                Some(w) => {
+                    let d = w.dir().to_path_buf();
+                    drop(w);
+                    d
+                }
+                None => {
+                    let t = tempfile::tempdir().unwrap();
+                    let d = t.path().to_path_buf();
+                    dirs.push(t);
+                    d
+                }
+            };
+            let opts = WalOptions {
+                fsync: FsyncPolicy::No,
+                segment_size,
+            };
+            let (w, rep) = Wal::open(&dir, opts, |_| {}, |_| Ok(())).unwrap();
+            // Whatever the log did, it left no damage behind.
+            assert!(rep.torn_tail.is_none(), "{:?}", rep.torn_tail);
+            check(&dir, false, |_| Ok(())).unwrap();
+            w
+        }
+    }
+
+    #[test]
+    fn the_wal_keeps_the_log_store_contract() {
+        // One segment with many batches (the index's marks), and many small segments.
+        log_store_contract(wal_opener(64 << 20));
+        log_store_contract(wal_opener(300));
+    }
+
+    /// A snapshot installed from a leader whose process stopped before the segment after
+    /// it was started: recovery finishes the install.
+    #[test]
+    fn an_install_cut_short_is_finished_by_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = open_collect(dir.path(), WalOptions::default()).unwrap();
+        let entries: Vec<LogEntry> = (1..=10).map(|i| set(i, "k", "v")).collect();
+        LogStore::append(&mut w, &entries).unwrap();
+        drop(w);
+        let snap = encode_snapshot(
+            50,
+            3,
+            vec![(0, std::iter::once((&b"k"[..], &b"v"[..], None)))],
+        );
+        write_atomically(dir.path(), &snapshot_name(50), &snap).unwrap();
+        // Read-only, check-log sees nothing wrong; --repair finishes it as startup would.
+        assert_eq!(
+            check(dir.path(), false, |_| Ok(()))
+                .unwrap()
+                .report
+                .last_index,
+            50
+        );
+        let (mut w, got) = open_collect(dir.path(), WalOptions::default()).unwrap();
+        assert!(got.is_empty());
+        assert_eq!((w.snapshot(), w.last()), ((50, 3), (50, 3)));
+        let l = list_dir(dir.path()).unwrap();
+        assert_eq!(l.segments.iter().map(|s| s.0).collect::<Vec<_>>(), vec![51]);
+        LogStore::append(&mut w, &[set(51, "k", "v")]).unwrap();
+        drop(w);
+        let (_, got) = open_collect(dir.path(), WalOptions::default()).unwrap();
+        assert_eq!(got, vec![set(51, "k", "v")]);
+        // Without any segment left, a snapshot's missing successor is still an error.
+        let dir = tempfile::tempdir().unwrap();
+        write_atomically(dir.path(), &snapshot_name(50), &snap).unwrap();
+        let err = open_collect(dir.path(), WalOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("is missing"), "{err}");
+    }
+
+    /// A payload the replay callback cannot decode is corruption at its batch.
+    #[test]
+    fn an_undecodable_payload_is_corruption_at_its_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = open_collect(dir.path(), WalOptions::default()).unwrap();
+        write_entries(&mut w, &[set(1, "a", "1")]);
+        let second = seg_len(dir.path());
+        write_entries(&mut w, &[set(2, "bad", "x"), set(3, "c", "3")]);
+        drop(w);
+        let refuse = |e: EntryRef<'_>| {
+            if e.payload.starts_with(b"bad") {
+                Err("unknown operation code 98".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        let err = Wal::open(dir.path(), WalOptions::default(), |_| {}, refuse).unwrap_err();
+        assert!(
+            matches!(&err, WalError::Corrupt { offset, .. } if *offset == second as u64),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("entry 2: unknown operation code 98"), "{msg}");
+        assert!(check(dir.path(), false, refuse).is_err());
+    }
+
+    /// A log request that breaks the rules is refused and changes nothing; a snapshot
+    /// that is not what it claims is never installed.
+    #[test]
+    fn bad_snapshots_are_not_installed() {
+        let mut open = wal_opener(1 << 20);
+        let mut w = open(None);
+        LogStore::append(&mut w, &[set(1, "a", "1"), set(2, "b", "2")]).unwrap();
+        let one = || vec![(0, std::iter::once((&b"k"[..], &b"v"[..], None)))];
+        let mut good = encode_snapshot(5, 1, one());
+        assert!(w.install_snapshot(6, 1, &good).is_err(), "another index");
+        assert!(w.install_snapshot(5, 2, &good).is_err(), "another epoch");
+        good.pop();
+        assert!(w.install_snapshot(5, 1, &good).is_err(), "cut short");
+        assert_eq!((w.snapshot(), w.last()), ((0, 0), (2, 1)));
+        assert!(list_dir(w.dir()).unwrap().snapshots.is_empty());
+        assert!(matches!(
+            LogStore::append(&mut w, &[set(4, "a", "1")]),
+            Err(WalError::Refused(_))
+        ));
+    }
+
+    /// After a compaction (snapshot and pruning on another thread), the log's index
+    /// learns the snapshot and forgets the segments.
+    #[test]
+    fn the_index_follows_compaction() {
+        let mut open = wal_opener(200);
+        let mut w = open(None);
+        let entries: Vec<LogEntry> = (1..=20).map(|i| set(i, &format!("k{i}"), "v")).collect();
+        LogStore::append(&mut w, &entries[..10]).unwrap();
+        w.roll(11).unwrap();
+        let snap = encode_snapshot(
+            10,
+            1,
+            vec![(0, std::iter::once((&b"k"[..], &b"v"[..], None)))],
+        );
+        let freed = Wal::write_snapshot_and_prune(w.dir(), 10, &snap).unwrap();
+        w.note_pruned(freed);
+        LogStore::append(&mut w, &entries[10..]).unwrap();
+        assert_eq!((w.snapshot(), w.last()), ((10, 1), (20, 1)));
+        assert!(w.read(10, usize::MAX).is_err());
+        assert_eq!(w.read(11, usize::MAX).unwrap(), entries[10..]);
+        assert_eq!(w.segments.len(), list_dir(w.dir()).unwrap().segments.len());
+        let w = open(Some(w));
+        assert_eq!(w.read(11, usize::MAX).unwrap(), entries[10..]);
+    }
+
+    /// An `everysec` fsync that was under way when the log was cut back reports on bytes
+    /// that are gone: it must not move what the log claims is on disk.
+    #[test]
+    fn a_sync_from_before_a_cut_claims_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions {
+            fsync: FsyncPolicy::EverySec,
+            segment_size: 1 << 20,
+        };
+        let (mut w, _) = open_collect(dir.path(), opts.clone()).unwrap();
+        let entries: Vec<LogEntry> = (1..=6).map(|i| set(i, "k", "v")).collect();
+        LogStore::append(&mut w, &entries).unwrap();
+        let h = w.take_sync_handle().unwrap();
+        h.file.sync_data().unwrap();
+        w.truncate_after(2).unwrap();
+        w.synced(&h);
+        assert_eq!((w.durable_index(), w.synced_len), (2, w.file_len));
+        LogStore::append(&mut w, &[set(3, "x", "y")]).unwrap();
+        drop(w);
+        let (_, got) = open_collect(dir.path(), opts).unwrap();
+        assert_eq!(got, [&entries[..2], &[set(3, "x", "y")]].concat());
     }
 }

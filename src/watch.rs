@@ -246,7 +246,7 @@ fn mark(reg: &mut Registry, db: u32, k: &[u8], only_present: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::{Condition, Expiry};
+    use crate::db::{Condition, Expiry};
 
     fn set(k: &str) -> Op {
         Op::Set {

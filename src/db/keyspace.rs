@@ -289,8 +289,8 @@ fn free_later(old: Keyspace) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Command;
     use crate::db::{Condition, Expiry, Item, Op};
-    use crate::wal::Entry;
 
     struct T {
         db: Db,
@@ -307,13 +307,14 @@ mod tests {
 
         fn op(&mut self, now: u64, op: Op) -> OpResult {
             self.index += 1;
-            let r = self.db.apply(Entry {
-                index: self.index,
-                epoch: 0,
-                ts_ms: now,
-                db: 0,
-                op,
-            });
+            let r = self.db.apply(
+                self.index,
+                Command {
+                    ts_ms: now,
+                    db: 0,
+                    op,
+                },
+            );
             for ks in self.db.keyspaces() {
                 ks.check_invariants();
             }

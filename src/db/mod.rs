@@ -7,11 +7,13 @@
 //!
 //! # How data enters
 //!
-//! - [`Db::apply`] of a committed log entry, in log order. The operation type, [`Op`],
-//!   is the state machine's own (`op.rs`, with its byte codec): the command layer builds
-//!   one from a request, the log stores its bytes without looking inside, and applying
-//!   it depends only on the databases and the entry (its timestamp stands in for the
-//!   clock), so a restart or a follower replaying the log reaches the same state.
+//! - [`Db::apply`] of a committed log entry's [`Command`], in log order. The operation
+//!   type, [`Op`], is the state machine's own (`op.rs`, with its byte codec): the command
+//!   layer builds one from a request, the store wraps it in a [`Command`] (its database
+//!   and the leader's clock; `command.rs`) whose bytes the log stores as an opaque
+//!   payload, and applying it depends only on the databases and the command (its
+//!   timestamp stands in for the clock), so a restart or a follower replaying the log
+//!   reaches the same state. An empty payload is a no-op entry.
 //!   Canonical commands ([`Op::Cmd`]) are applied by `exec.rs`, which hands each family
 //!   to its file: `strings.rs` (APPEND, SETRANGE, GETDEL, GETEX, INCRBYFLOAT),
 //!   `keyspace.rs` (RENAME, COPY, FLUSHDB, and MOVE, SWAPDB, COPY … DB, FLUSHALL, which
@@ -40,6 +42,7 @@
 //! Whoever holds a `&mut Db` is applying committed entries: the store keeps its `Db`
 //! under a mutex and hands out only shared references to readers.
 
+mod command;
 mod exec;
 pub mod keymap;
 mod keyspace;
@@ -48,12 +51,12 @@ mod reads;
 mod snapshot;
 mod strings;
 
+pub use command::Command;
 pub use keyspace::{ERR_SAME, MAX_HINTS, spans_databases};
 pub use op::{Condition, Expiry, Op};
 pub use reads::is_read_record;
 pub use strings::{ERR_TOO_BIG, MAX_STRING_LEN, fits as string_fits, substring};
 
-use crate::wal::Entry;
 use keymap::{KeyMap, Slot};
 use std::collections::BTreeSet;
 
@@ -104,7 +107,7 @@ pub const DEFAULT_DATABASES: u32 = 16;
 /// The state machine that log entries drive: the databases (Redis's `SELECT` indexes),
 /// each its own [`Keyspace`], and the index of the last entry applied.
 ///
-/// An entry names its database ([`Entry::db`]); [`Db::apply_op`] runs an operation in
+/// A command names its database ([`Command::db`]); [`Db::apply_op`] runs an operation in
 /// one database (a transaction calls it once per queued command, each with its own
 /// database) and routes the commands that span databases (MOVE, SWAPDB, COPY … DB,
 /// FLUSHALL) to the code that sees them all (`keyspace.rs`).
@@ -210,8 +213,8 @@ impl Db {
     /// Before a batch is applied: loads the table places of its SETs' keys, so that
     /// their cache misses overlap instead of coming one after the other
     /// ([`KeyMap::touch`]). Changes nothing.
-    pub fn touch(&self, entries: &[Entry]) {
-        let Some(first) = entries.first() else {
+    pub fn touch(&self, entries: &[(u64, Command)]) {
+        let Some((_, first)) = entries.first() else {
             return;
         };
         if entries.len() < 2 {
@@ -220,8 +223,8 @@ impl Db {
         let mut hashes = [0; crate::protocol::PEEK_KEYS];
         let mut n = 0;
         let ks = self.keyspace(first.db);
-        for e in entries {
-            if let (Op::Set { key, .. }, true) = (&e.op, e.db == first.db) {
+        for (_, c) in entries {
+            if let (Op::Set { key, .. }, true) = (&c.op, c.db == first.db) {
                 hashes[n] = ks.map.hash(key);
                 n += 1;
                 if n == hashes.len() {
@@ -232,11 +235,12 @@ impl Db {
         std::hint::black_box(ks.map.touch(&hashes[..n]));
     }
 
-    /// Applies one committed entry. Deterministic: depends only on the databases and the
-    /// entry.
-    pub fn apply(&mut self, entry: Entry) -> OpResult {
-        self.applied = entry.index;
-        self.apply_op(entry.db, entry.op, entry.ts_ms)
+    /// Applies the command of the committed entry at log `index`. Deterministic: depends
+    /// only on the databases and the command (a no-op, [`Command::noop`], moves the
+    /// applied index and nothing else).
+    pub fn apply(&mut self, index: u64, command: Command) -> OpResult {
+        self.applied = index;
+        self.apply_op(command.db, command.op, command.ts_ms)
     }
 
     /// Applies `op` in database `db` at the entry time `now` (what [`Db::apply`] does for
@@ -674,13 +678,19 @@ impl Keyspace {
 mod tests {
     use super::*;
 
-    fn entry(index: u64, ts_ms: u64, op: Op) -> Entry {
-        Entry {
-            index,
-            epoch: 0,
-            ts_ms,
-            db: 0,
-            op,
+    /// A command in database 0 at log `index`.
+    fn entry(index: u64, ts_ms: u64, op: Op) -> (u64, Command) {
+        (index, Command { ts_ms, db: 0, op })
+    }
+
+    /// [`Db::apply`] of what [`entry`] built.
+    trait ApplyEntry {
+        fn apply_entry(&mut self, e: (u64, Command)) -> OpResult;
+    }
+
+    impl ApplyEntry for Db {
+        fn apply_entry(&mut self, (index, command): (u64, Command)) -> OpResult {
+            self.apply(index, command)
         }
     }
 
@@ -720,7 +730,7 @@ mod tests {
         let mut db = Db::default();
         let a = Condition::Always;
         assert_eq!(
-            db.apply(entry(
+            db.apply_entry(entry(
                 1,
                 0,
                 set_op("k", "1", Expiry::Never, Condition::IfExists, false)
@@ -728,7 +738,7 @@ mod tests {
             OpResult::NotSet
         );
         assert_eq!(
-            db.apply(entry(
+            db.apply_entry(entry(
                 2,
                 0,
                 set_op("k", "1", Expiry::Never, Condition::IfMissing, false)
@@ -736,7 +746,7 @@ mod tests {
             OpResult::Ok
         );
         assert_eq!(
-            db.apply(entry(
+            db.apply_entry(entry(
                 3,
                 0,
                 set_op("k", "2", Expiry::Never, Condition::IfMissing, true)
@@ -745,7 +755,7 @@ mod tests {
         );
         assert_eq!(db.keyspace(0).get(b"k", 0).unwrap().value[..], b"1"[..]);
         assert_eq!(
-            db.apply(entry(4, 0, set_op("k", "3", Expiry::Never, a, true))),
+            db.apply_entry(entry(4, 0, set_op("k", "3", Expiry::Never, a, true))),
             OpResult::Old(Some(b"1".to_vec()))
         );
         assert_eq!(db.applied_index(), 4);
@@ -754,7 +764,7 @@ mod tests {
     #[test]
     fn expiry_is_decided_by_entry_time_not_the_clock() {
         let mut db = Db::default();
-        db.apply(entry(
+        db.apply_entry(entry(
             1,
             100,
             set_op("k", "v", Expiry::At(200), Condition::Always, false),
@@ -763,26 +773,26 @@ mod tests {
         assert!(db.keyspace(0).get(b"k", 200).is_none());
         // NX at ts 150: key still live, refused; at ts 250: expired, so missing, accepted.
         let nx = set_op("k", "w", Expiry::Never, Condition::IfMissing, false);
-        assert_eq!(db.apply(entry(2, 150, nx.clone())), OpResult::NotSet);
-        assert_eq!(db.apply(entry(3, 250, nx)), OpResult::Ok);
+        assert_eq!(db.apply_entry(entry(2, 150, nx.clone())), OpResult::NotSet);
+        assert_eq!(db.apply_entry(entry(3, 250, nx)), OpResult::Ok);
         assert_eq!(
             db.keyspace(0).get(b"k", u64::MAX).unwrap().value[..],
             b"w"[..]
         );
         // KEEPTTL keeps the deadline.
-        db.apply(entry(
+        db.apply_entry(entry(
             4,
             300,
             set_op("t", "1", Expiry::At(900), Condition::Always, false),
         ));
-        db.apply(entry(
+        db.apply_entry(entry(
             5,
             300,
             set_op("t", "2", Expiry::Keep, Condition::Always, false),
         ));
         assert_eq!(db.keyspace(0).get(b"t", 0).unwrap().expire_at, 900);
         // A deadline already past deletes.
-        db.apply(entry(
+        db.apply_entry(entry(
             6,
             1000,
             set_op("t", "3", Expiry::At(999), Condition::Always, false),
@@ -797,20 +807,23 @@ mod tests {
             key: k.into(),
             delta: d,
         };
-        assert_eq!(db.apply(entry(1, 0, incr("n", 5))), OpResult::Int(5));
-        assert_eq!(db.apply(entry(2, 0, incr("n", -7))), OpResult::Int(-2));
-        db.apply(entry(
+        assert_eq!(db.apply_entry(entry(1, 0, incr("n", 5))), OpResult::Int(5));
+        assert_eq!(
+            db.apply_entry(entry(2, 0, incr("n", -7))),
+            OpResult::Int(-2)
+        );
+        db.apply_entry(entry(
             3,
             0,
             set_op("s", "abc", Expiry::Never, Condition::Always, false),
         ));
         assert_eq!(
-            db.apply(entry(4, 0, incr("s", 1))),
+            db.apply_entry(entry(4, 0, incr("s", 1))),
             OpResult::Error(ERR_NOT_INTEGER)
         );
-        db.apply(entry(5, 0, incr("m", i64::MAX)));
+        db.apply_entry(entry(5, 0, incr("m", i64::MAX)));
         assert_eq!(
-            db.apply(entry(6, 0, incr("m", 1))),
+            db.apply_entry(entry(6, 0, incr("m", 1))),
             OpResult::Error(ERR_OVERFLOW)
         );
         assert_eq!(
@@ -836,18 +849,18 @@ mod tests {
             only_if_none_exist: nx,
         };
         assert_eq!(
-            db.apply(entry(1, 0, mset(pairs(&[("a", "1"), ("b", "2")]), true))),
+            db.apply_entry(entry(1, 0, mset(pairs(&[("a", "1"), ("b", "2")]), true))),
             OpResult::Int(1)
         );
         assert_eq!(
-            db.apply(entry(2, 0, mset(pairs(&[("b", "3"), ("c", "4")]), true))),
+            db.apply_entry(entry(2, 0, mset(pairs(&[("b", "3"), ("c", "4")]), true))),
             OpResult::Int(0)
         );
         assert!(db.keyspace(0).get(b"c", 0).is_none());
         let del = Op::Del {
             keys: vec![b"a".to_vec(), b"a".to_vec(), b"zz".to_vec(), b"b".to_vec()],
         };
-        assert_eq!(db.apply(entry(3, 0, del)), OpResult::Int(2));
+        assert_eq!(db.apply_entry(entry(3, 0, del)), OpResult::Int(2));
         assert!(db.is_empty());
         assert_eq!(db.live_bytes(), 0);
     }
@@ -855,19 +868,19 @@ mod tests {
     #[test]
     fn live_bytes_tracks_overwrites() {
         let mut db = Db::default();
-        db.apply(entry(
+        db.apply_entry(entry(
             1,
             0,
             set_op("k", "aaaa", Expiry::Never, Condition::Always, false),
         ));
         let one = db.live_bytes();
-        db.apply(entry(
+        db.apply_entry(entry(
             2,
             0,
             set_op("k", "bbbb", Expiry::Never, Condition::Always, false),
         ));
         assert_eq!(db.live_bytes(), one);
-        db.apply(entry(
+        db.apply_entry(entry(
             3,
             0,
             Op::Del {
@@ -875,6 +888,22 @@ mod tests {
             },
         ));
         assert_eq!(db.live_bytes(), 0);
+    }
+
+    /// The log's no-op entry (an empty payload) moves the applied index and nothing else.
+    #[test]
+    fn a_noop_entry_only_moves_the_applied_index() {
+        let mut db = Db::new(2);
+        db.apply_entry(entry(
+            1,
+            0,
+            set_op("k", "v", Expiry::Never, Condition::Always, false),
+        ));
+        let noop = Command::decode(&[]).unwrap();
+        assert_eq!(db.apply(2, noop), OpResult::Ok);
+        assert_eq!(db.applied_index(), 2);
+        assert_eq!(db.keyspace(0).len(), 1);
+        assert_eq!(db.keyspace(1).len(), 0);
     }
 
     /// Operations apply to their own database only; MOVE, SWAPDB, COPY … DB, FLUSHDB and
@@ -886,13 +915,14 @@ mod tests {
         let mut i = 0;
         let mut ap = |db: &mut Db, d: u32, now: u64, op: Op| {
             i += 1;
-            let r = db.apply(Entry {
-                index: i,
-                epoch: 0,
-                ts_ms: now,
-                db: d,
-                op,
-            });
+            let r = db.apply(
+                i,
+                Command {
+                    ts_ms: now,
+                    db: d,
+                    op,
+                },
+            );
             check_invariants(db);
             r
         };

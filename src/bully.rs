@@ -61,6 +61,13 @@ impl Node {
                     Phase::Waiting if elapsed >= self.cfg.failure_ticks => {
                         self.start_election(log, fx)
                     }
+                    Phase::Proposing if elapsed >= self.cfg.election_ticks && c.saw_higher => {
+                        // A higher id bid too: let it have the next round.
+                        if let RoleState::Candidate(c) = &mut self.role {
+                            c.phase = Phase::Waiting;
+                            c.since = now;
+                        }
+                    }
                     Phase::PreVote | Phase::Proposing if elapsed >= self.cfg.election_ticks => {
                         // No majority: retry after a failure timeout.
                         self.become_follower(None, fx);
@@ -90,6 +97,7 @@ impl Node {
             since: self.now,
             grants: Vec::new(),
             accepts: BTreeMap::new(),
+            saw_higher: false,
         });
         for p in higher {
             self.send(fx, p, Body::Election);
@@ -104,6 +112,7 @@ impl Node {
             since: self.now,
             grants: vec![self.cfg.id],
             accepts: BTreeMap::new(),
+            saw_higher: false,
         });
         if self.quorum() <= 1 {
             return self.bid(log, fx);
@@ -126,6 +135,7 @@ impl Node {
             since: self.now,
             grants: Vec::new(),
             accepts: accepts.clone(),
+            saw_higher: false,
         });
         if accepts.len() >= self.quorum() {
             return self.become_leader_elect(log, &accepts, fx);
@@ -236,13 +246,12 @@ impl Node {
         if epoch == self.epoch && self.voted_for != 0 && self.voted_for != from {
             // One coordinator per epoch.
             self.send(fx, from, Body::Refuse { leader: None });
-            if from > self.cfg.id {
-                // A higher candidate is alive: let it have the next round.
-                let now = self.now;
-                if let RoleState::Candidate(c) = &mut self.role {
-                    c.phase = Phase::Waiting;
-                    c.since = now;
-                }
+            if from > self.cfg.id
+                && let RoleState::Candidate(c) = &mut self.role
+            {
+                // A higher candidate is alive. Our own bid still counts (a majority can
+                // only accept one of us), but if it fails the next round is the higher's.
+                c.saw_higher = true;
             }
             return;
         }

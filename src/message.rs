@@ -111,8 +111,9 @@ pub enum Body {
     Heartbeat {
         seq: u64,
         commit: u64,
-        /// The leader's last index (a follower that has it may ask to take over).
-        last: u64,
+        /// The leader's last position: a follower that holds it knows its log equals the
+        /// leader's through it (and, if its id is higher, may ask to take over).
+        last: Pos,
     },
     Append {
         seq: u64,
@@ -310,7 +311,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             out.push(HEARTBEAT);
             put_u64(&mut out, *seq);
             put_u64(&mut out, *commit);
-            put_u64(&mut out, *last);
+            put_pos(&mut out, *last);
         }
         Body::Append {
             seq,
@@ -395,7 +396,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         HEARTBEAT => Body::Heartbeat {
             seq: r.u64()?,
             commit: r.u64()?,
-            last: r.u64()?,
+            last: r.pos()?,
         },
         APPEND => {
             let seq = r.u64()?;
@@ -569,7 +570,7 @@ mod tests {
             Body::Heartbeat {
                 seq: 9,
                 commit: 5,
-                last: 7,
+                last: p,
             },
             Body::Append {
                 seq: 10,

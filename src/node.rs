@@ -210,6 +210,8 @@ pub(crate) struct Candidate {
     pub grants: Vec<u64>,
     /// Accepts with each acceptor's last position, self included.
     pub accepts: BTreeMap<u64, Pos>,
+    /// A higher id bid in our epoch: if our bid fails, wait for it rather than retry.
+    pub saw_higher: bool,
 }
 
 /// The leader's view of one follower.
@@ -573,5 +575,33 @@ impl Node {
     /// is committed, no hand-over is under way and its lease holds.
     pub fn can_read(&self) -> bool {
         self.serving()
+    }
+}
+
+impl fmt::Display for Node {
+    /// `n3@2 leader`, `n1@2 follower(n3)`, `n2@1 candidate(electing)`: the node, its
+    /// epoch and what it is doing (as the golden scripts and the logs show it).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "n{}@{} ", self.cfg.id, self.epoch)?;
+        match &self.role {
+            RoleState::Follower => match self.leader {
+                Some(l) => write!(f, "follower(n{l})"),
+                None => write!(f, "follower()"),
+            },
+            RoleState::Candidate(c) => {
+                let phase = match c.phase {
+                    Phase::Electing => "electing",
+                    Phase::Waiting => "waiting",
+                    Phase::PreVote => "pre-vote",
+                    Phase::Proposing => "proposing",
+                };
+                write!(f, "candidate({phase})")
+            }
+            RoleState::Leader(l) => match (&l.pulling, l.handover) {
+                (Some(p), _) => write!(f, "leader-elect(pulling from n{})", p.from),
+                (None, Some((to, _))) => write!(f, "leader(handing over to n{to})"),
+                (None, None) => write!(f, "leader"),
+            },
+        }
     }
 }

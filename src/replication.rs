@@ -318,14 +318,14 @@ impl Node {
 
     /// A heartbeat round: entries to whoever lags, a heartbeat to the rest.
     fn broadcast(&mut self, log: &dyn LogStore, fx: &mut Vec<Effect>) {
-        let last = log.last().0;
+        let last = Pos::from(log.last());
         let (epoch, now, commit) = (self.epoch, self.now, self.commit);
         let RoleState::Leader(l) = &mut self.role else {
             return;
         };
         let mut lagging = Vec::new();
         for (&to, p) in l.progress.iter_mut() {
-            if p.matched < last {
+            if p.matched < last.index {
                 // Resend what was not acknowledged: repairs lost messages.
                 p.next = p.matched + 1;
                 lagging.push(to);
@@ -607,16 +607,20 @@ impl Node {
         epoch: u64,
         seq: u64,
         commit: u64,
-        last: u64,
+        last: Pos,
         fx: &mut Vec<Effect>,
     ) {
-        let _ = log;
         if epoch != self.epoch || !self.follow(from, fx) {
             return;
         }
         self.leader_seq = self.leader_seq.max(seq);
         self.leader_commit = self.leader_commit.max(commit);
-        self.leader_last = last;
+        self.leader_last = last.index;
+        // Holding the leader's last entry means holding everything before it too (two
+        // logs with the same entry at an index agree up to it).
+        if matches!(log.epoch_at(last.index), Ok(Some(e)) if e == last.epoch) {
+            self.verified = self.verified.max(last.index);
+        }
         self.follower_commit(fx);
         let acked = self.acked_index();
         self.acked = self.acked.max(acked);

@@ -565,4 +565,8 @@ scripts!(
     leader_cut_off_loses_lease,
     partition_rejoin_no_depose,
     two_candidates_one_epoch,
+    takeover_returning_higher_id,
+    divergent_suffix_truncated,
+    old_epoch_commits_with_noop,
+    leader_pulls_missing_entries,
 );

@@ -331,7 +331,10 @@ impl Node {
         if l.pulling.is_some() || l.handover.is_some() {
             return;
         }
-        log::info!("node {from} takes over from node {}: handing over", self.cfg.id);
+        log::info!(
+            "node {from} takes over from node {}: handing over",
+            self.cfg.id
+        );
         l.handover = Some((from, now));
         self.send_append(log, from, fx);
     }

@@ -329,7 +329,10 @@ mod tests {
         assert_eq!(log.last(), (5, 1));
         assert_eq!(log.epoch_at(3).expect("epoch"), Some(1));
         assert_eq!(log.epoch_at(2).expect("epoch"), None, "compacted");
-        assert!(log.read(3, 10).is_err(), "compacted entries are not readable");
+        assert!(
+            log.read(3, 10).is_err(),
+            "compacted entries are not readable"
+        );
         assert_eq!(log.read(4, 10).expect("read").len(), 2);
         assert_eq!(log.snapshot_data(), b"state");
         assert!(log.truncate_after(2).is_err(), "below the snapshot");
@@ -344,7 +347,8 @@ mod tests {
         assert_eq!(log.last(), (6, 3));
         assert!(log.entries().is_empty());
         assert_eq!(log.durable_index(), 6);
-        log.append(&[entry(7, 3, "next")]).expect("append after snapshot");
+        log.append(&[entry(7, 3, "next")])
+            .expect("append after snapshot");
         assert_eq!(log.read(7, 10).expect("read").len(), 1);
     }
 }

@@ -474,7 +474,9 @@ impl Node {
             Body::Election => self.on_election(from, log, &mut fx),
             Body::Answer => self.on_answer(from, epoch),
             Body::PreVote { .. } => self.on_prevote(from, log, &mut fx),
-            Body::PreVoteReply { granted } => self.on_prevote_reply(log, from, epoch, granted, &mut fx),
+            Body::PreVoteReply { granted } => {
+                self.on_prevote_reply(log, from, epoch, granted, &mut fx)
+            }
             Body::Coordinator { .. } => self.on_coordinator(log, from, epoch, &mut fx),
             Body::Accept { last } => self.on_accept(log, from, epoch, last, &mut fx),
             Body::Refuse { .. } => self.on_refuse(from, epoch),

@@ -41,8 +41,8 @@
 
 use crate::log::{LogEntry, LogStore};
 use crate::message::{AckResult, Body, Pos, PullResult};
-use crate::node::{Effect, Leader, NotLeader, Progress, Pulling, Replication, RoleState};
 use crate::node::Node;
+use crate::node::{Effect, Leader, NotLeader, Progress, Pulling, Replication, RoleState};
 use std::collections::BTreeMap;
 
 impl Node {
@@ -60,7 +60,10 @@ impl Node {
         let (best, target) = accepts
             .iter()
             .map(|(&id, &pos)| (id, pos))
-            .max_by(|a, b| a.1.cmp(&b.1).then((a.0 == self.cfg.id).cmp(&(b.0 == self.cfg.id))))
+            .max_by(|a, b| {
+                a.1.cmp(&b.1)
+                    .then((a.0 == self.cfg.id).cmp(&(b.0 == self.cfg.id)))
+            })
             .unwrap_or((self.cfg.id, mine));
         let progress = self
             .cfg
@@ -85,7 +88,10 @@ impl Node {
         if best == self.cfg.id || target <= mine {
             return self.finish_pull(mine, fx);
         }
-        log::info!("leader-elect of epoch {}: pulling up to {target} from node {best}", self.epoch);
+        log::info!(
+            "leader-elect of epoch {}: pulling up to {target} from node {best}",
+            self.epoch
+        );
         if let RoleState::Leader(l) = &mut self.role {
             l.pulling = Some(Pulling {
                 from: best,
@@ -308,7 +314,10 @@ impl Node {
             return;
         }
         if self.majority_age() >= self.cfg.failure_ticks {
-            log::warn!("node {} heard no majority for the failure timeout: stepping down", self.cfg.id);
+            log::warn!(
+                "node {} heard no majority for the failure timeout: stepping down",
+                self.cfg.id
+            );
             return self.become_follower(None, fx);
         }
         if (now - since) % self.cfg.heartbeat_ticks == 0 {
@@ -481,7 +490,9 @@ impl Node {
                 self.send_append(log, from, fx);
             }
             AckResult::Diverged { commit } => {
-                log::warn!("node {from} diverged below its commit index {commit}: sending a snapshot");
+                log::warn!(
+                    "node {from} diverged below its commit index {commit}: sending a snapshot"
+                );
                 if p.snapshot_at.is_none_or(|at| now - at >= failure) {
                     p.snapshot_at = Some(now);
                     fx.push(Effect::SendSnapshot { to: from });
@@ -576,7 +587,10 @@ impl Node {
             RoleState::Leader(_) => {
                 // Two leaders in one epoch: impossible while every node accepts at most
                 // one coordinator per epoch. Refuse to make it worse.
-                log::error!("node {from} claims to lead epoch {} that this node leads", self.epoch);
+                log::error!(
+                    "node {from} claims to lead epoch {} that this node leads",
+                    self.epoch
+                );
                 false
             }
             RoleState::Follower if self.leader == Some(from) => {
@@ -624,10 +638,14 @@ impl Node {
         self.follower_commit(fx);
         let acked = self.acked_index();
         self.acked = self.acked.max(acked);
-        self.send(fx, from, Body::AppendAck {
-            seq,
-            result: AckResult::Match(acked),
-        });
+        self.send(
+            fx,
+            from,
+            Body::AppendAck {
+                seq,
+                result: AckResult::Match(acked),
+            },
+        );
         self.maybe_takeover(fx);
     }
 
@@ -678,9 +696,9 @@ impl Node {
             }
         }
         let end = prev.index + entries.len() as u64;
-        let truncates = entries.iter().any(|e| {
-            matches!(log.epoch_at(e.index), Ok(Some(ep)) if ep != e.epoch)
-        });
+        let truncates = entries
+            .iter()
+            .any(|e| matches!(log.epoch_at(e.index), Ok(Some(ep)) if ep != e.epoch));
         if self.take_entries(log, prev, entries, fx).is_none() {
             let commit = self.commit;
             return reply(self, fx, AckResult::Diverged { commit });
@@ -716,10 +734,14 @@ impl Node {
         if acked > self.acked {
             self.acked = acked;
             let seq = self.leader_seq;
-            self.send(fx, leader, Body::AppendAck {
-                seq,
-                result: AckResult::Match(acked),
-            });
+            self.send(
+                fx,
+                leader,
+                Body::AppendAck {
+                    seq,
+                    result: AckResult::Match(acked),
+                },
+            );
         }
         self.follower_commit(fx);
     }

@@ -21,10 +21,13 @@
 //! - `stabilize [IDS…]`: delivers until no message is left.
 //! - `drop [IDS…] [from=ID]`: loses the messages queued for the nodes.
 //! - `partition IDS…`: cuts the listed nodes off from the others (both ways); `heal`.
-//! - `crash IDS…` (loses what was not synced), `restart IDS…`.
+//! - `crash IDS…` (loses what was not synced), `restart IDS…` (with a working disk).
 //! - `stall IDS…`: their logs stop syncing (appends stay volatile); `sync IDS…` syncs them
 //!   and resumes.
 //! - `propose ID VALUE`, `status [IDS…]`, `log [IDS…]`.
+//! - `compact ID INDEX`: the node's log snapshots through INDEX (committed). A
+//!   `SendSnapshot`/`FetchSnapshot` effect copies the snapshot between logs and then calls
+//!   `snapshot_installed()` on the receiving node.
 
 use kvstore::log::{LogEntry, LogStore, MemLog};
 use kvstore::message::Message;
@@ -83,6 +86,7 @@ enum Command {
     Stall(Vec<u64>),
     Sync(Vec<u64>),
     Propose(u64, String),
+    Compact(u64, u64),
     Status(#[arg(optional)] Vec<u64>),
     Log(#[arg(optional)] Vec<u64>),
 }
@@ -104,6 +108,8 @@ struct Runner {
     applied: BTreeMap<u64, u64>,
     saved_epoch: BTreeMap<u64, u64>,
     check_commits: bool,
+    /// Snapshots copied into a node's log whose node must still be told.
+    installed: Vec<(u64, u64)>,
 }
 
 impl goldenscript::Runner for Runner {
@@ -221,6 +227,7 @@ impl goldenscript::Runner for Runner {
                     self.applied.insert(id, node.commit_index());
                     self.nodes.insert(id, Some(node));
                     self.inbox.entry(id).or_default().clear();
+                    self.stalled.remove(&id);
                 }
                 self.status(ids, &mut out)?;
             }
@@ -238,17 +245,29 @@ impl goldenscript::Runner for Runner {
             Command::Propose(id, value) => {
                 let payload = value.as_bytes().to_vec();
                 let mut result = None;
-                self.call(*id, &mut out, |node, log| match node.propose(log, payload) {
-                    Ok((index, fx)) => {
-                        result = Some(format!("proposed at {index}"));
-                        Ok(fx)
-                    }
-                    Err(e) => {
-                        result = Some(format!("refused: {e}"));
-                        Ok(Vec::new())
+                self.call(*id, &mut out, |node, log| {
+                    match node.propose(log, payload) {
+                        Ok((index, fx)) => {
+                            result = Some(format!("proposed at {index}"));
+                            Ok(fx)
+                        }
+                        Err(e) => {
+                            result = Some(format!("refused: {e}"));
+                            Ok(Vec::new())
+                        }
                     }
                 })?;
                 writeln!(out, "n{id} propose {value}: {}", result.unwrap_or_default())?;
+            }
+            Command::Compact(id, index) => {
+                let node = self.nodes[id].as_ref().ok_or("node is down")?;
+                if *index > node.commit_index() {
+                    return Err(format!("n{id} has not committed {index}").into());
+                }
+                let log = self.logs.get_mut(id).ok_or("no log")?;
+                let epoch = log.epoch_at(*index)?.ok_or("no such entry")?;
+                log.install_snapshot(*index, epoch, format!("state@{index}").as_bytes())?;
+                writeln!(out, "n{id} compacted through {index}@{epoch}")?;
             }
             Command::Status(ids) => {
                 let ids = self.ids_or_all(ids)?;
@@ -277,7 +296,12 @@ fn fmt_entry(e: &LogEntry) -> String {
     if e.payload.is_empty() {
         format!("{}@{} noop", e.index, e.epoch)
     } else {
-        format!("{}@{} {}", e.index, e.epoch, String::from_utf8_lossy(&e.payload))
+        format!(
+            "{}@{} {}",
+            e.index,
+            e.epoch,
+            String::from_utf8_lossy(&e.payload)
+        )
     }
 }
 
@@ -356,6 +380,18 @@ impl Runner {
         out: &mut String,
         f: impl FnOnce(&mut Node, &dyn LogStore) -> Res<Vec<Effect>>,
     ) -> Res {
+        self.call_boxed(id, out, Box::new(f))
+    }
+
+    /// Not generic, so a call may recurse (snapshot installs) without monomorphizing
+    /// forever.
+    #[allow(clippy::type_complexity)]
+    fn call_boxed(
+        &mut self,
+        id: u64,
+        out: &mut String,
+        f: Box<dyn FnOnce(&mut Node, &dyn LogStore) -> Res<Vec<Effect>> + '_>,
+    ) -> Res {
         let Some(mut node) = self.nodes.get_mut(&id).and_then(Option::take) else {
             return Err(format!("n{id} is down").into());
         };
@@ -381,7 +417,36 @@ impl Runner {
             Ok(())
         });
         self.nodes.insert(id, Some(node));
-        result
+        result?;
+        // Tell the nodes whose logs got a snapshot (the driver's install finished).
+        while let Some((to, index)) = self.installed.pop() {
+            let applied = self.applied.entry(to).or_default();
+            *applied = (*applied).max(index);
+            self.call_boxed(
+                to,
+                out,
+                Box::new(move |node, log| Ok(node.snapshot_installed(log, index))),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Copies `from`'s snapshot into `to`'s log, as the drivers' snapshot transfer would.
+    fn transfer_snapshot(&mut self, from: u64, to: u64, out: &mut String) -> Res {
+        if self.cut.contains(&(from, to)) || self.nodes.get(&to).is_none_or(Option::is_none) {
+            writeln!(out, "  (snapshot transfer n{from} → n{to} failed)")?;
+            return Ok(());
+        }
+        let src = &self.logs[&from];
+        let (index, epoch) = src.snapshot();
+        let data = src.snapshot_data().to_vec();
+        self.logs
+            .get_mut(&to)
+            .ok_or("no log")?
+            .install_snapshot(index, epoch, &data)?;
+        writeln!(out, "n{to} installed snapshot {index}@{epoch} from n{from}")?;
+        self.installed.push((to, index));
+        Ok(())
     }
 
     fn apply(&mut self, node: &mut Node, fx: Vec<Effect>, out: &mut String) -> Res {
@@ -396,7 +461,10 @@ impl Runner {
                     } else if self.nodes.get(&to).is_none_or(Option::is_none) {
                         " (down)"
                     } else {
-                        self.inbox.entry(to).or_default().push_back((id, msg.clone()));
+                        self.inbox
+                            .entry(to)
+                            .or_default()
+                            .push_back((id, msg.clone()));
                         ""
                     };
                     writeln!(out, "n{id}@{} → n{to} {msg}{note}", msg.epoch)?;
@@ -437,11 +505,31 @@ impl Runner {
                 }
                 Effect::StepDown { epoch, leader } => {
                     let leader = leader.map_or("none".to_string(), |l| format!("n{l}"));
-                    writeln!(out, "{label} step down from epoch {epoch} (leader {leader})")?;
+                    writeln!(
+                        out,
+                        "{label} step down from epoch {epoch} (leader {leader})"
+                    )?;
                 }
-                Effect::SendSnapshot { to } => writeln!(out, "{label} send snapshot to n{to}")?,
+                Effect::SendSnapshot { to } => {
+                    writeln!(out, "{label} send snapshot to n{to}")?;
+                    self.transfer_snapshot(id, to, out)?;
+                }
                 Effect::FetchSnapshot { from } => {
-                    writeln!(out, "{label} fetch snapshot from n{from}")?
+                    writeln!(out, "{label} fetch snapshot from n{from}")?;
+                    let cut = self.cut.contains(&(id, from));
+                    if cut || self.nodes.get(&from).is_none_or(Option::is_none) {
+                        writeln!(out, "  (snapshot transfer n{from} → n{id} failed)")?;
+                    } else {
+                        let src = &self.logs[&from];
+                        let (index, epoch) = src.snapshot();
+                        let data = src.snapshot_data().to_vec();
+                        self.logs
+                            .get_mut(&id)
+                            .ok_or("no log")?
+                            .install_snapshot(index, epoch, &data)?;
+                        writeln!(out, "n{id} installed snapshot {index}@{epoch} from n{from}")?;
+                        self.installed.push((id, index));
+                    }
                 }
             }
         }
@@ -569,4 +657,8 @@ scripts!(
     divergent_suffix_truncated,
     old_epoch_commits_with_noop,
     leader_pulls_missing_entries,
+    snapshot_catch_up,
+    replication_modes,
+    replication_async,
+    crash_all_keeps_committed,
 );

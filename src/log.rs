@@ -181,15 +181,13 @@ impl LogStore for MemLog {
     }
 
     fn append(&mut self, entries: &[LogEntry]) -> Result<(), LogError> {
-        let mut next = self.last().0 + 1;
-        for e in entries {
+        for (next, e) in (self.last().0 + 1..).zip(entries) {
             if e.index != next {
                 return Err(Self::misuse(format!(
                     "append at {} but the next index is {next}",
                     e.index
                 )));
             }
-            next += 1;
         }
         self.entries.extend_from_slice(entries);
         Ok(())

@@ -607,3 +607,155 @@ impl fmt::Display for Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::MemLog;
+
+    #[test]
+    fn config_validation() {
+        assert!(NodeConfig::new(1, vec![2, 3]).validate().is_ok());
+        assert!(NodeConfig::new(0, vec![2]).validate().is_err());
+        assert!(NodeConfig::new(1, vec![1]).validate().is_err());
+        assert!(NodeConfig::new(1, vec![2, 2]).validate().is_err());
+        let mut cfg = NodeConfig::new(1, vec![]);
+        cfg.lease_ticks = cfg.failure_ticks;
+        assert!(
+            cfg.validate().is_err(),
+            "the lease must be shorter than the failure timeout"
+        );
+        let mut cfg = NodeConfig::new(1, vec![]);
+        cfg.heartbeat_ticks = 0;
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn quorum_sizes() {
+        for (peers, quorum) in [(0, 1), (1, 2), (2, 2), (3, 3), (4, 3), (6, 4)] {
+            let cfg = NodeConfig::new(100, (1..=peers).collect());
+            let node = Node::new(cfg, &MemLog::new());
+            assert_eq!(node.quorum(), quorum, "{peers} peers");
+        }
+    }
+
+    #[test]
+    fn restores_meta_and_never_claims_a_commit_past_the_log() {
+        let mut log = MemLog::new();
+        log.save_meta(Meta {
+            epoch: 7,
+            voted_for: 2,
+            commit_index: 5,
+        })
+        .expect("meta");
+        let node = Node::new(NodeConfig::new(1, vec![2, 3]), &log);
+        assert_eq!(node.epoch(), 7);
+        assert_eq!(node.voted_for, 2);
+        assert_eq!(node.commit_index(), 0, "the log is empty");
+        assert_eq!(node.role(), Role::Follower);
+        assert_eq!(node.leader(), None);
+    }
+
+    #[test]
+    fn unknown_senders_and_stale_requests() {
+        let log = MemLog::new();
+        let mut node = Node::new(NodeConfig::new(1, vec![2, 3]), &log);
+        let msg = |epoch, body| Message { epoch, body };
+        assert!(node.step(&log, 9, msg(0, Body::Election)).is_empty());
+        assert!(node.step(&log, 1, msg(0, Body::Election)).is_empty());
+        node.epoch = 3;
+        // A stale request is refused with our epoch; a stale reply is dropped.
+        let fx = node.step(
+            &log,
+            2,
+            msg(
+                2,
+                Body::Heartbeat {
+                    seq: 1,
+                    commit: 0,
+                    last: Pos::default(),
+                },
+            ),
+        );
+        assert_eq!(
+            fx,
+            vec![Effect::Send {
+                to: 2,
+                msg: msg(3, Body::Refuse { leader: None }),
+            }]
+        );
+        assert!(
+            node.step(
+                &log,
+                2,
+                msg(
+                    2,
+                    Body::Accept {
+                        last: Pos::default()
+                    }
+                )
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn accept_is_sent_only_after_the_vote_is_saved() {
+        let log = MemLog::new();
+        let mut node = Node::new(NodeConfig::new(1, vec![2, 3]), &log);
+        let fx = node.step(
+            &log,
+            3,
+            Message {
+                epoch: 1,
+                body: Body::Coordinator {
+                    last: Pos::default(),
+                },
+            },
+        );
+        let save = fx
+            .iter()
+            .position(|e| matches!(e, Effect::SaveMeta(m) if m.voted_for == 3));
+        let accept = fx.iter().position(|e| {
+            matches!(
+                e,
+                Effect::Send {
+                    msg: Message {
+                        body: Body::Accept { .. },
+                        ..
+                    },
+                    ..
+                }
+            )
+        });
+        assert!(
+            save.is_some() && accept.is_some() && save < accept,
+            "{fx:?}"
+        );
+        // A second coordinator in the same epoch is refused.
+        let fx = node.step(
+            &log,
+            2,
+            Message {
+                epoch: 1,
+                body: Body::Coordinator {
+                    last: Pos::default(),
+                },
+            },
+        );
+        assert!(
+            fx.iter().all(|e| !matches!(e, Effect::SaveMeta(_))),
+            "no second vote: {fx:?}"
+        );
+        assert!(matches!(
+            fx.last(),
+            Some(Effect::Send {
+                msg: Message {
+                    body: Body::Refuse { .. },
+                    ..
+                },
+                ..
+            })
+        ));
+    }
+}

@@ -303,9 +303,15 @@ impl Node {
             return;
         };
         if let Some(p) = &l.pulling {
-            if now - p.progress_at >= self.cfg.failure_ticks {
+            let idle = now - p.progress_at;
+            if idle >= self.cfg.failure_ticks {
                 log::warn!("leader-elect: node {} stopped answering pulls", p.from);
                 self.become_follower(None, fx);
+            } else if idle > 0 && idle.is_multiple_of(self.cfg.heartbeat_ticks) {
+                // The pull or its reply may have been lost: ask again from where we are.
+                let (from, target) = (p.from, p.target);
+                let after = Self::pull_point(log, log.last().0.min(target.index));
+                self.send(fx, from, Body::Pull { after });
             }
             return;
         }
@@ -320,7 +326,7 @@ impl Node {
             );
             return self.become_follower(None, fx);
         }
-        if (now - since) % self.cfg.heartbeat_ticks == 0 {
+        if (now - since).is_multiple_of(self.cfg.heartbeat_ticks) {
             self.broadcast(log, fx);
         }
     }

@@ -553,7 +553,18 @@ impl Node {
         log: &dyn LogStore,
         payload: Vec<u8>,
     ) -> Result<(u64, Vec<Effect>), NotLeader> {
-        self.propose_entry(log, payload)
+        self.propose_entries(log, vec![payload])
+    }
+
+    /// Appends many client writes at once (a group commit's batch): one `Append` effect
+    /// and one message per follower. Returns the index of the first; the others follow
+    /// it in order.
+    pub fn propose_batch(
+        &mut self,
+        log: &dyn LogStore,
+        payloads: Vec<Vec<u8>>,
+    ) -> Result<(u64, Vec<Effect>), NotLeader> {
+        self.propose_entries(log, payloads)
     }
 
     /// The driver's log is durable through `index` (after an `Append`'s fsync, or at once

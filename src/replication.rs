@@ -416,11 +416,11 @@ impl Node {
         });
     }
 
-    /// A client write: append it and send it to every follower that is caught up.
-    pub(crate) fn propose_entry(
+    /// Client writes: append them and send them to every follower that is caught up.
+    pub(crate) fn propose_entries(
         &mut self,
         log: &dyn LogStore,
-        payload: Vec<u8>,
+        payloads: Vec<Vec<u8>>,
     ) -> Result<(u64, Vec<Effect>), NotLeader> {
         if !self.serving() {
             let leader = match self.role {
@@ -431,17 +431,25 @@ impl Node {
         }
         let (epoch, now, commit) = (self.epoch, self.now, self.commit);
         let last = Pos::from(log.last());
-        let entry = LogEntry {
-            index: last.index + 1,
-            epoch,
-            payload,
-        };
-        let mut fx = vec![Effect::Append(vec![entry.clone()])];
+        let first = last.index + 1;
+        if payloads.is_empty() {
+            return Ok((first, Vec::new()));
+        }
+        let entries: Vec<LogEntry> = (first..)
+            .zip(payloads)
+            .map(|(index, payload)| LogEntry {
+                index,
+                epoch,
+                payload,
+            })
+            .collect();
+        let end = first + entries.len() as u64;
+        let mut fx = vec![Effect::Append(entries.clone())];
         if let RoleState::Leader(l) = &mut self.role {
             for (&to, p) in l.progress.iter_mut() {
-                // A follower that lags gets the entry with the rest at the next heartbeat.
-                if p.next == entry.index {
-                    p.next += 1;
+                // A follower that lags gets them with the rest at the next heartbeat.
+                if p.next == first {
+                    p.next = end;
                     fx.push(Effect::Send {
                         to,
                         msg: crate::message::Message {
@@ -449,7 +457,7 @@ impl Node {
                             body: Body::Append {
                                 seq: now,
                                 prev: last,
-                                entries: vec![entry.clone()],
+                                entries: entries.clone(),
                                 commit,
                             },
                         },
@@ -457,7 +465,7 @@ impl Node {
                 }
             }
         }
-        Ok((entry.index, fx))
+        Ok((first, fx))
     }
 
     /// A follower's answer to an `Append` or a `Heartbeat`.
@@ -492,6 +500,13 @@ impl Node {
                 self.maybe_commit(fx);
             }
             AckResult::Reject { hint } => {
+                if hint < p.matched {
+                    // It lacks an entry it acknowledged: it lost unsynced writes (`--fsync
+                    // no`) or this reject is stale. Either way, resend from its hint;
+                    // the commit index never moves back.
+                    log::warn!("node {from} no longer holds index {}: resending", p.matched);
+                    p.matched = hint;
+                }
                 p.next = (hint + 1).clamp(p.matched + 1, last + 1);
                 self.send_append(log, from, fx);
             }
@@ -638,20 +653,23 @@ impl Node {
         self.leader_last = last.index;
         // Holding the leader's last entry means holding everything before it too (two
         // logs with the same entry at an index agree up to it).
-        if matches!(log.epoch_at(last.index), Ok(Some(e)) if e == last.epoch) {
+        let holds = matches!(log.epoch_at(last.index), Ok(Some(e)) if e == last.epoch);
+        if holds {
             self.verified = self.verified.max(last.index);
         }
         self.follower_commit(fx);
-        let acked = self.acked_index();
-        self.acked = self.acked.max(acked);
-        self.send(
-            fx,
-            from,
-            Body::AppendAck {
-                seq,
-                result: AckResult::Match(acked),
-            },
-        );
+        let result = if holds || last.index <= log.snapshot().0 {
+            let acked = self.acked_index();
+            self.acked = self.acked.max(acked);
+            AckResult::Match(acked)
+        } else {
+            // A heartbeat goes only to a follower that acknowledged the leader's last
+            // entry: lacking it, we lost it (unsynced writes under `--fsync no`).
+            AckResult::Reject {
+                hint: log.last().0.min(last.index - 1),
+            }
+        };
+        self.send(fx, from, Body::AppendAck { seq, result });
         self.maybe_takeover(fx);
     }
 

@@ -1,5 +1,5 @@
 //! Election rules: the Bully algorithm, made safe with epochs, majorities, pre-votes,
-//! stickiness and a TAKEOVER hand-over. Part of [`Node`](crate::node::Node) (see
+//! stickiness and a TAKEOVER hand-over. Part of [`Node`] (see
 //! `node.rs` for the state and the epoch rules every message passes first).
 //!
 //! Every node has a unique priority, its id. The rules, in the order an election runs:

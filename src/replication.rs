@@ -1,6 +1,6 @@
 //! Log rules: how a leader-elect makes its log the most up to date, how the leader
 //! replicates and commits, how followers accept entries, and the leader lease. Part of
-//! [`Node`](crate::node::Node) (see `node.rs` for the state and the epoch rules, and
+//! [`Node`] (see `node.rs` for the state and the epoch rules, and
 //! `bully.rs` for how a node comes to lead).
 //!
 //! # Becoming leader (DESIGN.md rule 4)

@@ -25,7 +25,8 @@
 //! `SendSnapshot`.
 //!
 //! # Commit (by `--replication`)
-//! `quorum`: the highest index that a majority (the leader's durable copy included) holds;
+//! `quorum`: the highest index that a majority holds, the leader's own durable copy
+//! among them (so a commit index is never past the local durable log, on any node);
 //! `all`: the highest every member holds; `async`: the leader's own durable copy. In every
 //! mode an index commits only once it reaches this epoch's no-op: entries of older epochs
 //! commit with it, never by counting their replicas (Raft §5.4.2). Followers commit up
@@ -536,9 +537,12 @@ impl Node {
         let index = match self.cfg.replication {
             Replication::Async => self.durable,
             Replication::All => held.iter().copied().min().unwrap_or(0),
+            // The leader's own durable copy is one of the majority: a commit index is
+            // then never past the leader's durable log (its meta may record it).
             Replication::Quorum => {
                 held.sort_unstable_by(|a, b| b.cmp(a));
-                held.get(quorum - 1).copied().unwrap_or(0)
+                let majority = held.get(quorum - 1).copied().unwrap_or(0);
+                majority.min(self.durable)
             }
         };
         // Entries of older epochs commit only with this epoch's no-op (Raft §5.4.2).

@@ -9,7 +9,8 @@
 //! FIFO inbox per node. It carries out every effect in order, as a driver must, and then
 //! (unless the node is `stall`ed) syncs the log and calls `persisted()`. After every
 //! command it checks the invariants: at most one leader per epoch, committed entries
-//! never change (quorum and all modes), epochs never go back in saved meta.
+//! never change (quorum and all modes), epochs never go back in saved meta, a node's
+//! commit index never passes its durable log.
 //!
 //! Commands:
 //! - `cluster nodes=N [heartbeat=T] [failure=T] [lease=T] [election=T]
@@ -626,6 +627,17 @@ impl Runner {
                         self.leaders.insert(node.epoch(), id);
                     }
                 }
+            }
+            // What a node calls committed is durable in its own log (its meta may record
+            // it, and recovery refuses a log that ends before that).
+            let log = &self.logs[&id];
+            if !self.nosync.contains(&id) && node.commit_index() > log.durable_index() {
+                return Err(format!(
+                    "n{id} committed {} but its log is durable only through {}",
+                    node.commit_index(),
+                    log.durable_index()
+                )
+                .into());
             }
             // A node's committed prefix stays what was committed.
             if self.check_commits {

@@ -142,7 +142,8 @@ pub enum Effect {
     /// receiving driver installs it and calls [`Node::snapshot_installed`].
     SendSnapshot { to: u64 },
     /// Fetch `from`'s newest snapshot, install it, then call [`Node::snapshot_installed`]
-    /// (a leader-elect missing entries its best acceptor has compacted away).
+    /// (a leader-elect missing entries its best acceptor has compacted away, or whose
+    /// committed entries conflict with it after an async failover).
     FetchSnapshot { from: u64 },
 }
 
@@ -284,6 +285,10 @@ pub struct Node {
     pub(crate) leader_last: u64,
     /// When we last asked the leader to hand over (rate limit).
     pub(crate) takeover_at: Option<u64>,
+    /// Our committed entries conflict with the leader's log (only async replication, or
+    /// a disk that lost synced writes, gets here): the next installed snapshot replaces
+    /// our state, and the commit index restarts from it.
+    pub(crate) diverged: bool,
 }
 
 impl Node {
@@ -318,6 +323,7 @@ impl Node {
             leader_commit: 0,
             leader_last: 0,
             takeover_at: None,
+            diverged: false,
         }
     }
 
@@ -576,8 +582,10 @@ impl Node {
     }
 
     /// The driver installed a snapshot at `index` into the log (after `SendSnapshot` from
-    /// the leader, or `FetchSnapshot`): the state machine now reflects everything up to
-    /// `index`.
+    /// the leader, or `FetchSnapshot`) and reset its state machine to it: the state
+    /// machine now reflects exactly the entries up to `index`, and later `Commit`s apply
+    /// from `index + 1`. (Only after an async failover can that move the commit index
+    /// back: this node had applied writes the cluster lost.)
     pub fn snapshot_installed(&mut self, log: &dyn LogStore, index: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
         self.on_snapshot_installed(log, index, &mut fx);

@@ -229,8 +229,12 @@ impl Node {
                     return; // a stale reply: an answer to the current pull will come
                 }
                 let Some(new_last) = self.take_entries(log, prev, entries, fx) else {
-                    // Our committed prefix conflicts with the best log: only a bug (or
-                    // async replication) gets here. Give up leading.
+                    if self.diverged {
+                        // Our committed prefix conflicts with the best log (writes lost
+                        // in an async failover): take the acceptor's state, then go on.
+                        fx.push(Effect::FetchSnapshot { from });
+                        return;
+                    }
                     return self.become_follower(None, fx);
                 };
                 if new_last.index >= target.index {
@@ -278,10 +282,14 @@ impl Node {
         }
         if let Some(at) = conflict {
             if at <= self.commit {
+                // Possible only when acknowledged writes were lost: async replication,
+                // or a disk that lost synced data. Only a snapshot repairs it.
                 log::error!(
-                    "entry {at} conflicts with the leader's but is committed here (commit {})",
+                    "entry {at} conflicts with the leader's log but is committed here \
+                     (commit {}): this node's state must be replaced by a snapshot",
                     self.commit
                 );
+                self.diverged = true;
                 return None;
             }
             fx.push(Effect::Truncate { after: at - 1 });
@@ -711,6 +719,7 @@ impl Node {
         match log.epoch_at(prev.index) {
             Ok(Some(e)) if e == prev.epoch => {}
             Ok(_) if prev.index <= self.commit => {
+                self.diverged = true;
                 let commit = self.commit;
                 return reply(self, fx, AckResult::Diverged { commit });
             }
@@ -789,13 +798,36 @@ impl Node {
                 p.progress_at = now;
                 let from = p.from;
                 let after = Pos::from(log.last());
+                if std::mem::take(&mut self.diverged) {
+                    self.commit = index;
+                }
+                self.commit = self.commit.max(index);
                 self.send(fx, from, Body::Pull { after });
             }
             RoleState::Follower => {
                 // The snapshot is the leader's committed state: the state machine is there.
+                if std::mem::take(&mut self.diverged) {
+                    self.commit = index;
+                    self.verified = index;
+                }
                 self.verified = self.verified.max(index);
                 self.commit = self.commit.max(index);
-                self.ack_durable(fx);
+                // Tell the leader where we are now, even if that is behind our last ack,
+                // so that it sends what follows the snapshot at once.
+                if let Some(leader) = self.leader {
+                    let acked = self.acked_index();
+                    self.acked = acked;
+                    let seq = self.leader_seq;
+                    self.send(
+                        fx,
+                        leader,
+                        Body::AppendAck {
+                            seq,
+                            result: AckResult::Match(acked),
+                        },
+                    );
+                }
+                self.follower_commit(fx);
             }
             RoleState::Candidate(_) => {
                 self.commit = self.commit.max(index);

@@ -12,6 +12,7 @@
 //! ```
 pub mod admin;
 pub mod auth;
+pub mod bully;
 pub mod client;
 pub mod commands;
 pub mod config;
@@ -22,11 +23,14 @@ pub mod glob;
 pub mod info;
 pub mod keyspace;
 pub mod log;
+pub mod message;
 pub mod multi;
+pub mod node;
 pub mod peer;
 pub mod protocol;
 pub mod ratelog;
 pub mod repl;
+pub mod replication;
 pub mod server;
 pub mod store;
 pub mod strings;

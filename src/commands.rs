@@ -46,6 +46,7 @@ use crate::protocol::{
 use crate::store::Store;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -322,6 +323,9 @@ pub struct Context {
     /// How SHUTDOWN stops the server: set by the server ([`Context::set_shutdown_hook`]);
     /// the embedded repl has none.
     shutdown_hook: std::sync::OnceLock<ShutdownHook>,
+    /// A cluster member's role and serving rules (`src/cluster.rs`), set once by the
+    /// server before it accepts clients. Unset: a cluster of one, which always leads.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::ClusterState>>,
 }
 
 /// What [`Context::request_shutdown`] calls.
@@ -344,7 +348,18 @@ impl Context {
             started_unix: crate::store::now_ms() / 1000,
             next_client_id: AtomicU64::new(1),
             shutdown_hook: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes this a cluster member's context (once; later calls are ignored).
+    pub fn set_cluster(&self, state: Arc<crate::cluster::ClusterState>) {
+        let _ = self.cluster.set(state);
+    }
+
+    /// The cluster state of a cluster member; `None` for a cluster of one.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::ClusterState>> {
+        self.cluster.get()
     }
 
     /// Lets SHUTDOWN stop the server: `hook` starts the same graceful shutdown as

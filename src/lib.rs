@@ -14,6 +14,7 @@ pub mod admin;
 pub mod auth;
 pub mod bully;
 pub mod client;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod db;

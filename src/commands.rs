@@ -449,6 +449,9 @@ pub enum Reply {
 pub fn store_error_reply(e: &crate::store::StoreError) -> String {
     match e {
         crate::store::StoreError::TooLarge(_) => format!("ERR {e}"),
+        // Already a whole reply: MOVED 0 host:port, CLUSTERDOWN …
+        crate::store::StoreError::Redirect(reply) => reply.clone(),
+        crate::store::StoreError::Unknown(_) => format!("TIMEOUT {e}"),
         _ => format!("IOERR {e}"),
     }
 }

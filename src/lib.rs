@@ -19,6 +19,7 @@ pub mod commands;
 pub mod config;
 pub mod db;
 pub mod docs;
+pub mod driver;
 pub mod float;
 pub mod glob;
 pub mod info;

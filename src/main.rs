@@ -10,6 +10,10 @@ use kvstore::store::{DEFAULT_DATABASES, Options};
 use kvstore::wal::{self, FsyncPolicy};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use kvstore::cluster::{ClusterState, RoleInfo};
+use kvstore::driver::Driver;
+use kvstore::peer::PeerNet;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -286,14 +290,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !cluster.peers.is_empty() {
-        eprintln!(
-            "kvstore: peers given ({}), but clustering is not available yet: this version \
-             runs a cluster of one; start it without peers",
-            a.peers.as_deref().unwrap_or_default().trim()
-        );
-        return ExitCode::from(2);
-    }
+    let member = !cluster.peers.is_empty();
     // Before anything opens files: raise the descriptor limit, or fit the clients in it.
     let max_clients = match server::fit_open_files_limit(a.max_clients) {
         Ok(n) => n,
@@ -324,6 +321,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
             compact_min_bytes: a.compact_min_size,
             compact_percentage: a.compact_percentage,
             databases: a.databases,
+            cluster_of_one: !member,
             ..Options::default()
         },
         settings: Settings {
@@ -358,6 +356,11 @@ fn run_server(a: ServerArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if member && let Err(e) = join_cluster(&server, &cluster) {
+        log::error!("{e}");
+        eprintln!("kvstore: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Err(e) = signals.shut_down_on_signal(server.shutdown_handle()) {
         eprintln!("kvstore: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
@@ -369,6 +372,26 @@ fn run_server(a: ServerArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Starts a cluster member's peer links and node driver on a bound server, before it
+/// accepts clients.
+fn join_cluster(server: &Server, cluster: &ClusterConfig) -> Result<(), String> {
+    let ctx = server.context();
+    let epoch = ctx.store.with_log(|log| log.log().meta().epoch);
+    let state = Arc::new(ClusterState::new(RoleInfo::starting(cluster.id, epoch)));
+    ctx.set_cluster(state.clone());
+    let st = state.clone();
+    let (net, incoming) = PeerNet::start(cluster, move || st.info().epoch)
+        .map_err(|e| format!("cannot start the peer links: {e}"))?;
+    let net = Arc::new(net);
+    if server.attach_peers(net.clone()).is_err() {
+        return Err("peer links attached twice".into());
+    }
+    let own = server.local_addr();
+    let own_addr = format!("{}:{}", ctx.settings.bind, own.port());
+    Driver::start(ctx.store.clone(), cluster, own_addr, net, incoming, state)?;
+    Ok(())
 }
 
 fn check_log(a: CheckLogArgs) -> ExitCode {

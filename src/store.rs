@@ -69,6 +69,7 @@
 //! SWAPDB: Redis's FLUSHALL kills a running BGSAVE too) gives the snapshot up: its temp
 //! file goes, nothing is pruned, and the log still holds every write.
 
+use crate::log::{LogEntry, LogStore};
 use crate::db::{
     Command, Condition, Db, ERR_DB_RANGE, ERR_NOT_INTEGER, Expiry, Keyspace, Op, OpResult,
 };
@@ -173,6 +174,13 @@ pub enum StoreError {
     WriteFailed(String),
     /// The writes were refused before they were logged: nothing of them was applied.
     TooLarge(wal::EntryTooLarge),
+    /// A cluster member that may not take writes now refused them before they were
+    /// logged: nothing of them was applied, and never will be. The text is the reply
+    /// (`MOVED 0 host:port`, `CLUSTERDOWN no leader elected`).
+    Redirect(String),
+    /// The writes were logged but this node stopped leading before they were known to
+    /// be committed: they may or may not be applied, by a later leader.
+    Unknown(String),
     /// The snapshot or the log uses a database beyond `--databases` (it was written with
     /// more): applying it would lose or misplace keys.
     TooFewDatabases {
@@ -194,6 +202,11 @@ impl fmt::Display for StoreError {
                  writes until it is restarted"
             ),
             StoreError::TooLarge(e) => write!(f, "{e}; nothing was written"),
+            StoreError::Redirect(reply) => f.write_str(reply),
+            StoreError::Unknown(why) => write!(
+                f,
+                "write outcome unknown: it may or may not have been applied ({why})"
+            ),
             StoreError::TooFewDatabases {
                 configured,
                 db,
@@ -255,7 +268,28 @@ pub struct LogInfo {
     pub recovery: RecoveryReport,
 }
 
-type Outcome = Result<Vec<OpResult>, String>;
+type Outcome = Result<Vec<OpResult>, Failure>;
+
+/// Why a batch of writes failed, for each of its submitters.
+#[derive(Debug, Clone)]
+enum Failure {
+    /// The log failed (`StoreError::WriteFailed`).
+    Log(String),
+    /// Refused before logging (`StoreError::Redirect`).
+    Redirect(String),
+    /// Logged, commit not known (`StoreError::Unknown`).
+    Unknown(String),
+}
+
+impl From<Failure> for StoreError {
+    fn from(f: Failure) -> StoreError {
+        match f {
+            Failure::Log(why) => StoreError::WriteFailed(why),
+            Failure::Redirect(reply) => StoreError::Redirect(reply),
+            Failure::Unknown(why) => StoreError::Unknown(why),
+        }
+    }
+}
 
 /// What a submitter is told when its entries are committed and applied (or not). Runs on
 /// whichever thread committed them (the log writer, the submitter itself, or a cluster's
@@ -279,9 +313,10 @@ struct Deliveries(Vec<(Waiter, Option<Outcome>)>);
 impl Drop for Deliveries {
     fn drop(&mut self) {
         for (w, outcome) in self.0.drain(..) {
-            let outcome =
-                outcome.unwrap_or_else(|| Err("internal error while committing".to_string()));
-            (w.done)(outcome.map_err(StoreError::WriteFailed));
+            let outcome = outcome.unwrap_or_else(|| {
+                Err(Failure::Log("internal error while committing".to_string()))
+            });
+            (w.done)(outcome.map_err(StoreError::from));
         }
     }
 }
@@ -313,6 +348,12 @@ struct Inner {
     queue: Mutex<Queue>,
     /// Taken before `db` when both are: applying in log order means one applier at a time.
     unapplied: Mutex<Unapplied>,
+    /// A cluster member's replication (set once, before writes): it decides whether
+    /// client writes may be appended and when entries commit.
+    replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
+    /// The expirer deletes keys only while this is set: always on a cluster of one, only
+    /// while leading on a cluster member.
+    expiring: AtomicBool,
     /// Holding this lock is being the flusher.
     wal: Mutex<Wal>,
     epoch: AtomicU64,
@@ -347,6 +388,138 @@ struct Inner {
     /// Tests: hold the compaction thread after each step of its walk.
     #[cfg(test)]
     compaction_gate: tests::Gate,
+}
+
+/// A cluster member's replication, as its store sees it (the cluster driver implements
+/// it over the pure node, `src/driver.rs`).
+pub trait Replicator: Send + Sync {
+    /// Called by the flusher, with the log locked, for a batch of client writes (their
+    /// payloads, in order): if this node may take them now, append them through `log`
+    /// (at its end) and return the index of the first; otherwise refuse them with
+    /// [`StoreError::Redirect`] before anything is appended. Their commit comes later,
+    /// through [`MemberLog::commit_to`].
+    fn propose(&self, log: &mut MemberLog<'_>, payloads: Vec<Vec<u8>>) -> Result<u64, StoreError>;
+}
+
+/// The log of a cluster member's store, locked ([`Store::with_log`]), with what its
+/// driver does to it: the node's view ([`MemberLog::log`]), appends of entries from the
+/// leader or of the node's own no-op, truncation of a divergent suffix, the meta the
+/// node saves, and commits.
+pub struct MemberLog<'a> {
+    store: &'a Store,
+    wal: &'a mut Wal,
+}
+
+impl MemberLog<'_> {
+    /// The log as the node reads it.
+    pub fn log(&self) -> &dyn LogStore {
+        &*self.wal
+    }
+
+    /// Appends `entries` at the log's end (synced as `--fsync` asks); the commands not
+    /// yet waiting to be applied are decoded and wait for their commit. Returns the index
+    /// through which the log is now as durable as `--fsync` asks (what the node's
+    /// `persisted` wants to hear).
+    pub fn append(&mut self, entries: &[LogEntry]) -> Result<u64, StoreError> {
+        let inner = &*self.store.inner;
+        if let Some(why) = inner.failed.get() {
+            return Err(StoreError::WriteFailed(why.clone()));
+        }
+        // Entries already waiting to be applied (a leader's own proposals, queued by the
+        // flusher) or applied are not decoded again.
+        let known = {
+            let u = inner.unapplied.lock();
+            let queued = u.entries.back().map_or(0, |e| e.0);
+            queued.max(inner.db.lock().applied_index())
+        };
+        let mut decoded = Vec::new();
+        for e in entries.iter().filter(|e| e.index > known) {
+            let c = Command::decode(&e.payload).map_err(|why| {
+                StoreError::Wal(WalError::Refused(format!(
+                    "entry {} from the leader does not decode: {why}",
+                    e.index
+                )))
+            })?;
+            decoded.push((e.index, c));
+        }
+        if let Err(e) = LogStore::append(self.wal, entries) {
+            let why = e.to_string();
+            log::error!("{}", StoreError::WriteFailed(why.clone()));
+            let _ = inner.failed.set(why.clone());
+            return Err(StoreError::WriteFailed(why));
+        }
+        inner.stats.commits.fetch_add(1, Ordering::Relaxed);
+        if inner.opts.fsync == FsyncPolicy::Always {
+            inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        inner.unapplied.lock().entries.extend(decoded);
+        Ok(self.persisted_index())
+    }
+
+    /// How far the log is as durable as `--fsync` asks: its end under `everysec` and
+    /// `no` (written), the fsync'd end under `always`.
+    pub fn persisted_index(&self) -> u64 {
+        if self.store.inner.opts.fsync == FsyncPolicy::Always {
+            LogStore::durable_index(&*self.wal)
+        } else {
+            LogStore::last(&*self.wal).0
+        }
+    }
+
+    /// Drops every entry after `index` (a divergent suffix); a submitter whose writes
+    /// were among them learns that their outcome is unknown.
+    pub fn truncate_after(&mut self, index: u64) -> Result<(), StoreError> {
+        LogStore::truncate_after(self.wal, index)?;
+        let mut u = self.store.inner.unapplied.lock();
+        let keep = u.entries.partition_point(|e| e.0 <= index);
+        u.entries.truncate(keep);
+        let keep = u.waiters.partition_point(|w| w.last <= index);
+        let gone: Vec<Waiter> = u.waiters.drain(keep..).collect();
+        drop(u);
+        drop(Deliveries(
+            gone.into_iter()
+                .map(|w| {
+                    let why = "the entry was replaced by the new leader's log".to_string();
+                    (w, Some(Err(Failure::Unknown(why))))
+                })
+                .collect(),
+        ));
+        Ok(())
+    }
+
+    /// Saves the node's meta (epoch, vote, commit index), durably.
+    pub fn save_meta(&mut self, meta: wal::Meta) -> Result<(), StoreError> {
+        let inner = &*self.store.inner;
+        let mut written = inner.meta.lock();
+        LogStore::save_meta(self.wal, meta)?;
+        *written = meta;
+        inner.epoch.store(meta.epoch, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The node decided that entries through `index` are committed: applies them in log
+    /// order and answers their submitters.
+    pub fn commit_to(&mut self, index: u64) {
+        let (deliveries, _) = self.store.apply_committed(index);
+        drop(deliveries);
+    }
+
+    /// Answers every submitter still waiting for its writes to commit: their outcome is
+    /// unknown (this node stopped leading; a later leader may or may not commit them).
+    pub fn fail_waiting(&mut self, why: &str) {
+        let waiters = std::mem::take(&mut self.store.inner.unapplied.lock().waiters);
+        drop(Deliveries(
+            waiters
+                .into_iter()
+                .map(|w| (w, Some(Err(Failure::Unknown(why.to_string())))))
+                .collect(),
+        ));
+    }
+
+    /// The index the state machine has applied through.
+    pub fn applied_index(&self) -> u64 {
+        self.store.inner.db.lock().applied_index()
+    }
 }
 
 /// A durable, thread-safe key-value store. Cloning is cheap (shared handle).
@@ -449,6 +622,7 @@ impl Store {
             ..Queue::default()
         };
         let (hints_tx, hints_rx) = crossbeam_channel::bounded(4096);
+        let cluster_of_one = opts.cluster_of_one;
         let inner = Arc::new(Inner {
             dir,
             epoch: AtomicU64::new(recovery.last_epoch),
@@ -456,6 +630,8 @@ impl Store {
             db: Mutex::new(db),
             queue: Mutex::new(queue),
             unapplied: Mutex::new(unapplied),
+            replicator: std::sync::OnceLock::new(),
+            expiring: AtomicBool::new(cluster_of_one),
             wal: Mutex::new(wal),
             failed: std::sync::OnceLock::new(),
             compacting: AtomicBool::new(false),
@@ -891,6 +1067,9 @@ impl Store {
         if inner.panic_next_flush.swap(false, Ordering::Relaxed) {
             panic!("injected panic in the log writer");
         }
+        if let Some(rep) = inner.replicator.get() {
+            return self.flush_member(wal, rep.as_ref(), entries, waiting);
+        }
         let last = entries.last().map_or(0, |e| e.0);
         let started = std::time::Instant::now();
         let res = match inner.failed.get() {
@@ -933,7 +1112,7 @@ impl Store {
                 log::error!("{}", StoreError::WriteFailed(why.clone()));
                 let _ = inner.failed.set(why.clone());
                 for (_, outcome) in &mut waiting.0 {
-                    *outcome = Some(Err(why.clone()));
+                    *outcome = Some(Err(Failure::Log(why.clone())));
                 }
                 waiting
             }
@@ -946,6 +1125,128 @@ impl Store {
             std::mem::swap(&mut q.buf, &mut buf);
         }
         deliveries
+    }
+
+    /// A cluster member's flush: the replicator appends the batch if this node may take
+    /// writes now (it leads, and its node accepts the proposal), and says otherwise
+    /// before anything is logged. The commands wait in `unapplied` for their commit.
+    fn flush_member(
+        &self,
+        wal: &mut Wal,
+        rep: &dyn Replicator,
+        entries: Vec<(u64, Command)>,
+        mut waiting: Deliveries,
+    ) -> Deliveries {
+        let inner = &*self.inner;
+        if let Some(why) = inner.failed.get() {
+            for (_, outcome) in &mut waiting.0 {
+                *outcome = Some(Err(Failure::Log(why.clone())));
+            }
+            return waiting;
+        }
+        // The node appends at the end of the log: the indexes given at queueing were
+        // provisional (the log also takes entries from the leader and the node's own
+        // no-op), so they are given again here, in queue order.
+        let first = LogStore::last(&*wal).0 + 1;
+        let payloads: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|(_, c)| {
+                let mut p = Vec::new();
+                c.encode(&mut p);
+                p
+            })
+            .collect();
+        let count = entries.len() as u64;
+        let mut at = first;
+        for (w, _) in &mut waiting.0 {
+            let n = w.last - w.first;
+            w.first = at;
+            w.last = at + n;
+            at += n + 1;
+        }
+        {
+            // Queued for apply before the proposal, so that a commit decided while it is
+            // made finds them.
+            let mut u = inner.unapplied.lock();
+            u.entries
+                .extend((first..).zip(entries.into_iter().map(|(_, c)| c)));
+            u.waiters
+                .extend(std::mem::take(&mut waiting.0).into_iter().map(|(w, _)| w));
+        }
+        let mut log = MemberLog { store: self, wal };
+        let outcome = rep.propose(&mut log, payloads);
+        match outcome {
+            Ok(f) if f == first => {
+                inner.stats.commits.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .stats
+                    .entries_written
+                    .fetch_add(count, Ordering::Relaxed);
+                Deliveries::default()
+            }
+            other => {
+                // Nothing was appended (or, on an internal mismatch, the log stops): take
+                // the batch back out and tell its submitters.
+                let failure = match other {
+                    Err(StoreError::Redirect(reply)) => Failure::Redirect(reply),
+                    Err(e) => {
+                        let why = e.to_string();
+                        log::error!("{}", StoreError::WriteFailed(why.clone()));
+                        let _ = inner.failed.set(why.clone());
+                        Failure::Log(why)
+                    }
+                    Ok(f) => {
+                        let why = format!(
+                            "the node appended the batch at index {f}, not {first} (a bug)"
+                        );
+                        log::error!("{why}");
+                        let _ = inner.failed.set(why.clone());
+                        Failure::Log(why)
+                    }
+                };
+                let mut u = inner.unapplied.lock();
+                let keep = u.entries.partition_point(|e| e.0 < first);
+                u.entries.truncate(keep);
+                let keep = u.waiters.partition_point(|w| w.first < first);
+                Deliveries(
+                    u.waiters
+                        .drain(keep..)
+                        .map(|w| (w, Some(Err(failure.clone()))))
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Makes this store a cluster member's: from now on client writes are appended only
+    /// through `rep` (see [`Replicator`]). Set once, before any write; later calls are
+    /// ignored.
+    pub fn set_replicator(&self, rep: Arc<dyn Replicator>) {
+        let _ = self.inner.replicator.set(rep);
+    }
+
+    /// Runs `f` with the log locked: the cluster driver's access to the log and the
+    /// store's member operations ([`MemberLog`]). Writes queued meanwhile wait.
+    pub fn with_log<R>(&self, f: impl FnOnce(&mut MemberLog<'_>) -> R) -> R {
+        let mut wal = self.inner.wal.lock();
+        let r = f(&mut MemberLog {
+            store: self,
+            wal: &mut wal,
+        });
+        drop(wal);
+        // Writes queued while the driver held the log are flushed by their own thread
+        // (everysec/no) or by the log writer (always), which may have found the log
+        // taken: wake it.
+        if let Some(w) = self.inner.writer.get() {
+            w.unpark();
+        }
+        r
+    }
+
+    /// Switches the expirer on (leading) or off (following: only the leader expires keys,
+    /// as log entries).
+    pub fn set_expiring(&self, on: bool) {
+        self.inner.expiring.store(on, Ordering::Relaxed);
     }
 
     /// Applies, in log order, every entry in the log up to `commit` not applied yet, and
@@ -1002,7 +1303,7 @@ impl Store {
         drop(Deliveries(
             waiters
                 .into_iter()
-                .map(|w| (w, Some(Err(why.to_string()))))
+                .map(|w| (w, Some(Err(Failure::Log(why.to_string())))))
                 .collect(),
         ));
     }
@@ -1415,6 +1716,10 @@ fn expirer(inner: Weak<Inner>, hints: crossbeam_channel::Receiver<(u32, Vec<u8>)
         }
         hinted.extend(hints.try_iter().take(EXPIRE_BATCH));
         let Some(inner) = inner.upgrade() else { return };
+        if !inner.expiring.load(Ordering::Relaxed) {
+            // A follower: the leader's expiry entries delete its keys.
+            continue;
+        }
         let store = Store { inner };
         if let Err(e) = store.expire_due(&hinted) {
             log::warn!("active expiry: {e}");

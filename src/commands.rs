@@ -792,7 +792,7 @@ pub fn dispatch_spec(
             s.readonly = false;
             write_simple(out, "OK");
         }
-        "wait" => wait(ctx, s, &args, out),
+        "wait" => wait(ctx, s, &args, true, out),
         other => write_error(out, &format!("ERR unknown command '{other}'")),
     }
     Dispatched::Done
@@ -810,8 +810,9 @@ pub fn dispatch_spec(
 /// to 5 ms, so a WAIT that the next acknowledgement satisfies answers within about one
 /// round trip and an idle one costs ~200 wake-ups a second. It also stops when the node
 /// stops leading (answering the count it can still show: a follower lists no
-/// followers, 0) or the server shuts down.
-fn wait(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
+/// followers, 0) or the server shuts down. With `block` false (inside a transaction,
+/// where Redis 7 does not block either) it answers the count at once.
+pub(crate) fn wait(ctx: &Context, s: &Session, args: &[Vec<u8>], block: bool, out: &mut Vec<u8>) {
     let n = std::str::from_utf8(&args[1])
         .ok()
         .and_then(|x| x.parse::<i64>().ok());
@@ -843,6 +844,7 @@ fn wait(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
             .count() as i64;
         let leading = info.role == crate::cluster::Role::Leader;
         if acked >= want
+            || !block
             || !leading
             || deadline.is_some_and(|d| Instant::now() >= d)
             || ctx.is_shutting_down()

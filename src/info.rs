@@ -313,3 +313,20 @@ fn keyspace(ctx: &Context) -> Vec<(String, String)> {
             .collect()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::split_addr;
+
+    #[test]
+    fn addresses_split_into_redis_ip_and_port() {
+        assert_eq!(split_addr("127.0.0.1:7001"), ("127.0.0.1".into(), 7001));
+        assert_eq!(split_addr("[::1]:7002"), ("::1".into(), 7002));
+        assert_eq!(
+            split_addr("node-3.example:7003"),
+            ("node-3.example".into(), 7003)
+        );
+        assert_eq!(split_addr("nonsense"), ("nonsense".into(), 0));
+        assert_eq!(split_addr("host:notaport"), ("host:notaport".into(), 0));
+    }
+}

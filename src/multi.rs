@@ -379,6 +379,10 @@ fn exec(ctx: &Context, s: &mut Session, tx: Transaction, out: &mut Vec<u8>) {
                 if spec.is_some_and(|c| c.name == "unwatch") {
                     // EXEC has cleared the watches already.
                     write_simple(out, "OK");
+                } else if spec.is_some_and(|c| c.name == "wait") {
+                    // As Redis 7: inside a transaction WAIT does not block, it answers
+                    // how many replicas have the writes so far.
+                    commands::wait(ctx, s, &args, false, out);
                 } else if let Dispatched::Write(..) =
                     commands::dispatch_spec(ctx, s, spec, args, out)
                 {

@@ -586,6 +586,12 @@ fn wait_on_a_cluster_of_one_and_on_a_leader() {
         follower(2, 7002, false, written, 0),
     ]));
     assert_eq!(c.req("WAIT 2 20"), Value::Integer(1));
+    // Inside a transaction WAIT does not block (Redis 7): after the transaction's own
+    // write no follower has acknowledged it yet.
+    assert_eq!(c.req("MULTI"), ok());
+    assert_eq!(c.req("SET k 4"), Value::Simple("QUEUED".into()));
+    assert_eq!(c.req("WAIT 2 0"), Value::Simple("QUEUED".into()));
+    assert_eq!(c.req("EXEC"), Value::Array(vec![ok(), Value::Integer(0)]));
     // A follower refuses WAIT with the redirect.
     n.publish(follower_info());
     assert_eq!(c.req("WAIT 1 0"), moved());

@@ -91,14 +91,50 @@ fn bgrewriteaof(ctx: &Context, out: &mut Vec<u8>) {
     }
 }
 
-/// `ROLE`: a leader with no replicas yet; the replication offset is the last log index
-/// (INFO's `master_repl_offset`). The same three-element array in RESP2 and RESP3.
+/// `ROLE`, shaped as Redis 7's (the same arrays in RESP2 and RESP3):
+/// - a leader (and a cluster of one): `["master", offset, [[ip, port, offset], …]]`,
+///   its offset the last log index (INFO's `master_repl_offset`), one entry per
+///   follower whose link is up (the replicas one could read from), with its client
+///   address and acknowledged index, as bulk strings like Redis's;
+/// - any other cluster member: `["slave", host, port, state, offset]`: the leader's
+///   client address (`""` and 0 while none is known), `connected` while the link from
+///   the leader is up, else `connect` (looking for one), and the commit index.
 fn role(ctx: &Context, out: &mut Vec<u8>) {
-    let offset = ctx.store.log_info().last_index;
-    write_array_len(out, 3);
-    write_bulk(out, b"master");
-    write_integer(out, offset as i64);
-    write_array_len(out, 0);
+    let Some(cluster) = ctx.cluster() else {
+        let offset = ctx.store.log_info().last_index;
+        write_array_len(out, 3);
+        write_bulk(out, b"master");
+        write_integer(out, offset as i64);
+        write_array_len(out, 0);
+        return;
+    };
+    let info = cluster.info();
+    if info.role == crate::cluster::Role::Leader {
+        let replicas: Vec<_> = info.followers.iter().filter(|f| f.connected).collect();
+        write_array_len(out, 3);
+        write_bulk(out, b"master");
+        write_integer(out, info.last_index as i64);
+        write_array_len(out, replicas.len());
+        for f in replicas {
+            let (ip, port) = crate::info::split_addr(&f.addr);
+            write_array_len(out, 3);
+            write_bulk(out, ip.as_bytes());
+            write_bulk(out, port.to_string().as_bytes());
+            write_bulk(out, f.acked.to_string().as_bytes());
+        }
+    } else {
+        let (host, port) = info
+            .leader_addr
+            .as_deref()
+            .map_or((String::new(), 0), crate::info::split_addr);
+        let up = info.leader.is_some() && info.leader_link_up;
+        write_array_len(out, 5);
+        write_bulk(out, b"slave");
+        write_bulk(out, host.as_bytes());
+        write_integer(out, i64::from(port));
+        write_bulk(out, if up { b"connected" } else { b"connect" });
+        write_integer(out, info.commit as i64);
+    }
 }
 
 /// `SHUTDOWN [NOSAVE|SAVE] [NOW] [FORCE] [ABORT]`, parsed and refused as Redis does.

@@ -584,6 +584,13 @@ struct Session {
     conn: Option<Connection>,
     /// Print `-> Redirected to …` notes (REPL only).
     interactive: bool,
+    /// `READONLY` succeeded (and no `READWRITE` since): sent again after each connect,
+    /// so a reconnect keeps reading a follower's copy.
+    readonly: bool,
+    /// Between a successful `MULTI` and the `EXEC`/`DISCARD` that ends it. A redirect is
+    /// then shown, not followed (resending one queued command on another node would run
+    /// it outside its transaction), and a lost connection is not retried.
+    in_multi: bool,
 }
 
 impl Session {
@@ -596,6 +603,8 @@ impl Session {
             timeout: opts.connect_timeout,
             conn: None,
             interactive,
+            readonly: false,
+            in_multi: false,
         }
     }
 
@@ -633,6 +642,13 @@ impl Session {
                 Err(e) => return Err(ClientError::Io(e)),
             }
         }
+        if self.readonly {
+            match conn.request(&[b"READONLY".to_vec()]) {
+                Ok(Value::Error(e)) => eprintln!("READONLY failed: {e}"),
+                Ok(_) => {}
+                Err(e) => return Err(ClientError::Io(e)),
+            }
+        }
         self.conn = Some(conn);
         Ok(())
     }
@@ -656,7 +672,10 @@ impl Session {
             Ok(v) => Ok(v),
             Err(e) => {
                 self.conn = None;
-                if !(was_connected && is_disconnect(&e)) {
+                // A new connection has no open transaction: resending there would run
+                // the command outside it.
+                let in_multi = std::mem::take(&mut self.in_multi);
+                if !(was_connected && is_disconnect(&e)) || in_multi {
                     return Err(ClientError::Io(e));
                 }
                 log::debug!("connection lost ({e}); reconnecting");
@@ -677,6 +696,16 @@ impl Session {
             return self.shutdown(args);
         }
         let reply = self.follow_redirects(args)?;
+        let ok = reply == Value::Simple("OK".into());
+        if is_command(args, "multi") && ok {
+            self.in_multi = true;
+        } else if is_command(args, "exec") || is_command(args, "discard") {
+            self.in_multi = false;
+        } else if is_command(args, "readonly") && ok {
+            self.readonly = true;
+        } else if is_command(args, "readwrite") && ok {
+            self.readonly = false;
+        }
         if is_command(args, "select")
             && args.len() == 2
             && reply == Value::Simple("OK".into())
@@ -706,13 +735,17 @@ impl Session {
         }
     }
 
-    /// Sends a command, following up to [`MAX_REDIRECTS`] `-MOVED` replies.
+    /// Sends a command, following up to [`MAX_REDIRECTS`] `-MOVED` replies (a cluster
+    /// follower's answer to a write or a read: reconnect to the leader, with the same
+    /// password, database and READONLY, and send it again). Not inside a transaction.
+    /// `-CLUSTERDOWN` (no leader yet) is returned as is: retrying is the user's call.
     fn follow_redirects(&mut self, args: &[Vec<u8>]) -> Result<Value, ClientError> {
         let mut hops = 0;
         loop {
             let reply = self.request(args)?;
             if let Value::Error(msg) = &reply
                 && hops < MAX_REDIRECTS
+                && !self.in_multi
                 && let Some((host, port)) = parse_moved(msg)
             {
                 hops += 1;
@@ -722,7 +755,11 @@ impl Session {
                 self.port = port;
                 self.conn = None;
                 if self.interactive {
-                    println!("-> Redirected to {}", fmt_addr(&self.host, self.port));
+                    // redis-cli -c's note (one shard here: the slot is always 0).
+                    println!(
+                        "-> Redirected to slot [0] located at {}",
+                        fmt_addr(&self.host, self.port)
+                    );
                 }
                 continue;
             }
@@ -1548,6 +1585,51 @@ mod tests {
         assert_eq!(session.prompt(), format!("127.0.0.1:{leader}> "));
         follower_thread.join().unwrap();
         leader_thread.join().unwrap();
+    }
+
+    #[test]
+    fn session_sends_readonly_again_after_a_redirect() {
+        let (leader, leader_thread) = fake_server(vec![vec![
+            (encoded(&["READONLY"]), pieces(&["+OK\r\n"])),
+            (encoded(&["SET", "k", "v"]), pieces(&["+OK\r\n"])),
+        ]]);
+        let moved = format!("-MOVED 0 127.0.0.1:{leader}\r\n");
+        let (follower, follower_thread) = fake_server(vec![vec![
+            (encoded(&["READONLY"]), pieces(&["+OK\r\n"])),
+            (encoded(&["SET", "k", "v"]), Some(vec![moved])),
+        ]]);
+        let mut session = session_for(follower, None);
+        let ok = Some(Value::Simple("OK".into()));
+        assert_eq!(session.execute(&args(&["READONLY"])).unwrap(), ok);
+        assert_eq!(session.execute(&args(&["SET", "k", "v"])).unwrap(), ok);
+        assert_eq!(session.port, leader);
+        follower_thread.join().unwrap();
+        leader_thread.join().unwrap();
+    }
+
+    #[test]
+    fn session_does_not_follow_moved_inside_multi() {
+        // Resending a queued command on the leader would run it outside its transaction.
+        let moved = "-MOVED 0 127.0.0.1:1\r\n".to_string();
+        let (follower, follower_thread) = fake_server(vec![vec![
+            (encoded(&["MULTI"]), pieces(&["+OK\r\n"])),
+            (encoded(&["SET", "k", "v"]), Some(vec![moved.clone()])),
+            (encoded(&["EXEC"]), Some(vec![moved])),
+        ]]);
+        let mut session = session_for(follower, None);
+        let moved = Some(Value::Error("MOVED 0 127.0.0.1:1".into()));
+        assert_eq!(
+            session.execute(&args(&["MULTI"])).unwrap(),
+            Some(Value::Simple("OK".into()))
+        );
+        assert_eq!(session.execute(&args(&["SET", "k", "v"])).unwrap(), moved);
+        assert_eq!(session.execute(&args(&["EXEC"])).unwrap(), moved);
+        assert_eq!(session.port, follower);
+        assert!(
+            !session.in_multi,
+            "EXEC ends the transaction, whatever it answered"
+        );
+        follower_thread.join().unwrap();
     }
 
     #[test]

@@ -15,6 +15,13 @@
 //! renders each result ([`OpResult`]) with [`render_result`]. Reads look at the session's
 //! database only; SELECT changes it. That is the single write path: the map changes only
 //! by applying logged entries, in `src/db/`, which nothing here reaches into.
+//!
+//! On a cluster member, [`dispatch_spec`] serves a request only as the node's role
+//! allows ([`Context::gate`], by the command's [`Gate`]): a refused one is answered
+//! `-MOVED 0 <leader>` or `-CLUSTERDOWN no leader elected` and nothing is queued or
+//! logged. Pipelined writes are each gated as they are dispatched (the log writer
+//! checks again when it appends). WAIT waits for followers' acknowledgements of the
+//! connection's last write ([`Session::last_write_index`]).
 
 /// One row of the command table.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +44,37 @@ pub struct CommandSpec {
     pub summary: &'static str,
 }
 
+/// Which serving rule of a cluster member a command is under (`src/cluster.rs`), decided
+/// from its row of the command table:
+/// - [`Gate::Write`]: the `write` flag. Served only by a leader that may take writes
+///   (`write_gate`); elsewhere `-MOVED 0 <leader>` or `-CLUSTERDOWN`, nothing logged.
+/// - [`Gate::Read`]: reads the key space: not a write, and flagged `readonly` (Redis's
+///   flag for commands that read data: GET, MGET, EXISTS, TTL, KEYS, SCAN, DBSIZE,
+///   RANDOMKEY, …) or naming keys (`first_key > 0`, the keys Redis Cluster routes by:
+///   that brings in WATCH). Served by a leader whose lease holds (`read_gate`: a
+///   linearizable read), or from the local copy on a connection that sent READONLY.
+/// - [`Gate::Any`]: everything else (connection and server commands: PING, HELLO, AUTH,
+///   CLIENT, INFO, ROLE, CONFIG, COMMAND, SELECT, MULTI, EXEC, …), served on any node.
+///   EXEC and WAIT apply their own rule (`src/multi.rs`, [`dispatch_spec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    Write,
+    Read,
+    Any,
+}
+
+impl Gate {
+    pub fn of(spec: &CommandSpec) -> Gate {
+        if spec.write {
+            Gate::Write
+        } else if spec.first_key > 0 || spec.flags.contains(&"readonly") {
+            Gate::Read
+        } else {
+            Gate::Any
+        }
+    }
+}
+
 use crate::db::{Condition, ERR_NOT_INTEGER, Expiry, Item, Op, OpResult, parse_i64};
 use crate::glob::glob_match;
 use crate::protocol::{
@@ -48,7 +86,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const W: &[&str] = &["write", "denyoom"];
 const WF: &[&str] = &["write", "denyoom", "fast"];
@@ -326,6 +364,8 @@ pub struct Context {
     /// A cluster member's role and serving rules (`src/cluster.rs`), set once by the
     /// server before it accepts clients. Unset: a cluster of one, which always leads.
     cluster: std::sync::OnceLock<Arc<crate::cluster::ClusterState>>,
+    /// The server is shutting down: a WAIT blocked on replicas answers what it has.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// What [`Context::request_shutdown`] calls.
@@ -349,6 +389,31 @@ impl Context {
             next_client_id: AtomicU64::new(1),
             shutdown_hook: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the server as shutting down (the server, once it stops accepting), so that
+    /// commands that block for a while (WAIT) return what they have.
+    pub fn note_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Context::note_shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// The serving rule of a cluster member for one command (`Ok` on a cluster of one,
+    /// which always leads; see [`Gate`] for which commands need which gate).
+    pub fn gate(&self, s: &Session, spec: &CommandSpec) -> Result<(), crate::cluster::Redirect> {
+        match self.cluster() {
+            None => Ok(()),
+            Some(c) => match Gate::of(spec) {
+                Gate::Write => c.write_gate(),
+                Gate::Read if !s.readonly => c.read_gate(),
+                Gate::Read | Gate::Any => Ok(()),
+            },
         }
     }
 
@@ -400,6 +465,7 @@ impl Context {
             close: false,
             db: 0,
             multi: None,
+            last_write_index: 0,
         }
     }
 
@@ -423,6 +489,10 @@ pub struct Session {
     pub db: u32,
     /// The open transaction, between MULTI and EXEC/DISCARD (`src/multi.rs`).
     pub multi: Option<crate::multi::Transaction>,
+    /// On a cluster member: an upper bound of the log index of this connection's last
+    /// write (the store's applied index when its batch completed), what WAIT waits for
+    /// followers to acknowledge. 0 before any write, and always 0 on a cluster of one.
+    pub last_write_index: u64,
 }
 
 /// The outcome of [`dispatch`].
@@ -503,6 +573,12 @@ pub fn dispatch_spec(
     }
     if !arity_ok(spec, args.len()) {
         write_error(out, &err_args(spec.name));
+        return Dispatched::Done;
+    }
+    // A cluster member serves a request here only as its role allows: a write or a read
+    // refused now was not and will not be applied (the redirect's promise).
+    if let Err(r) = ctx.gate(s, spec) {
+        write_error(out, &r.reply());
         return Dispatched::Done;
     }
     let p = s.proto;
@@ -719,23 +795,69 @@ pub fn dispatch_spec(
             s.readonly = false;
             write_simple(out, "OK");
         }
-        "wait" => {
-            // A cluster of one has no replicas to wait for; validate like Redis.
-            let n = std::str::from_utf8(&args[1])
-                .ok()
-                .and_then(|x| x.parse::<i64>().ok());
-            let t = std::str::from_utf8(&args[2])
-                .ok()
-                .and_then(|x| x.parse::<i64>().ok());
-            match (n, t) {
-                (Some(_), Some(t)) if t >= 0 => write_integer(out, 0),
-                (Some(_), Some(_)) => write_error(out, "ERR timeout is negative"),
-                _ => write_error(out, ERR_NOT_INTEGER),
-            }
-        }
+        "wait" => wait(ctx, s, &args, true, out),
         other => write_error(out, &format!("ERR unknown command '{other}'")),
     }
     Dispatched::Done
+}
+
+/// `WAIT numreplicas timeout`, as Redis: blocks until at least `numreplicas` followers
+/// have acknowledged this connection's last write ([`Session::last_write_index`]), or
+/// for at most `timeout` ms (0: no limit), and answers how many have. A cluster of one
+/// has no replicas: 0 at once. A node that is not the serving leader answers the write
+/// gate's redirect (Redis refuses WAIT on a replica).
+///
+/// It polls the published [`RoleInfo`](crate::cluster::RoleInfo) rather than waiting on
+/// a condition: the node thread publishes acknowledgements without knowing of waiters,
+/// WAIT is rare, and a check is one short lock. The poll starts at 100 µs and backs off
+/// to 5 ms, so a WAIT that the next acknowledgement satisfies answers within about one
+/// round trip and an idle one costs ~200 wake-ups a second. It also stops when the node
+/// stops leading (answering the count it can still show: a follower lists no
+/// followers, 0) or the server shuts down. With `block` false (inside a transaction,
+/// where Redis 7 does not block either) it answers the count at once.
+pub(crate) fn wait(ctx: &Context, s: &Session, args: &[Vec<u8>], block: bool, out: &mut Vec<u8>) {
+    let n = std::str::from_utf8(&args[1])
+        .ok()
+        .and_then(|x| x.parse::<i64>().ok());
+    let t = std::str::from_utf8(&args[2])
+        .ok()
+        .and_then(|x| x.parse::<i64>().ok());
+    let (want, timeout) = match (n, t) {
+        (Some(n), Some(t)) if t >= 0 => (n, t as u64),
+        (Some(_), Some(_)) => return write_error(out, "ERR timeout is negative"),
+        _ => return write_error(out, ERR_NOT_INTEGER),
+    };
+    let Some(cluster) = ctx.cluster() else {
+        return write_integer(out, 0);
+    };
+    if let Err(r) = cluster.write_gate() {
+        return write_error(out, &r.reply());
+    }
+    let target = s.last_write_index;
+    let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_millis(timeout));
+    let mut pause = Duration::from_micros(100);
+    loop {
+        let info = cluster.info();
+        // Redis counts the replicas it is connected to whose acknowledged offset reached
+        // the client's; ours acknowledge log indexes.
+        let acked = info
+            .followers
+            .iter()
+            .filter(|f| f.connected && f.acked >= target)
+            .count() as i64;
+        let leading = info.role == crate::cluster::Role::Leader;
+        if acked >= want
+            || !block
+            || !leading
+            || deadline.is_some_and(|d| Instant::now() >= d)
+            || ctx.is_shutting_down()
+        {
+            return write_integer(out, acked);
+        }
+        let left = deadline.map_or(pause, |d| d.saturating_duration_since(Instant::now()));
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
 }
 
 /// Renders the result of a write.
@@ -782,9 +904,19 @@ pub(crate) fn read_value<R>(
     });
     count_hit(ctx, hit);
     if expired {
-        ctx.store.note_expired(db, key);
+        note_expired(ctx, db, key);
     }
     r
+}
+
+/// Hands a key a reader found expired to the expirer (lazy expiry), on a node that may
+/// write: only the leader expires keys (as log entries), so a follower (or a leader that
+/// may not write now) leaves it; its reader already saw the key as missing, by the
+/// clock, and the leader's expirer deletes it for everyone.
+pub(crate) fn note_expired(ctx: &Context, db: u32, key: &[u8]) {
+    if ctx.cluster().is_none_or(|c| c.write_gate().is_ok()) {
+        ctx.store.note_expired(db, key);
+    }
 }
 
 pub(crate) fn count_hit(ctx: &Context, hit: bool) {
@@ -1098,7 +1230,11 @@ fn hello(ctx: &Context, s: &mut Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
     write_bulk(out, b"mode");
     write_bulk(out, b"standalone");
     write_bulk(out, b"role");
-    write_bulk(out, b"master");
+    // Redis's words: "replica" for a cluster member that does not lead.
+    let leads = ctx
+        .cluster()
+        .is_none_or(|c| c.info().role == crate::cluster::Role::Leader);
+    write_bulk(out, if leads { b"master" } else { b"replica" });
     write_bulk(out, b"modules");
     write_array_len(out, 0);
 }
@@ -1380,6 +1516,46 @@ fn config(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The serving rule of every command, spelled out: a change to the table that moves
+    /// a command to another gate shows up here.
+    #[test]
+    fn each_command_is_under_the_gate_its_flags_say() {
+        let reads = [
+            "dbsize",
+            "exists",
+            "expiretime",
+            "get",
+            "getrange",
+            "keys",
+            "mget",
+            "pexpiretime",
+            "pttl",
+            "randomkey",
+            "scan",
+            "strlen",
+            "substr",
+            "touch",
+            "ttl",
+            "type",
+            "watch",
+        ];
+        for c in COMMANDS {
+            let want = if c.write {
+                Gate::Write
+            } else if reads.contains(&c.name) {
+                Gate::Read
+            } else {
+                Gate::Any
+            };
+            assert_eq!(Gate::of(c), want, "{}", c.name);
+        }
+        for name in [
+            "ping", "info", "role", "wait", "exec", "multi", "select", "client",
+        ] {
+            assert_eq!(lookup(name.as_bytes()).map(Gate::of), Some(Gate::Any));
+        }
+    }
 
     #[test]
     fn table_is_sorted_and_unique() {

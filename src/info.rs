@@ -3,6 +3,8 @@
 //! Field names are Redis's wherever Redis has the field (clients and monitoring tools
 //! parse them: `role`, `connected_clients`, `aof_last_write_status`, `db0:keys=…`); fields
 //! only kvstore has are prefixed `log_` or named as DESIGN.md says (`epoch`, `node_id`).
+//! The replication section of a cluster member renders one published
+//! [`RoleInfo`](crate::cluster::RoleInfo) (see `replication`).
 //! Pure formatting over a [`Context`]: it reads counters and the store, changes nothing.
 
 use crate::commands::Context;
@@ -180,19 +182,115 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
             ),
             ("acl_access_denied_auth", get(&st.acl_access_denied_auth)),
         ],
-        "replication" => {
-            let last = ctx.store.log_info().last_index;
-            vec![
-                ("role", "master".into()),
-                ("connected_slaves", "0".into()),
-                ("master_repl_offset", last.to_string()),
-                ("epoch", "0".into()),
-                ("node_id", ctx.settings.node_id.to_string()),
-                ("leader_id", ctx.settings.node_id.to_string()),
-            ]
-        }
+        "replication" => replication(ctx),
         _ => vec![],
     }
+}
+
+/// `host:port` split for Redis's `ip`/`port` fields (`[::1]:7001` → `::1`, 7001); a
+/// malformed address is shown whole with port 0.
+pub(crate) fn split_addr(addr: &str) -> (String, u16) {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => match port.parse() {
+            Ok(port) => (host.trim_matches(['[', ']']).to_string(), port),
+            Err(_) => (addr.to_string(), 0),
+        },
+        None => (addr.to_string(), 0),
+    }
+}
+
+/// The replication section. A cluster of one is a master with no replicas that leads
+/// itself. A cluster member shows what its node last published (one [`RoleInfo`]
+/// read, so role and epoch agree), with Redis's fields:
+/// - `role:master` on the leader (also while its lease is lapsed or it hands over: it
+///   is still the leader of its epoch), `role:slave` otherwise (a candidate too;
+///   `node_role` says which: leader, follower or candidate);
+/// - on the leader, `connected_slaves` (followers whose link is up) and one `slaveK`
+///   per follower: `ip`, `port` (its client address), `state=online` when its link is
+///   up, `wait_bgsave` when down (it needs a catch-up before it streams again; Redis
+///   forgets such a replica, we keep showing its acknowledged index), `offset` = the
+///   log index it has acknowledged, and `lag` = entries behind our last index (Redis's
+///   `lag` is seconds since the last acknowledgement; entries say how much a failover
+///   to it would have to replay);
+/// - on a follower, `master_host` and `master_port` (the leader's client address, when
+///   one is known) and `master_link_status:up|down`;
+/// - ours: `epoch`, `leader_id` (0 when none), `node_id`, `commit_index`, `last_index`.
+///
+/// [`RoleInfo`]: crate::cluster::RoleInfo
+fn replication(ctx: &Context) -> Vec<(&'static str, String)> {
+    use crate::cluster::Role;
+    let Some(cluster) = ctx.cluster() else {
+        let last = ctx.store.log_info().last_index;
+        let me = ctx.settings.node_id.to_string();
+        return vec![
+            ("role", "master".into()),
+            ("connected_slaves", "0".into()),
+            ("master_repl_offset", last.to_string()),
+            ("epoch", "0".into()),
+            ("node_id", me.clone()),
+            ("leader_id", me),
+            ("node_role", "leader".into()),
+            ("commit_index", last.to_string()),
+            ("last_index", last.to_string()),
+        ];
+    };
+    let info = cluster.info();
+    let mut f: Vec<(&'static str, String)> = Vec::new();
+    if info.role == Role::Leader {
+        f.push(("role", "master".into()));
+        let connected = info.followers.iter().filter(|x| x.connected).count();
+        f.push(("connected_slaves", connected.to_string()));
+        for (k, fl) in info.followers.iter().enumerate() {
+            let (ip, port) = split_addr(&fl.addr);
+            let state = if fl.connected {
+                "online"
+            } else {
+                "wait_bgsave"
+            };
+            f.push((
+                slave_field(k),
+                format!(
+                    "ip={ip},port={port},state={state},offset={},lag={}",
+                    fl.acked, fl.lag
+                ),
+            ));
+        }
+    } else {
+        f.push(("role", "slave".into()));
+        if let Some(addr) = &info.leader_addr {
+            let (host, port) = split_addr(addr);
+            f.push(("master_host", host));
+            f.push(("master_port", port.to_string()));
+        }
+        let up = info.leader.is_some() && info.leader_link_up;
+        f.push(("master_link_status", if up { "up" } else { "down" }.into()));
+        f.push(("master_sync_in_progress", "0".into()));
+        f.push(("slave_repl_offset", info.commit.to_string()));
+        f.push(("slave_read_only", "1".into()));
+        f.push(("connected_slaves", "0".into()));
+    }
+    f.push(("master_repl_offset", info.last_index.to_string()));
+    f.push(("epoch", info.epoch.to_string()));
+    f.push(("node_id", info.node_id.to_string()));
+    f.push(("leader_id", info.leader.unwrap_or(0).to_string()));
+    let node_role = match info.role {
+        Role::Leader => "leader",
+        Role::Follower => "follower",
+        Role::Candidate => "candidate",
+    };
+    f.push(("node_role", node_role.into()));
+    f.push(("commit_index", info.commit.to_string()));
+    f.push(("last_index", info.last_index.to_string()));
+    f
+}
+
+/// `slaveK` as a `&'static str` (INFO's field names are static): the first 64 are
+/// made once; followers past those (a cluster far bigger than Bully is meant for)
+/// would all show as `slave_more`.
+fn slave_field(k: usize) -> &'static str {
+    static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| (0..64).map(|i| format!("slave{i}")).collect());
+    names.get(k).map_or("slave_more", |n| n.as_str())
 }
 
 /// The keyspace section: one line per database that has keys, as Redis
@@ -214,4 +312,21 @@ fn keyspace(ctx: &Context) -> Vec<(String, String)> {
             })
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_addr;
+
+    #[test]
+    fn addresses_split_into_redis_ip_and_port() {
+        assert_eq!(split_addr("127.0.0.1:7001"), ("127.0.0.1".into(), 7001));
+        assert_eq!(split_addr("[::1]:7002"), ("::1".into(), 7002));
+        assert_eq!(
+            split_addr("node-3.example:7003"),
+            ("node-3.example".into(), 7003)
+        );
+        assert_eq!(split_addr("nonsense"), ("nonsense".into(), 0));
+        assert_eq!(split_addr("host:notaport"), ("host:notaport".into(), 0));
+    }
 }

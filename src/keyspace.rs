@@ -205,7 +205,7 @@ fn randomkey(ctx: &Context, s: &Session, now: u64, out: &mut Vec<u8>) {
     let r = random_u64();
     let (key, expired) = ctx.store.read(s.db, |db| db.random_key(r, now));
     for k in &expired {
-        ctx.store.note_expired(s.db, k);
+        crate::commands::note_expired(ctx, s.db, k);
     }
     match key {
         Some(k) => write_bulk(out, &k),
@@ -227,7 +227,7 @@ fn touch(ctx: &Context, db: u32, keys: &[Vec<u8>], now: u64, out: &mut Vec<u8>) 
         (n, expired)
     });
     for k in expired {
-        ctx.store.note_expired(db, k);
+        crate::commands::note_expired(ctx, db, k);
     }
     ctx.stats.keyspace_hits.fetch_add(n, Ordering::Relaxed);
     ctx.stats

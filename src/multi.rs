@@ -32,7 +32,18 @@
 //! WATCH registers keys with the store's watch registry (`src/watch.rs`); EXEC answers
 //! nil, logging nothing, when one changed. EXEC, DISCARD and UNWATCH clear the watches,
 //! and so does closing the connection ([`Context::unregister`]).
+//!
+//! On a cluster member ([`Context::gate`]): a command the node would not serve now is
+//! answered with the redirect (`-MOVED`/`-CLUSTERDOWN`) while queueing and fails the
+//! transaction (EXECABORT), as Redis Cluster does; and EXEC checks again, because the
+//! role may change between MULTI and EXEC and only the check at EXEC holds where the
+//! entry would be logged: a transaction with a write needs the write gate, a read-only
+//! one the read gate (or READONLY, or a leader that may not write: then its reads are
+//! answered from the local copy under one lock, and nothing is logged). Refused there,
+//! the whole transaction is discarded with the redirect, nothing logged. WATCH is a
+//! read (the read gate).
 
+use crate::cluster::Redirect;
 use crate::commands::{self, CommandSpec, Context, Dispatched, Reply, Session};
 use crate::db::{ERR_NOT_INTEGER, Op, OpResult, parse_i64};
 use crate::protocol::{write_array_len, write_error, write_null_array, write_simple};
@@ -78,6 +89,10 @@ pub struct Transaction {
     bytes: usize,
     /// A command was refused while queueing: EXEC will answer EXECABORT.
     failed: bool,
+    /// A write was queued: on a cluster member, EXEC needs the write gate.
+    writes: bool,
+    /// A read of the key space was queued: without writes, EXEC needs the read gate.
+    reads: bool,
 }
 
 /// Whether [`handle`] takes this request rather than the normal dispatch.
@@ -127,9 +142,13 @@ pub fn handle(
             ctx.store.unwatch(s.id);
             write_simple(out, "OK");
         }
-        ("watch", false) => match ctx.store.watch(s.id, s.db, &args[1..]) {
-            Ok(()) => write_simple(out, "OK"),
-            Err(e) => write_error(out, &format!("IOERR {e}")),
+        // WATCH reads the keys' state (the read gate on a cluster member).
+        ("watch", false) => match spec.map(|c| ctx.gate(s, c)) {
+            Some(Err(r)) => write_error(out, &r.reply()),
+            _ => match ctx.store.watch(s.id, s.db, &args[1..]) {
+                Ok(()) => write_simple(out, "OK"),
+                Err(e) => write_error(out, &format!("IOERR {e}")),
+            },
         },
         ("unwatch", _) => {
             // Inside MULTI too, as Redis: it is queued there, and then clears at EXEC,
@@ -181,6 +200,21 @@ fn queue(
         );
         return;
     }
+    // A cluster member refuses, at once, a command it would not serve outside the
+    // transaction, and the transaction fails (as Redis Cluster: the redirect now,
+    // EXECABORT at EXEC). EXEC checks again: the role may change in between.
+    if let Err(r) = ctx.gate(s, c) {
+        refused(s);
+        write_error(out, &r.reply());
+        return;
+    }
+    if let Some(tx) = &mut s.multi {
+        match commands::Gate::of(c) {
+            commands::Gate::Write => tx.writes = true,
+            commands::Gate::Read => tx.reads = true,
+            commands::Gate::Any => {}
+        }
+    }
     let db = s.multi.as_ref().map_or(s.db, |tx| tx.db);
     if c.name == "select"
         && let Ok(new) = crate::keyspace::parse_db(&args[1], ctx.store.databases())
@@ -227,8 +261,67 @@ fn queue(
     }
 }
 
+/// How EXEC runs a transaction on this node.
+enum ExecMode {
+    /// Logged as one entry (the normal path; a cluster of one always).
+    Log,
+    /// Read-only, answered from the local copy without logging: a node that may not
+    /// write (a follower on a READONLY connection, a leader handing over) logs nothing.
+    Local,
+}
+
+/// The serving rule for EXEC on a cluster member: a transaction with a write needs the
+/// write gate; a read-only one the read gate, or READONLY on the connection; one that
+/// touches no key runs anywhere. (Checked here, when the entry would be logged, and not
+/// only while queueing: the role may have changed since.)
+fn exec_mode(ctx: &Context, s: &Session, tx: &Transaction) -> Result<ExecMode, Redirect> {
+    let Some(c) = ctx.cluster() else {
+        return Ok(ExecMode::Log);
+    };
+    if tx.writes {
+        return c.write_gate().map(|()| ExecMode::Log);
+    }
+    if !tx.reads {
+        // Nothing is logged for it anyway (no read record, no write).
+        return Ok(ExecMode::Log);
+    }
+    if c.write_gate().is_ok() {
+        return Ok(ExecMode::Log);
+    }
+    match c.read_gate() {
+        Ok(()) => Ok(ExecMode::Local),
+        Err(_) if s.readonly => Ok(ExecMode::Local),
+        Err(r) => Err(r),
+    }
+}
+
+/// A read-only transaction's read records answered from the local copy, all under one
+/// lock (so no apply lands in the middle), at one clock reading. Its WATCHes are not
+/// checked: it changes nothing, and the answers are one consistent state anyway.
+fn exec_locally(ctx: &Context, s: &Session, ops: Vec<(u32, Op)>) -> Vec<OpResult> {
+    ctx.store.unwatch(s.id);
+    let now = ctx.store.now_ms();
+    ctx.store.read_all(|db| {
+        ops.iter()
+            .map(|(d, op)| match op {
+                Op::Cmd { args } => db.keyspace(*d).exec_read(args, now),
+                _ => OpResult::Error("ERR internal error: a write in a read-only transaction"),
+            })
+            .collect()
+    })
+}
+
 /// EXEC of `tx`: logs its entry (unless aborted) and renders the array of its replies.
 fn exec(ctx: &Context, s: &mut Session, tx: Transaction, out: &mut Vec<u8>) {
+    let mode = match exec_mode(ctx, s, &tx) {
+        Ok(m) => m,
+        Err(r) => {
+            // Refused as a whole, nothing logged (as Redis Cluster discards it).
+            ctx.store.unwatch(s.id);
+            write_error(out, &r.reply());
+            return;
+        }
+    };
     if tx.failed {
         ctx.store.unwatch(s.id);
         write_error(out, ERR_EXECABORT);
@@ -242,7 +335,17 @@ fn exec(ctx: &Context, s: &mut Session, tx: Transaction, out: &mut Vec<u8>) {
             Queued::Local(_) | Queued::Refused(_) => None,
         })
         .collect();
-    let results = match ctx.store.exec(s.id, Op::Multi { ops }) {
+    let logged = match mode {
+        ExecMode::Local => Ok(Some(OpResult::Multi(exec_locally(ctx, s, ops)))),
+        ExecMode::Log => ctx.store.exec(s.id, Op::Multi { ops }),
+    };
+    if tx.writes && ctx.cluster().is_some() {
+        // What WAIT waits for (an upper bound of the entry's index once it is applied).
+        s.last_write_index = s
+            .last_write_index
+            .max(ctx.store.read_all(|db| db.applied_index()));
+    }
+    let results = match logged {
         Ok(Some(OpResult::Multi(r))) => r,
         Ok(Some(other)) => vec![other],
         Ok(None) => {
@@ -276,6 +379,10 @@ fn exec(ctx: &Context, s: &mut Session, tx: Transaction, out: &mut Vec<u8>) {
                 if spec.is_some_and(|c| c.name == "unwatch") {
                     // EXEC has cleared the watches already.
                     write_simple(out, "OK");
+                } else if spec.is_some_and(|c| c.name == "wait") {
+                    // As Redis 7: inside a transaction WAIT does not block, it answers
+                    // how many replicas have the writes so far.
+                    commands::wait(ctx, s, &args, false, out);
                 } else if let Dispatched::Write(..) =
                     commands::dispatch_spec(ctx, s, spec, args, out)
                 {

@@ -67,7 +67,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -264,6 +264,7 @@ impl Server {
             self.spawn_connection(stream);
         }
         drop(self.listener);
+        ctx.note_shutdown();
         log::info!("shutting down: no longer accepting connections");
         if let Some(net) = self.shared.peers.get() {
             net.shutdown();
@@ -300,6 +301,7 @@ impl Server {
                 ..Outbox::default()
             }),
             stream,
+            last_write: AtomicU64::new(0),
         });
         shared.conns.lock().insert(id, conn.clone());
         let peers = shared.peers.get().cloned();
@@ -468,6 +470,11 @@ struct ConnShared {
     ctx: Arc<Context>,
     outbox: Mutex<Outbox>,
     stream: TcpStream,
+    /// On a cluster member: the store's applied index when this connection's last write
+    /// batch completed (an upper bound of its writes' indexes), for WAIT. Set by the
+    /// completion, on whichever thread runs it; copied into the session before the
+    /// connection's own commands run ([`Session::last_write_index`]).
+    last_write: AtomicU64,
 }
 
 impl fmt::Debug for ConnShared {
@@ -484,6 +491,13 @@ impl ConnShared {
     /// wakes it (from `park` or `ppoll`), so the committing thread does no rendering and
     /// no socket I/O for the client.
     fn complete(&self, res: Result<Vec<OpResult>, StoreError>, hows: Vec<Reply>, proto: Proto) {
+        if self.ctx.cluster().is_some() {
+            // Completions run outside the store's locks, so reading the index is safe
+            // here; a cluster of one skips it (WAIT answers 0 there) and keeps its
+            // write path free of one more map lock per batch.
+            let applied = self.ctx.store.read_all(|db| db.applied_index());
+            self.last_write.fetch_max(applied, Ordering::Relaxed);
+        }
         let mut ob = self.outbox.lock();
         let c = Completed { res, hows, proto };
         let owner = ob.owner;
@@ -809,8 +823,16 @@ impl Connection {
     fn reply(&mut self, f: impl FnOnce(&mut Session, &mut Vec<u8>)) {
         self.submit();
         self.wait_for_inflight();
+        self.note_last_write();
         let mut ob = self.shared.outbox.lock();
         f(&mut self.session, &mut ob.buf);
+    }
+
+    /// Copies the index of the last completed write batch into the session (call with
+    /// nothing in flight: then every earlier write has completed), for WAIT.
+    fn note_last_write(&mut self) {
+        let last = self.shared.last_write.load(Ordering::Relaxed);
+        self.session.last_write_index = self.session.last_write_index.max(last);
     }
 
     /// Executes every whole request buffered, submitting writes in batches.
@@ -884,6 +906,7 @@ impl Connection {
                 // their replies first. EXEC and WATCH then block this thread until done.
                 self.submit();
                 self.wait_for_inflight();
+                self.note_last_write();
                 let mut out = Vec::new();
                 crate::multi::handle(&ctx, &mut self.session, spec, args, &mut out);
                 self.shared.outbox.lock().buf.extend_from_slice(&out);

@@ -36,8 +36,10 @@ pub fn is_read_record(name: &[u8]) -> bool {
 
 impl Keyspace {
     /// Applies a read record at the transaction's time `now`: the answer the command
-    /// would give at that point of the log. Changes nothing.
-    pub(super) fn exec_read(&self, args: &[Vec<u8>], now: u64) -> OpResult {
+    /// would give at that point of the log. Changes nothing. (Also how a cluster
+    /// follower answers a READONLY connection's read-only transaction from its local
+    /// copy, without logging it: `src/multi.rs`.)
+    pub fn exec_read(&self, args: &[Vec<u8>], now: u64) -> OpResult {
         let bad = OpResult::Error(ERR_BAD_RECORD);
         let Some((name, rest)) = args.split_first() else {
             return bad;

@@ -17,6 +17,16 @@
 //! flusher for a proposal): so the node's view of the log is always what the effects
 //! made it, and nobody appends between a decision and its execution.
 //!
+//! **Snapshots** (the node's `SendSnapshot` and `FetchSnapshot`) travel as frames of
+//! kind [`SNAPSHOT_MESSAGE`] (`snapshot_transfer.rs`). The sender of a snapshot is a
+//! thread per transfer, at most one per peer: it finds the newest snapshot file (taking
+//! one first if none covers what the peer lacks) and streams it a chunk per ack. The
+//! receiver reassembles on the node thread into a temp file and, once whole and checked,
+//! installs it with the log locked ([`MemberLog::install_snapshot`]) and tells the node
+//! ([`Node::snapshot_installed`]). A transfer whose link drops, whose sender stops being
+//! the leader, or that outlives the epoch it began in is abandoned (temp file removed);
+//! the node asks again.
+//!
 //! After each call the driver publishes the node's role, epoch, leader and lease to the
 //! [`ClusterState`] that connection threads read to decide whether to serve.
 
@@ -25,10 +35,12 @@ use crate::config::{ClusterConfig, Replication as ReplicationMode};
 use crate::message;
 use crate::node::{Effect, Node, NodeConfig, Replication, Role as NodeRole};
 use crate::peer::{Incoming, PeerNet};
+use crate::snapshot_transfer::{Chunk, Reassembly, SNAPSHOT_MESSAGE, SnapMsg, send_file};
 use crate::store::{MemberLog, Replicator, Store, StoreError};
-use crossbeam_channel::{Receiver, select};
+use crossbeam_channel::{Receiver, Sender, select};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
+use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +58,34 @@ pub struct Driver {
     state: Arc<ClusterState>,
     /// Client address of every member, this node's own included.
     addrs: HashMap<u64, String>,
+    /// Snapshot transfers under way.
+    transfers: Transfers,
+    /// A transfer with no progress for this long is given up (either side).
+    stall: Duration,
+}
+
+/// The snapshot transfers of a driver (module doc, "Snapshots").
+#[derive(Default)]
+struct Transfers {
+    /// The sender threads running, by the peer each sends to, with the channel on which
+    /// the node thread forwards that peer's acks. A thread removes its own entry.
+    sending: Arc<Mutex<HashMap<u64, Sender<SnapMsg>>>>,
+    /// The snapshot being received (touched on the node thread only).
+    receiving: Mutex<Option<Receiving>>,
+    /// The peer this node asked for its snapshot (`FetchSnapshot`), and in which epoch:
+    /// only its chunks are taken while this node does not follow it.
+    fetching: Mutex<Option<(u64, u64)>>,
+}
+
+struct Receiving {
+    from: u64,
+    asm: Reassembly,
+    /// The node's epoch when the transfer began: it is abandoned when that changes.
+    node_epoch: u64,
+    /// Pushed by our leader (`SendSnapshot`), rather than fetched: abandoned when the
+    /// node follows another.
+    pushed: bool,
+    last_chunk: Instant,
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -92,6 +132,10 @@ impl Driver {
             node: Mutex::new(node),
             state,
             addrs,
+            transfers: Transfers::default(),
+            // Generous: a chunk is acknowledged within a round trip, but the machine may
+            // be busy; a stalled transfer only delays the next attempt by this much.
+            stall: (cfg.failure_timeout * 4).max(Duration::from_secs(2)),
         });
         store.set_replicator(driver.clone());
         store.with_log(|log| driver.publish(&driver.node.lock(), log));
@@ -113,19 +157,23 @@ impl Driver {
                         Ok(msg) => self.call(|node, log| node.step(log, m.from, msg)),
                         Err(e) => log::warn!("node {}: undecodable message dropped: {e}", m.from),
                     },
+                    Ok(m) if m.kind == SNAPSHOT_MESSAGE => match SnapMsg::decode(&m.payload) {
+                        Ok(msg) => self.on_snapshot_message(m.from, msg),
+                        Err(e) => log::warn!("node {}: bad snapshot message dropped: {e}", m.from),
+                    },
                     Ok(_) => {}
                     Err(_) => return,
                 },
-                recv(ticker) -> _ => self.call(|node, log| node.tick(log)),
+                recv(ticker) -> _ => {
+                    self.call(|node, log| node.tick(log));
+                    self.check_receiving();
+                }
             }
         }
     }
 
     /// One call into the node, with the log and the node locked, and its effects.
-    fn call(
-        &self,
-        f: impl FnOnce(&mut Node, &dyn crate::log::LogStore) -> Vec<Effect>,
-    ) {
+    fn call(&self, f: impl FnOnce(&mut Node, &dyn crate::log::LogStore) -> Vec<Effect>) {
         self.store.with_log(|log| {
             let mut node = self.node.lock();
             let fx = f(&mut node, log.log());
@@ -169,17 +217,21 @@ impl Driver {
                         self.store.set_expiring(false);
                         log.fail_waiting("this node stopped leading before it was committed");
                     }
-                    Effect::SendSnapshot { to } => {
-                        log::warn!(
-                            "node {to} needs a snapshot to catch up; snapshot transfer is not \
-                             implemented yet"
-                        );
-                    }
+                    Effect::SendSnapshot { to } => self.start_sending(to, log.log().snapshot().0),
                     Effect::FetchSnapshot { from } => {
-                        log::warn!(
-                            "this node needs node {from}'s snapshot; snapshot transfer is not \
-                             implemented yet"
-                        );
+                        let epoch = node.status().epoch;
+                        let asked = self.transfers.fetching.lock().replace((from, epoch));
+                        let receiving = self
+                            .transfers
+                            .receiving
+                            .lock()
+                            .as_ref()
+                            .is_some_and(|r| r.from == from);
+                        // Asked already in this epoch and under way: the transfer goes on.
+                        if asked != Some((from, epoch)) || !receiving {
+                            log::info!("asking node {from} for its snapshot");
+                            self.send_snap(from, SnapMsg::Request);
+                        }
                     }
                 }
             }
@@ -228,6 +280,211 @@ impl Driver {
         });
     }
 
+    // -----------------------------------------------------------------------------------
+    // Snapshot transfer (module doc, "Snapshots")
+
+    fn send_snap(&self, to: u64, msg: SnapMsg) {
+        // Best effort, as node messages: a lost one stalls the transfer, which is retried.
+        let _ = self.net.send(to, SNAPSHOT_MESSAGE, msg.encode());
+    }
+
+    /// Starts a sender thread for `to`, unless one runs: the node asks again (rate
+    /// limited) while a transfer is under way. `log_start` is this log's snapshot index:
+    /// what `to` lacks is at or below it, so the snapshot sent must reach it.
+    fn start_sending(&self, to: u64, log_start: u64) {
+        let mut sending = self.transfers.sending.lock();
+        if sending.contains_key(&to) {
+            return;
+        }
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        sending.insert(to, tx);
+        drop(sending);
+        let (store, net, stall) = (self.store.clone(), self.net.clone(), self.stall);
+        let map = self.transfers.sending.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("snapshot-to-{to}"))
+            .spawn(move || {
+                match send_snapshot(&store, &net, to, log_start, &rx, stall) {
+                    Ok(index) => log::info!("sent node {to} the snapshot at index {index}"),
+                    Err(e) => log::warn!("snapshot transfer to node {to} given up: {e}"),
+                }
+                map.lock().remove(&to);
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a snapshot sender: {e}");
+            self.transfers.sending.lock().remove(&to);
+        }
+    }
+
+    /// A snapshot transfer message from `from` (on the node thread).
+    fn on_snapshot_message(&self, from: u64, msg: SnapMsg) {
+        match msg {
+            SnapMsg::Request => {
+                let log_start = self.store.with_log(|log| log.log().snapshot().0);
+                log::info!("node {from} asks for this node's snapshot");
+                self.start_sending(from, log_start);
+            }
+            SnapMsg::Ack { .. } | SnapMsg::Abort { .. } => {
+                if let Some(tx) = self.transfers.sending.lock().get(&from) {
+                    let _ = tx.try_send(msg);
+                }
+            }
+            SnapMsg::Chunk(c) => self.on_chunk(from, c),
+        }
+    }
+
+    /// A chunk from `from`: starts, continues or completes the transfer; a complete one is
+    /// installed.
+    fn on_chunk(&self, from: u64, c: Chunk) {
+        let index = c.index;
+        // Node and log state first: the transfer's lock is never held while taking them.
+        let (epoch, leader, role, diverged) = {
+            let node = self.node.lock();
+            let st = node.status();
+            (st.epoch, st.leader, st.role, node.diverged)
+        };
+        let pushed = leader == Some(from) && role == NodeRole::Follower;
+        let fetched = *self.transfers.fetching.lock() == Some((from, epoch));
+        let start = if c.offset == 0 {
+            let (snap, applied) = self
+                .store
+                .with_log(|log| (log.log().snapshot().0, log.applied_index()));
+            if !pushed && !fetched {
+                Err(format!(
+                    "node {from} is not this node's leader and was not asked"
+                ))
+            } else if index <= snap || (index < applied && !diverged) {
+                // Only a diverged node goes back: the others already have this state.
+                Err(format!(
+                    "this node has the state at {} already",
+                    if index <= snap { snap } else { applied }
+                ))
+            } else {
+                Ok(())
+            }
+        } else {
+            Ok(())
+        };
+        let mut rx = self.transfers.receiving.lock();
+        let result = match start {
+            Err(why) => Err(why),
+            Ok(()) if c.offset == 0 => {
+                // A new transfer replaces any earlier one (its temp file goes first: the
+                // new one reuses the name).
+                *rx = None;
+                Reassembly::start(self.store.dir(), c)
+                    .map(|(asm, done)| {
+                        log::info!(
+                            "receiving the snapshot at index {} from node {from}",
+                            asm.index
+                        );
+                        *rx = Some(Receiving {
+                            from,
+                            asm,
+                            node_epoch: epoch,
+                            pushed,
+                            last_chunk: Instant::now(),
+                        });
+                        done
+                    })
+                    .map_err(|e| e.to_string())
+            }
+            Ok(()) => match rx.as_mut() {
+                Some(r) if r.from == from && r.asm.index == index => {
+                    r.last_chunk = Instant::now();
+                    r.asm.push(c).map_err(|e| e.to_string())
+                }
+                // A chunk of a transfer given up (or never started here).
+                _ => Err("no such transfer under way here".to_string()),
+            },
+        };
+        match result {
+            Ok(None) => {
+                let next = rx.as_ref().map_or(0, |r| r.asm.received());
+                drop(rx);
+                self.send_snap(from, SnapMsg::Ack { index, next });
+            }
+            Ok(Some(data)) => {
+                let r = rx.take();
+                drop(rx);
+                let (snap_epoch, node_epoch) = r
+                    .as_ref()
+                    .map_or((0, epoch), |r| (r.asm.epoch, r.node_epoch));
+                // Dropping the reassembly removes the temp file: the bytes are in `data`.
+                drop(r);
+                self.send_snap(
+                    from,
+                    SnapMsg::Ack {
+                        index,
+                        next: data.len() as u64,
+                    },
+                );
+                self.install(from, index, snap_epoch, node_epoch, &data);
+            }
+            Err(why) => {
+                if rx.as_ref().is_some_and(|r| r.from == from) {
+                    *rx = None;
+                }
+                drop(rx);
+                log::warn!("snapshot at index {index} from node {from} refused: {why}");
+                self.send_snap(from, SnapMsg::Abort { index });
+            }
+        }
+    }
+
+    /// Installs a received snapshot with the log locked, then tells the node and carries
+    /// out what it says. Skipped if the node moved to another epoch meanwhile.
+    fn install(&self, from: u64, index: u64, epoch: u64, node_epoch: u64, data: &[u8]) {
+        self.store.with_log(|log| {
+            let mut node = self.node.lock();
+            if node.status().epoch != node_epoch {
+                log::warn!("snapshot from node {from} not installed: the epoch changed");
+                return;
+            }
+            match log.install_snapshot(index, epoch, data) {
+                Ok(()) => {
+                    let fx = node.snapshot_installed(log.log(), index);
+                    if let Err(e) = self.execute(&mut node, log, fx) {
+                        log::error!("cluster node: {e}");
+                    }
+                }
+                Err(e) => log::error!("cannot install the snapshot from node {from}: {e}"),
+            }
+            self.publish(&node, log);
+        });
+        let mut fetching = self.transfers.fetching.lock();
+        if fetching.is_some_and(|(f, _)| f == from) {
+            *fetching = None;
+        }
+    }
+
+    /// On each tick: gives up a transfer being received whose epoch passed, whose sender
+    /// no longer leads (a pushed one), whose link dropped or that stalled.
+    fn check_receiving(&self) {
+        let (epoch, leader) = {
+            let st = self.node.lock().status();
+            (st.epoch, st.leader)
+        };
+        let mut rx = self.transfers.receiving.lock();
+        let Some(r) = rx.as_ref() else { return };
+        let why = if epoch != r.node_epoch {
+            "the epoch changed"
+        } else if r.pushed && leader != Some(r.from) {
+            "its sender no longer leads"
+        } else if !self.net.is_connected(r.from) {
+            "the link dropped"
+        } else if r.last_chunk.elapsed() > self.stall {
+            "it stalled"
+        } else {
+            return;
+        };
+        let (from, index) = (r.from, r.asm.index);
+        *rx = None;
+        drop(rx);
+        log::warn!("snapshot transfer from node {from} given up: {why}");
+        self.send_snap(from, SnapMsg::Abort { index });
+    }
+
     fn redirect(&self, leader: Option<u64>) -> Redirect {
         match leader.and_then(|l| self.addrs.get(&l)) {
             Some(addr) => Redirect::Moved(addr.clone()),
@@ -236,12 +493,47 @@ impl Driver {
     }
 }
 
+/// A sender thread's work: finds the newest snapshot that covers `log_start` (taking
+/// one first if there is none), then streams it to `to`. Returns its index.
+fn send_snapshot(
+    store: &Store,
+    net: &PeerNet,
+    to: u64,
+    log_start: u64,
+    replies: &Receiver<SnapMsg>,
+    stall: Duration,
+) -> Result<u64, String> {
+    let covers = |s: &(u64, u64, std::path::PathBuf)| s.0 >= log_start.max(1);
+    // A later compaction may remove the file between listing and opening: look again.
+    for _ in 0..3 {
+        let mut found = store.newest_snapshot().map_err(|e| e.to_string())?;
+        if !found.as_ref().is_some_and(covers) {
+            // None covers what the peer lacks: take one now (on this thread; the node
+            // goes on). If one is running already, wait for it and look again.
+            if !store.compact_now(true).map_err(|e| e.to_string())? {
+                store.wait_for_compaction();
+                continue;
+            }
+            found = store.newest_snapshot().map_err(|e| e.to_string())?;
+        }
+        let Some((index, epoch, path)) = found.filter(covers) else {
+            continue;
+        };
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+        };
+        log::info!("sending node {to} the snapshot at index {index}");
+        send_file(net, to, (index, epoch, &path, file), replies, stall)
+            .map_err(|e| e.to_string())?;
+        return Ok(index);
+    }
+    Err("no snapshot covers what it lacks".into())
+}
+
 impl Replicator for Driver {
-    fn propose(
-        &self,
-        log: &mut MemberLog<'_>,
-        payloads: Vec<Vec<u8>>,
-    ) -> Result<u64, StoreError> {
+    fn propose(&self, log: &mut MemberLog<'_>, payloads: Vec<Vec<u8>>) -> Result<u64, StoreError> {
         let mut node = self.node.lock();
         match node.propose_batch(log.log(), payloads) {
             Err(not) => Err(StoreError::Redirect(self.redirect(not.leader).reply())),

@@ -34,6 +34,7 @@ pub mod ratelog;
 pub mod repl;
 pub mod replication;
 pub mod server;
+pub mod snapshot_transfer;
 pub mod store;
 pub mod strings;
 pub mod wal;

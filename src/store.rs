@@ -69,10 +69,10 @@
 //! SWAPDB: Redis's FLUSHALL kills a running BGSAVE too) gives the snapshot up: its temp
 //! file goes, nothing is pruned, and the log still holds every write.
 
-use crate::log::{LogEntry, LogStore};
 use crate::db::{
     Command, Condition, Db, ERR_DB_RANGE, ERR_NOT_INTEGER, Expiry, Keyspace, Op, OpResult,
 };
+use crate::log::{LogEntry, LogStore};
 use crate::wal::{
     self, BatchBuf, FsyncPolicy, RecoveryReport, SnapshotPart, Wal, WalError, WalOptions,
 };
@@ -500,8 +500,124 @@ impl MemberLog<'_> {
     /// The node decided that entries through `index` are committed: applies them in log
     /// order and answers their submitters.
     pub fn commit_to(&mut self, index: u64) {
-        let (deliveries, _) = self.store.apply_committed(index);
+        let (deliveries, live_bytes) = self.store.apply_committed(index);
+        // A member compacts by the same rule as a cluster of one (`--compact-min-size`,
+        // `--compact-percentage`): its snapshot is what a lagging follower is sent.
+        if live_bytes > 0 {
+            self.store.maybe_compact(self.wal, live_bytes);
+        }
         drop(deliveries);
+    }
+
+    /// Installs a snapshot received from another member (`snapshot_transfer.rs`): `data`
+    /// is the whole snapshot file at (`index`, `epoch`). Rebuilds the state machine from it
+    /// with the loader recovery uses, so that it reflects exactly the entries up to
+    /// `index`; installs it into the log ([`LogStore::install_snapshot`], which keeps the
+    /// entries after `index` if the log agrees with the snapshot there); and makes the
+    /// entries the log still holds after `index` wait for their commit again. A submitter
+    /// whose entries are gone learns that their outcome is unknown. Nothing changes if the
+    /// snapshot does not load (damaged, or more databases than configured).
+    pub fn install_snapshot(
+        &mut self,
+        index: u64,
+        epoch: u64,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        let inner = &*self.store.inner;
+        if let Some(why) = inner.failed.get() {
+            return Err(StoreError::WriteFailed(why.clone()));
+        }
+        // A compaction of the state being replaced must not finish after the install (its
+        // snapshot would describe the old state); its walk notices the new map and gives
+        // up, so this wait is short. It needs no lock held here.
+        self.store.wait_for_compaction();
+        let (snap, _) = LogStore::snapshot(&*self.wal);
+        if index <= snap {
+            return Err(StoreError::Wal(WalError::Refused(format!(
+                "the log already starts after a snapshot at {snap}, not older than {index}"
+            ))));
+        }
+        let databases = inner.opts.databases.max(1);
+        let mut db = Db::new(databases);
+        let mut header = None;
+        let mut beyond = None;
+        wal::decode_snapshot_with(
+            Path::new("the received snapshot"),
+            data,
+            |part| match part {
+                SnapshotPart::Header { index, epoch, .. } => {
+                    header = Some((index, epoch));
+                    db.set_applied(index);
+                }
+                SnapshotPart::Database { db: d, count } => db.reserve(d, count),
+                SnapshotPart::Item(it) => {
+                    let d = it.db;
+                    if !db.load(it) && beyond.is_none() {
+                        beyond = Some(d);
+                    }
+                }
+                SnapshotPart::End => db.finish_load(),
+            },
+        )?;
+        if let Some(d) = beyond {
+            return Err(StoreError::TooFewDatabases {
+                configured: databases,
+                db: Some(d),
+                place: "the received snapshot".into(),
+            });
+        }
+        if header != Some((index, epoch)) {
+            return Err(StoreError::Wal(WalError::Refused(format!(
+                "the received snapshot's header says {header:?}, not ({index}, {epoch})"
+            ))));
+        }
+        LogStore::install_snapshot(self.wal, index, epoch, data)?;
+        // What the log still holds after the snapshot waits for its commit, decoded afresh
+        // (the log may have been cut back to the snapshot).
+        let last = LogStore::last(&*self.wal).0;
+        let mut waiting = VecDeque::new();
+        let mut from = index + 1;
+        while from <= last {
+            let entries = LogStore::read(&*self.wal, from, 1 << 20)?;
+            let Some(end) = entries.last().map(|e| e.index) else {
+                break;
+            };
+            for e in entries {
+                let c = Command::decode(&e.payload).map_err(|why| {
+                    StoreError::Wal(WalError::Refused(format!(
+                        "entry {} does not decode: {why}",
+                        e.index
+                    )))
+                })?;
+                waiting.push_back((e.index, c));
+            }
+            from = end + 1;
+        }
+        let (gone, old) = {
+            let mut u = inner.unapplied.lock();
+            let old = std::mem::replace(&mut *inner.db.lock(), db);
+            u.entries = waiting;
+            let (keep, gone): (VecDeque<Waiter>, VecDeque<Waiter>) = std::mem::take(&mut u.waiters)
+                .into_iter()
+                .partition(|w| w.first > index && w.last <= last);
+            u.waiters = keep;
+            (gone, old)
+        };
+        // Freeing the old data set may take a while: not under the map lock.
+        drop(old);
+        log::info!(
+            "installed a snapshot at index {index} (epoch {epoch}, {} bytes)",
+            data.len()
+        );
+        drop(Deliveries(
+            gone.into_iter()
+                .map(|w| {
+                    let why = "the log was replaced by another member's snapshot".to_string();
+                    (w, Some(Err(Failure::Unknown(why))))
+                })
+                .collect(),
+        ));
+        Ok(())
     }
 
     /// Answers every submitter still waiting for its writes to commit: their outcome is
@@ -1338,7 +1454,6 @@ impl Store {
         // yet, on a cluster member) stay in the segments, which are pruned only where
         // the snapshot covers them whole.
         wal.roll(wal.last_index() + 1)?;
-        let epoch = self.inner.epoch.load(Ordering::Relaxed);
         let id = self.inner.snapshot_ids.fetch_add(1, Ordering::Relaxed);
         // Per non-empty database, its index and its key count at `index` (expired keys not
         // yet removed included: they are in the map, and replay expects them).
@@ -1348,6 +1463,13 @@ impl Store {
                 db.applied_index(),
                 db.start_tracking(|d| snapshot_tag(id, d)),
             )
+        };
+        // The snapshot carries the epoch of the entry at its index, as the log it replaces
+        // did (a cluster's log matching compares it with the leader's); the current epoch
+        // only if the log cannot say.
+        let epoch = match LogStore::epoch_at(&*wal, index) {
+            Ok(Some(e)) => e,
+            _ => self.inner.epoch.load(Ordering::Relaxed),
         };
         log::info!(
             "compacting: log is {} bytes, snapshotting {} keys at index {index}",
@@ -1502,6 +1624,12 @@ impl Store {
             write_error: self.inner.failed.get().cloned(),
             recovery: self.inner.recovery.clone(),
         }
+    }
+
+    /// The newest snapshot file in the data directory as (index, epoch, path), if any:
+    /// what the cluster driver sends a member behind the log's start.
+    pub fn newest_snapshot(&self) -> Result<Option<(u64, u64, PathBuf)>, StoreError> {
+        Ok(wal::newest_snapshot(&self.inner.dir)?)
     }
 
     /// Compacts now, whatever the log's size (SAVE, BGSAVE, BGREWRITEAOF, SHUTDOWN SAVE):

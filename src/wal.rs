@@ -1977,6 +1977,17 @@ fn open_segment(path: &Path) -> Result<File, WalError> {
 }
 
 /// Index and epoch of the snapshot in `path`, from its `M` frame (the rest is not read).
+/// The newest snapshot file in `dir` as (index, epoch, path), if any: what a cluster
+/// leader sends a follower that is behind its log's start (`snapshot_transfer.rs`).
+/// Temp files (a snapshot being written) are not listed.
+pub fn newest_snapshot(dir: &Path) -> Result<Option<(u64, u64, PathBuf)>, WalError> {
+    let listing = list_dir(dir)?;
+    match listing.snapshots.last() {
+        Some((index, path)) => Ok(Some((*index, snapshot_header(path)?.1, path.clone()))),
+        None => Ok(None),
+    }
+}
+
 fn snapshot_header(path: &Path) -> Result<(u64, u64), WalError> {
     let mut head = [0u8; 8 + FRAME_HEADER + 25];
     File::open(path)

@@ -292,6 +292,11 @@ impl Driver {
     /// limited) while a transfer is under way. `log_start` is this log's snapshot index:
     /// what `to` lacks is at or below it, so the snapshot sent must reach it.
     fn start_sending(&self, to: u64, log_start: u64) {
+        if !self.net.is_connected(to) {
+            // Chunks would wait in the link's queue and reach it stale when it comes
+            // back; the node asks again by then.
+            return;
+        }
         let mut sending = self.transfers.sending.lock();
         if sending.contains_key(&to) {
             return;
@@ -366,6 +371,15 @@ impl Driver {
             Ok(())
         };
         let mut rx = self.transfers.receiving.lock();
+        if c.offset == 0
+            && rx
+                .as_ref()
+                .is_some_and(|r| r.from == from && r.asm.index > index)
+        {
+            // The start of an older transfer from the same sender, delivered late: the
+            // newer one goes on.
+            return;
+        }
         let result = match start {
             Err(why) => Err(why),
             Ok(()) if c.offset == 0 => {

@@ -1345,6 +1345,13 @@ impl Store {
     /// store's member operations ([`MemberLog`]). Writes queued meanwhile wait.
     pub fn with_log<R>(&self, f: impl FnOnce(&mut MemberLog<'_>) -> R) -> R {
         let mut wal = self.inner.wal.lock();
+        // A compaction that finished since removed segments: the node must see the log as
+        // the directory has it (its new start, its snapshot) before it reads entries to
+        // replicate, or it would look for them in files no longer there.
+        let pruned = self.inner.pruned.swap(0, Ordering::Relaxed);
+        if pruned > 0 {
+            wal.note_pruned(pruned);
+        }
         let r = f(&mut MemberLog {
             store: self,
             wal: &mut wal,

@@ -2003,6 +2003,108 @@ mod tests {
         assert_eq!(s.get(b"c").as_deref(), Some(&b"3"[..]));
     }
 
+    /// A member installs another member's snapshot: the state machine becomes the
+    /// snapshot's, the log starts after it, entries the log keeps after it wait for their
+    /// commit, and an older snapshot is refused without changing anything.
+    #[test]
+    fn a_member_installs_a_snapshot_from_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = || Options {
+            fsync: FsyncPolicy::No,
+            cluster_of_one: false,
+            ..Options::default()
+        };
+        let entry = |index: u64, epoch: u64, k: &str, v: &str| {
+            let mut payload = Vec::new();
+            Command {
+                ts_ms: 1,
+                db: 0,
+                op: set_op(k, v, Expiry::Never, Condition::Always, false),
+            }
+            .encode(&mut payload);
+            LogEntry {
+                index,
+                epoch,
+                payload,
+            }
+        };
+        let snap = |index: u64, epoch: u64, keys: &[(&str, &str)]| {
+            let items: Vec<(&[u8], &[u8], Option<u64>)> = keys
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_bytes(), None))
+                .collect();
+            wal::encode_snapshot(index, epoch, vec![(0, items.into_iter())])
+        };
+        let s = Store::open(dir.path(), member()).unwrap();
+        s.with_log(|l| {
+            l.append(&[
+                entry(1, 1, "a", "1"),
+                entry(2, 1, "b", "2"),
+                entry(3, 1, "c", "3"),
+            ])
+            .unwrap();
+            l.commit_to(2);
+        });
+        assert_eq!(s.get(b"a").as_deref(), Some(&b"1"[..]));
+        // A snapshot past the log's end: the log restarts after it.
+        s.with_log(|l| {
+            l.install_snapshot(5, 2, &snap(5, 2, &[("x", "snap")]))
+                .unwrap();
+            assert_eq!(l.log().snapshot(), (5, 2));
+            assert_eq!(l.log().last(), (5, 2));
+            assert_eq!(l.applied_index(), 5);
+            // Entry 3 was cut with the rest of the old log: committing applies nothing.
+            l.commit_to(5);
+        });
+        assert_eq!(s.get(b"x").as_deref(), Some(&b"snap"[..]));
+        assert_eq!(s.get(b"a"), None);
+        assert_eq!(s.get(b"c"), None);
+        // Entries after it, and a snapshot in the middle of them that agrees with the log:
+        // the entry after it stays and waits for its commit.
+        s.with_log(|l| {
+            l.append(&[
+                entry(6, 2, "d", "6"),
+                entry(7, 2, "e", "7"),
+                entry(8, 2, "f", "8"),
+            ])
+            .unwrap();
+            l.install_snapshot(7, 2, &snap(7, 2, &[("x", "snap"), ("d", "6"), ("e", "7")]))
+                .unwrap();
+            assert_eq!(l.log().last(), (8, 2));
+            assert_eq!(l.applied_index(), 7);
+        });
+        assert_eq!(s.get(b"e").as_deref(), Some(&b"7"[..]));
+        assert_eq!(s.get(b"f"), None);
+        s.commit_to(8);
+        assert_eq!(s.get(b"f").as_deref(), Some(&b"8"[..]));
+        // An older snapshot, and a damaged one, change nothing.
+        s.with_log(|l| {
+            assert!(
+                l.install_snapshot(5, 2, &snap(5, 2, &[("y", "old")]))
+                    .is_err()
+            );
+            let mut bad = snap(9, 2, &[("y", "bad")]);
+            let n = bad.len();
+            bad[n - 3] ^= 1;
+            assert!(l.install_snapshot(9, 2, &bad).is_err());
+            assert!(
+                l.install_snapshot(9, 3, &snap(9, 2, &[("y", "other")]))
+                    .is_err()
+            );
+            assert_eq!(l.log().snapshot(), (7, 2));
+        });
+        assert_eq!(s.get(b"y"), None);
+        assert_eq!(s.get(b"f").as_deref(), Some(&b"8"[..]));
+        s.sync().unwrap();
+        drop(s);
+        // Recovery starts from the installed snapshot.
+        let s = Store::open(dir.path(), member()).unwrap();
+        assert_eq!(s.get(b"e").as_deref(), Some(&b"7"[..]));
+        assert_eq!(s.get(b"a"), None);
+        s.commit_to(8);
+        assert_eq!(s.get(b"f").as_deref(), Some(&b"8"[..]));
+    }
+
     /// Under every policy, a write commits through the same queue and the same apply: its
     /// completion runs once, with its results in order, and the map holds the writes.
     #[test]

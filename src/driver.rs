@@ -475,6 +475,9 @@ impl Driver {
     /// On each tick: gives up a transfer being received whose epoch passed, whose sender
     /// no longer leads (a pushed one), whose link dropped or that stalled.
     fn check_receiving(&self) {
+        if self.transfers.receiving.lock().is_none() {
+            return;
+        }
         let (epoch, leader) = {
             let st = self.node.lock().status();
             (st.epoch, st.leader)

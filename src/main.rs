@@ -2,11 +2,8 @@
 
 use clap::{Args, Parser, Subcommand};
 use kvstore::client::{self, ClientOptions};
-use kvstore::cluster::{ClusterState, RoleInfo};
 use kvstore::commands::Settings;
 use kvstore::config::{self, ClusterArgs, ClusterConfig, Replication};
-use kvstore::driver::Driver;
-use kvstore::peer::PeerNet;
 use kvstore::protocol::Limits;
 use kvstore::server::{self, Server, ServerConfig};
 use kvstore::store::{DEFAULT_DATABASES, Options};
@@ -14,6 +11,9 @@ use kvstore::wal::{self, FsyncPolicy};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use kvstore::cluster::{ClusterState, RoleInfo};
+use kvstore::driver::Driver;
+use kvstore::peer::PeerNet;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

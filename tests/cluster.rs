@@ -14,6 +14,16 @@
 //!   checked either way (except where the protocol says more: a write only a cut-off
 //!   minority logged must be gone after healing).
 //!
+//! The scenarios (issue 11 step 5): the highest id leads (3 and 5 nodes); acknowledged
+//! writes survive SIGKILL of the leader; a killed follower catches up when restarted
+//! (also after the leader compacted its log); a SIGSTOPped leader is replaced and after
+//! SIGCONT acknowledges nothing and steps down; a leader cut off in a minority (3 and 5
+//! nodes) stops serving and its unacknowledged writes are gone after healing; all nodes
+//! SIGKILLed under load keep every acknowledged write; a restarted higher id takes over
+//! under load without losing a write; a wrong secret, an unknown id and a duplicate id
+//! are refused and logged; `--replication all` blocks writes while a follower is down,
+//! `async` does not.
+//!
 //! Every wait polls with a deadline ([`wait_until`], [`eventually`]); nothing sleeps and
 //! hopes, and nothing asserts how long anything took. Keys are unique per write (a
 //! prefix and a counter), so a key's presence says exactly which write applied.
@@ -624,6 +634,13 @@ fn step_downs(c: &Cluster, id: u64) -> Vec<u64> {
         .collect()
 }
 
+/// Known product bug (2026-12-02, found by this test, fails about 1 run in 2): after
+/// SIGCONT node 3 stays `role:master` in the old epoch for good and answers
+/// `-CLUSTERDOWN` to everything, logging nothing more. gdb on it shows a lock-order
+/// deadlock: the node thread holds the log (`Store::with_log` locks `inner.wal`) and
+/// waits for `inner.meta` in `MemberLog::save_meta` (adopting the new epoch), while the
+/// `log-upkeep` thread holds `inner.meta` in `Store::persist_meta` and waits for
+/// `inner.wal`. Not ignored: it must pass once the lock order is fixed.
 #[test]
 fn a_sigstopped_leader_is_replaced_and_after_sigcont_accepts_nothing() {
     let mut c = Cluster::start(3, &[]);

@@ -231,19 +231,6 @@ impl Cluster {
         }
     }
 
-    /// The node a client reaches at `port`: its own client port, or a proxy in front
-    /// of it (a follower's `-MOVED` names the leader's address as the follower knows
-    /// it, which here is the proxy's).
-    pub fn node_behind(&self, port: u16) -> Option<u64> {
-        if let Some(i) = self.ports.iter().position(|&p| p == port) {
-            return Some(i as u64 + 1);
-        }
-        self.proxies
-            .iter()
-            .find(|(_, p)| p.port() == port)
-            .map(|(&(_, to), _)| to)
-    }
-
     /// The proxy `from` dials to reach `to`.
     pub fn proxy(&self, from: u64, to: u64) -> &Proxy {
         &self.proxies[&(from, to)]

@@ -984,20 +984,26 @@ fn replication_all_blocks_writes_while_a_follower_is_down() {
     c.kill9(1);
     // Node 1 is reaped: nothing sent from now on can be on its disk, so `all` must not
     // acknowledge it (TIMEOUT, or no reply within the client's timeout).
+    // Normally the write waits for node 1 and the client gives up first (or gets
+    // TIMEOUT). On a loaded machine the leader's lease can lapse for a moment (node 2's
+    // acknowledgements late), and then `-CLUSTERDOWN` is a correct answer too: a promise
+    // that the write is not applied, checked below.
     let mut client = Client::new(c.port(3));
+    let mut refused = Vec::new();
     for i in 0..2 {
         let key = format!("blocked:{i}");
         let out = client.call(&["SET", &key, "x"]);
-        // Not OK, and not refused either (the leader still has its majority): the
-        // write waits for node 1, and the client gives up first (or gets TIMEOUT).
         assert!(
-            matches!(out, Outcome::Unknown(_)),
+            !matches!(out, Outcome::Done(_)),
             "--replication all answered {out:?} to SET {key} with node 1 down"
         );
+        if matches!(out, Outcome::Refused(_)) {
+            refused.push(key);
+        }
     }
     c.restart(1);
     write_acked(&c, &[3], "all-back", 10, &mut acked);
-    check_everywhere(&c, 3, &[1, 2, 3], &expectation(&acked, &[]));
+    check_everywhere(&c, 3, &[1, 2, 3], &expectation(&acked, &refused));
 }
 
 #[test]

@@ -36,6 +36,7 @@ STOP_DEADLINE=10
 LEADER_DEADLINE=30
 STABLE_SAMPLES=5
 CATCHUP_DEADLINE=600  # seconds for the follower to catch up
+STALL_DEADLINE=30     # seconds with no progress of its last_index: a stall
 COMMAND_LINE="ENTRIES=$ENTRIES MODES=$MODES FSYNC=$FSYNC${KVSTORE_BIN:+ KVSTORE_BIN=$KVSTORE_BIN}${KVSTORE_COMMIT:+ KVSTORE_COMMIT=$KVSTORE_COMMIT} $0${*:+ $*}"
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -70,8 +71,18 @@ for mode in log snapshot; do
     behind_from=$(info_field "$LEADER_PORT" last_index)
     log "   node 1 killed at index $behind_from; writing $ENTRIES SETs (-P 32)"
     t=$(now_ms)
-    out=$(redis-benchmark -h 127.0.0.1 -p "$LEADER_PORT" -c 50 -n "$ENTRIES" -r "$ENTRIES" \
-        -d 16 -P 32 -t set -q 2>&1) || die "redis-benchmark failed: $out"
+    # redis-benchmark stops at the first error reply: a leader that refuses writes
+    # under load (CLUSTERDOWN) ends a run early; run again (the entries behind are
+    # counted from the indices, not from ENTRIES) and report the refusals
+    refusals=0
+    for ((attempt = 1; ; attempt++)); do
+        out=$(redis-benchmark -h 127.0.0.1 -p "$LEADER_PORT" -c 50 -n "$ENTRIES" -r "$ENTRIES" \
+            -d 16 -P 32 -t set -q 2>&1) && ! grep -q '^Error from server' <<<"$(tr '\r' '\n' <<<"$out")" && break
+        refusals=$((refusals + 1))
+        log "   redis-benchmark stopped: $(tr '\r' '\n' <<<"$out" | grep -v 'rps=' | tail -n1)"
+        ((attempt < 5)) || die "redis-benchmark failed 5 times"
+        wait_stable_leader
+    done
     write_s=$(awk -v ms=$(($(now_ms) - t)) 'BEGIN { printf "%.1f", ms / 1000 }')
     if [[ $mode == snapshot ]]; then
         for i in 2 3; do
@@ -86,7 +97,7 @@ for mode in log snapshot; do
     t_ping=$(now_ms)
     port=${NODE_PORT[1]}
     deadline=$((SECONDS + CATCHUP_DEADLINE))
-    skipped=
+    skipped= prev_last= stall_from=$SECONDS
     while :; do
         last=$(info_field "$port" last_index)
         commit=$(info_field "$port" commit_index)
@@ -96,6 +107,11 @@ for mode in log snapshot; do
         if grep -q "$NO_TRANSFER" "${NODE_LOG[@]}"; then
             skipped="this binary does not transfer snapshots (its log: \"$(grep -h -m1 -o "[^]]*$NO_TRANSFER[^\"]*" "${NODE_LOG[@]}" | head -n1 | sed 's/^ *//')\")"
             break
+        fi
+        if [[ $last != "${prev_last:-}" ]]; then prev_last=$last stall_from=$SECONDS; fi
+        if ((SECONDS - stall_from >= STALL_DEADLINE)); then
+            TMPDIRS=() # keep the logs and data for the reproduction
+            die "node 1 STALLED: last_index $last, commit_index $commit for ${STALL_DEADLINE}s, leader's $target_last/$target_commit; no '$NO_TRANSFER' in the logs (kept: ${NODE_LOG[*]})"
         fi
         ((SECONDS < deadline)) || die "node 1 did not catch up within ${CATCHUP_DEADLINE}s: last_index $last, commit_index $commit, leader's $target_last/$target_commit (logs: ${NODE_LOG[*]})"
         sleep 0.05
@@ -108,7 +124,7 @@ for mode in log snapshot; do
         ping_ms=$((t_ping - t0))
         catch_ms=$((t1 - t0))
         log "   node 1: PING after $ping_ms ms, caught up ($last/$commit) after $catch_ms ms"
-        ROWS+=("$mode|$((target_last - behind_from))|$ping_ms|$catch_ms|written in ${write_s}s")
+        ROWS+=("$mode|$((target_last - behind_from))|$ping_ms|$catch_ms|written in ${write_s}s; writes refused: $refusals runs")
     fi
     cluster_stop
 done

@@ -178,3 +178,121 @@ settled_rss() {
     done
     printf '%s\n' "$v"
 }
+
+# --- a cluster of three on 127.0.0.1 (bench/failover.sh, cluster.sh, catchup.sh) ----
+# cluster_init NAME        a temp dir, three free ports, ids 1..3 (3 leads when all are up)
+# cluster_start_node I ARGS...  start node I (again: a restart keeps its data dir) with
+#                          the server flags ARGS; waits for PING (START_DEADLINE s)
+# cluster_kill I           SIGKILL node I and reap it
+# info_field PORT FIELD    one field of INFO replication ("" if the node does not answer)
+# wait_stable_leader       until every running node names one leader, in one epoch, whose
+#                          followers are all online and caught up (commit_index), for
+#                          STABLE_SAMPLES samples 0.1 s apart; LEADER_DEADLINE s at most.
+#                          Sets LEADER (1..3), LEADER_PORT, EPOCH.
+# The script sets START_DEADLINE, STABLE_SAMPLES, LEADER_DEADLINE.
+NODE_PORT=()
+NODE_PID=()
+NODE_DIR=()
+NODE_LOG=()
+NODE_ARGS=() # the flags each node was last started with, for restarts
+CLUSTER_SECRET=bench-secret
+cluster_init() {
+    local i
+    new_tmpdir "$1"
+    for i in 1 2 3; do
+        NODE_PORT[i]=$(free_port)
+        NODE_DIR[i]=$TMPDIR_NEW/node$i
+        NODE_LOG[i]=$TMPDIR_NEW/node$i.log
+        NODE_PID[i]=
+        mkdir -p "${NODE_DIR[i]}"
+    done
+}
+
+cluster_peers() { # cluster_peers I -> the other two as ID@127.0.0.1:PORT
+    local i out=()
+    for i in 1 2 3; do
+        [[ $i == "$1" ]] || out+=("$i@127.0.0.1:${NODE_PORT[i]}")
+    done
+    local IFS=,
+    printf '%s\n' "${out[*]}"
+}
+
+cluster_start_node() { # cluster_start_node I [SERVER FLAGS...]
+    local i=$1 deadline=$((SECONDS + START_DEADLINE)) pid
+    shift
+    if (($# > 0)); then NODE_ARGS[i]="$*"; fi
+    # shellcheck disable=SC2086 # NODE_ARGS holds flags without spaces in their values
+    "$KVSTORE_BIN" server "${NODE_PORT[i]}" "$(cluster_peers "$i")" --id "$i" \
+        --cluster-secret "$CLUSTER_SECRET" --data-dir "${NODE_DIR[i]}" --bind 127.0.0.1 \
+        ${NODE_ARGS[i]} </dev/null >>"${NODE_LOG[i]}" 2>&1 &
+    pid=$!
+    NODE_PID[i]=$pid
+    PIDS+=("$pid")
+    until [[ $(redis-cli -h 127.0.0.1 -p "${NODE_PORT[i]}" PING 2>/dev/null) == PONG ]]; do
+        kill -0 "$pid" 2>/dev/null || { tail -n 30 "${NODE_LOG[i]}" >&2; die "node $i exited at start"; }
+        ((SECONDS < deadline)) || { tail -n 30 "${NODE_LOG[i]}" >&2; die "node $i did not answer PING within ${START_DEADLINE}s"; }
+        sleep 0.05
+    done
+}
+
+cluster_kill() { # cluster_kill I: SIGKILL (a crash), reap
+    local pid=${NODE_PID[$1]}
+    [[ -n $pid ]] || return 0
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
+    NODE_PID[$1]=
+}
+
+cluster_stop() { # every running node, SIGTERM then SIGKILL
+    local i
+    for i in 1 2 3; do
+        if [[ -n ${NODE_PID[i]} ]]; then
+            stop_server "${NODE_PID[i]}"
+            NODE_PID[i]=
+        fi
+    done
+}
+
+info_field() { # info_field PORT FIELD
+    timeout 5 redis-cli -h 127.0.0.1 -p "$1" INFO replication 2>/dev/null \
+        | tr -d '\r' | awk -F: -v f="$2" '$1 == f { print $2; exit }'
+}
+
+wait_stable_leader() {
+    local deadline=$((SECONDS + LEADER_DEADLINE)) good=0 i l e n info view last_view=
+    while ((good < STABLE_SAMPLES)); do
+        ((SECONDS < deadline)) || {
+            for i in 1 2 3; do
+                [[ -n ${NODE_PID[i]} ]] && log "node $i: $(timeout 5 redis-cli -p "${NODE_PORT[i]}" INFO replication | tr -d '\r' | grep -E '^(epoch|leader_id|node_role|commit_index|last_index|connected_slaves|slave[0-9])' | paste -sd' ')"
+            done
+            die "no stable leader within ${LEADER_DEADLINE}s (logs: ${NODE_LOG[*]})"
+        }
+        view=ok l= e= n=0
+        for i in 1 2 3; do
+            [[ -n ${NODE_PID[i]} ]] || continue
+            n=$((n + 1))
+            info=$(timeout 5 redis-cli -h 127.0.0.1 -p "${NODE_PORT[i]}" INFO replication 2>/dev/null | tr -d '\r') || true
+            local lid ep ci
+            lid=$(awk -F: '$1 == "leader_id" { print $2 }' <<<"$info")
+            ep=$(awk -F: '$1 == "epoch" { print $2 }' <<<"$info")
+            ci=$(awk -F: '$1 == "commit_index" { print $2 }' <<<"$info")
+            if [[ -z $lid || $lid == 0 ]] || [[ -n $l && ($lid != "$l" || $ep != "$e") ]]; then view=bad; break; fi
+            l=$lid e=$ep
+            view+=" $i:$lid:$ep:$ci"
+        done
+        # the leader itself: running, reporting every other running node online with lag 0
+        if [[ $view != bad && -n ${NODE_PID[l]:-} ]]; then
+            info=$(timeout 5 redis-cli -h 127.0.0.1 -p "${NODE_PORT[l]}" INFO replication 2>/dev/null | tr -d '\r') || true
+            if (($(grep -c 'state=online,.*lag=0$' <<<"$info") != n - 1)); then view=bad; fi
+        else
+            view=bad
+        fi
+        if [[ $view != bad && $view == "$last_view" ]]; then good=$((good + 1)); else good=0; fi
+        last_view=$view
+        sleep 0.1
+    done
+    LEADER=$l
+    LEADER_PORT=${NODE_PORT[l]}
+    EPOCH=$e
+}

@@ -2,8 +2,11 @@
 
 use clap::{Args, Parser, Subcommand};
 use kvstore::client::{self, ClientOptions};
+use kvstore::cluster::{ClusterState, RoleInfo};
 use kvstore::commands::Settings;
 use kvstore::config::{self, ClusterArgs, ClusterConfig, Replication};
+use kvstore::driver::Driver;
+use kvstore::peer::PeerNet;
 use kvstore::protocol::Limits;
 use kvstore::server::{self, Server, ServerConfig};
 use kvstore::store::{DEFAULT_DATABASES, Options};
@@ -11,9 +14,6 @@ use kvstore::wal::{self, FsyncPolicy};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use kvstore::cluster::{ClusterState, RoleInfo};
-use kvstore::driver::Driver;
-use kvstore::peer::PeerNet;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -55,8 +55,8 @@ struct ServerArgs {
     port: u16,
     /// The other nodes of the cluster, comma-separated: host:port (their client port;
     /// the node's id is that port) or ID@host:port (say which id answers there: needed
-    /// when a proxy or NAT sits between nodes). Not available yet: given peers, the
-    /// server checks the cluster flags, then says so and exits.
+    /// when a proxy or NAT sits between nodes). Without peers the node is a cluster of
+    /// one.
     #[arg(env = "KVSTORE_PEERS", value_name = "PEERS")]
     peers: Option<String>,
     /// Address to bind; 0.0.0.0 listens on every interface.

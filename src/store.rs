@@ -1580,13 +1580,12 @@ impl Store {
     /// Writes the meta file if the log's durable end moved since it was last written.
     fn persist_meta(&self) -> Result<(), WalError> {
         let inner = &*self.inner;
+        // The log first, then the meta: the order a cluster driver takes them in
+        // (`MemberLog::save_meta`), so the two never wait for each other.
+        let mut wal = inner.wal.lock();
         // Committed and on disk: a cluster member may have entries on disk that are not
         // committed, and a cluster of one under `everysec` commits before its fsync.
-        let durable = inner
-            .wal
-            .lock()
-            .durable_index()
-            .min(inner.db.lock().applied_index());
+        let durable = wal.durable_index().min(inner.db.lock().applied_index());
         let mut written = inner.meta.lock();
         if durable <= written.commit_index {
             return Ok(());
@@ -1599,7 +1598,7 @@ impl Store {
         wal::write_meta(&inner.dir, &meta)?;
         *written = meta;
         // The log's own copy, which its truncation checks against.
-        inner.wal.lock().note_meta(meta);
+        wal.note_meta(meta);
         Ok(())
     }
 

@@ -262,7 +262,6 @@ fn server_checks_the_cluster_flags_first() {
         assert!(!std::path::Path::new(data).exists(), "{args:?}");
     };
     let peers = "127.0.0.1:7002,127.0.0.1:7003";
-    refused(&["7001", peers], &[], "clustering is not available yet");
     refused(&["7001", peers, "--id", "0"], &[], "--id 0 is reserved");
     refused(
         &["7001", peers],
@@ -274,11 +273,6 @@ fn server_checks_the_cluster_flags_first() {
         &["7001", "10.0.0.1:7002,10.0.0.2:7002"],
         &[],
         "have the same id 7002",
-    );
-    refused(
-        &["7001", "2@10.0.0.1:7002,3@10.0.0.2:7002"],
-        &[],
-        "not available yet",
     );
     refused(&["7001", "localhost"], &[], "bad peer 'localhost'");
     refused(

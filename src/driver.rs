@@ -58,6 +58,11 @@ pub struct Driver {
     state: Arc<ClusterState>,
     /// Client address of every member, this node's own included.
     addrs: HashMap<u64, String>,
+    /// When each recent tick was given to the node (its number, the instant), so that a
+    /// lease counted in ticks becomes a wall-clock deadline.
+    ticks: Mutex<VecDeque<(u64, Instant)>>,
+    /// The lease, as the node's settings say it.
+    lease: Duration,
     /// Snapshot transfers under way.
     transfers: Transfers,
     /// A transfer with no progress for this long is given up (either side).
@@ -121,6 +126,7 @@ impl Driver {
         state: Arc<ClusterState>,
     ) -> Result<Arc<Driver>, String> {
         let node_cfg = node_config(cfg);
+        let node_lease_ticks = node_cfg.lease_ticks;
         node_cfg.validate()?;
         let node = store.with_log(|log| Node::new(node_cfg, log.log()));
         let mut addrs: HashMap<u64, String> =
@@ -132,6 +138,8 @@ impl Driver {
             node: Mutex::new(node),
             state,
             addrs,
+            ticks: Mutex::new(VecDeque::new()),
+            lease: TICK * node_lease_ticks as u32,
             transfers: Transfers::default(),
             // Generous: a chunk is acknowledged within a round trip, but the machine may
             // be busy; a stalled transfer only delays the next attempt by this much.
@@ -165,7 +173,20 @@ impl Driver {
                     Err(_) => return,
                 },
                 recv(ticker) -> _ => {
-                    self.call(|node, log| node.tick(log));
+                    self.call(|node, log| {
+                        // Recorded as the tick is given: messages of tick t are sent at
+                        // or after this instant, so a lease counted from it ends no
+                        // later than the real one.
+                        let mut t = self.ticks.lock();
+                        let n = t.back().map_or(1, |&(n, _)| n + 1);
+                        t.push_back((n, Instant::now()));
+                        let keep = 4 * self.lease.as_millis() / TICK.as_millis() + 16;
+                        while t.len() as u128 > keep {
+                            t.pop_front();
+                        }
+                        drop(t);
+                        node.tick(log)
+                    });
                     self.check_receiving();
                 }
             }
@@ -273,9 +294,15 @@ impl Driver {
             commit: st.commit,
             last_index,
             followers,
-            // The node checks its lease on each tick: what it says now holds until the
-            // next one (the lease is shorter than the failure timeout by more than that).
-            lease_until: serving.then(|| Instant::now() + TICK),
+            // The lease as a wall-clock deadline (from when the message a majority
+            // acknowledged was sent), so connection threads stop serving at that
+            // instant even if the node thread is late, and keep serving while it holds
+            // even if the node thread is busy (waiting for the log during a long fsync).
+            lease_until: if serving {
+                self.lease_deadline(node)
+            } else {
+                None
+            },
             handing_over: false,
         });
     }
@@ -500,6 +527,14 @@ impl Driver {
         drop(rx);
         log::warn!("snapshot transfer from node {from} given up: {why}");
         self.send_snap(from, SnapMsg::Abort { index });
+    }
+
+    /// Until when the node's lease lets it serve, in wall-clock time.
+    fn lease_deadline(&self, node: &Node) -> Option<Instant> {
+        let start = node.lease_start()?;
+        let t = self.ticks.lock();
+        let &(_, at) = t.iter().find(|&&(n, _)| n == start)?;
+        Some(at + self.lease)
     }
 
     fn redirect(&self, leader: Option<u64>) -> Redirect {

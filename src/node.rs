@@ -592,6 +592,12 @@ impl Node {
         fx
     }
 
+    /// When serving (leading, no-op committed, no hand-over): the tick whose message a
+    /// majority acknowledged; the lease lasts `lease_ticks` from it. `None`: not serving.
+    pub fn lease_start(&self) -> Option<u64> {
+        self.lease_start_tick()
+    }
+
     /// Whether a linearizable read may be served now: this node leads, its epoch's no-op
     /// is committed, no hand-over is under way and its lease holds.
     pub fn can_read(&self) -> bool {

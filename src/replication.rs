@@ -593,6 +593,20 @@ impl Node {
             .is_some_and(|s| self.now - s < self.cfg.lease_ticks)
     }
 
+    /// When serving: the tick at which the message a majority acknowledged was sent (the
+    /// lease runs `lease_ticks` from then). The driver turns it into a wall-clock
+    /// deadline, so the serving check does not depend on the node thread's next call.
+    pub(crate) fn lease_start_tick(&self) -> Option<u64> {
+        match &self.role {
+            RoleState::Leader(l)
+                if l.pulling.is_none() && l.handover.is_none() && self.commit >= l.noop_index =>
+            {
+                self.majority_seq(None)
+            }
+            _ => None,
+        }
+    }
+
     /// Writes accepted and linearizable reads served: see `Node::can_read`.
     pub(crate) fn serving(&self) -> bool {
         match &self.role {

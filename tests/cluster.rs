@@ -488,23 +488,27 @@ impl Writer {
 /// Every node names `leader` as leader, reports its own id, and all agree on the epoch.
 #[track_caller]
 fn assert_all_follow(c: &mut Cluster, leader: u64, ids: &[u64]) {
-    let epoch = info_field(c, leader, "epoch").expect("leader's epoch");
-    for &id in ids {
-        let f = c.replication(id).expect("INFO replication");
-        assert_eq!(f.get("node_id"), Some(&id.to_string()), "node {id}: {f:?}");
-        assert_eq!(
-            f.get("leader_id"),
-            Some(&leader.to_string()),
-            "node {id}: {f:?}"
-        );
-        let role = if id == leader { "master" } else { "slave" };
-        assert_eq!(
-            f.get("role").map(String::as_str),
-            Some(role),
-            "node {id}: {f:?}"
-        );
-        assert_eq!(f.get("epoch"), Some(&epoch), "node {id}: {f:?}");
-    }
+    // A node hears of a new epoch with the leader's next message: wait for that, with a
+    // deadline, rather than read each node once.
+    eventually(
+        ELECTION_DEADLINE,
+        "every node follows the leader in its epoch",
+        || {
+            let epoch = info_field(c, leader, "epoch").ok_or("no leader epoch")?;
+            for &id in ids {
+                let f = c.replication(id).ok_or(format!("node {id}: no INFO"))?;
+                let role = if id == leader { "master" } else { "slave" };
+                let ok = f.get("node_id") == Some(&id.to_string())
+                    && f.get("leader_id") == Some(&leader.to_string())
+                    && f.get("role").map(String::as_str) == Some(role)
+                    && f.get("epoch") == Some(&epoch);
+                if !ok {
+                    return Err(format!("node {id}: {f:?}"));
+                }
+            }
+            Ok(())
+        },
+    );
 }
 
 #[test]

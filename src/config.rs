@@ -145,7 +145,7 @@ impl ClusterConfig {
         a: &ClusterArgs,
         read_file: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
     ) -> Result<ClusterConfig, ConfigError> {
-        let peers = match &a.peers {
+        let mut peers = match &a.peers {
             Some(s) => parse_peers(s)?,
             None => Vec::new(),
         };
@@ -158,7 +158,26 @@ impl ClusterConfig {
             (None, 0) if !peers.is_empty() => return Err(ConfigError::EphemeralPort),
             (None, port) => u64::from(port),
         };
+        if a.id.is_some()
+            && let Some(list) = &a.peers
+        {
+            // This node's id is not its port, so a peer given as plain host:port need
+            // not have its port as id either: it is learned at start (`peer::learn_ids`),
+            // and proved in every handshake after.
+            let plain = list.split(',').map(str::trim).filter(|e| !e.is_empty());
+            for (p, entry) in peers.iter_mut().zip(plain) {
+                if !entry.contains('@') {
+                    p.id = UNKNOWN_ID;
+                }
+            }
+        }
         for (i, p) in peers.iter().enumerate() {
+            if p.id == UNKNOWN_ID {
+                if peers[..i].iter().any(|q| q.addr == p.addr) {
+                    return Err(ConfigError::DuplicateAddr(p.addr.clone()));
+                }
+                continue;
+            }
             if p.id == id {
                 return Err(ConfigError::OwnId {
                     peer: p.addr.clone(),
@@ -277,6 +296,9 @@ impl ClusterArgs {
         }
     }
 }
+
+/// A peer's id before it is learned (a plain `host:port` peer of a node given `--id`).
+pub const UNKNOWN_ID: u64 = 0;
 
 /// Parses the PEERS argument: comma-separated entries, blanks around them ignored, an
 /// empty string meaning no peers.
@@ -481,7 +503,12 @@ mod tests {
         a.id = Some(0);
         assert_eq!(build(&a), Err(ConfigError::ZeroId));
 
+        // With --id, a plain host:port peer's id is learned at start, not its port.
+        a.id = Some(7002);
+        let c = build(&a).unwrap();
+        assert_eq!(c.peers[0].id, UNKNOWN_ID);
         // A peer with our own id: explicit --id, or a peer written with it.
+        let mut a = ClusterArgs::new(7001, Some("7002@127.0.0.1:7002"));
         a.id = Some(7002);
         assert!(matches!(
             build(&a),

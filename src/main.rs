@@ -374,23 +374,41 @@ fn run_server(a: ServerArgs) -> ExitCode {
     }
 }
 
-/// Starts a cluster member's peer links and node driver on a bound server, before it
-/// accepts clients.
+/// Starts a cluster member's peer links and node driver on a bound server. Until they
+/// run, the node answers clients `-CLUSTERDOWN`. Peers given as plain `host:port` to a
+/// node with its own `--id` have their ids learned first (`peer::learn_ids`), which
+/// needs the server running (peers ask us too): so this happens on its own thread, and
+/// a failure there stops the process.
 fn join_cluster(server: &Server, cluster: &ClusterConfig) -> Result<(), String> {
     let ctx = server.context();
     let epoch = ctx.store.with_log(|log| log.log().meta().epoch);
     let state = Arc::new(ClusterState::new(RoleInfo::starting(cluster.id, epoch)));
     ctx.set_cluster(state.clone());
-    let st = state.clone();
-    let (net, incoming) = PeerNet::start(cluster, move || st.info().epoch)
-        .map_err(|e| format!("cannot start the peer links: {e}"))?;
-    let net = Arc::new(net);
-    if server.attach_peers(net.clone()).is_err() {
-        return Err("peer links attached twice".into());
-    }
-    let own = server.local_addr();
-    let own_addr = format!("{}:{}", ctx.settings.bind, own.port());
-    Driver::start(ctx.store.clone(), cluster, own_addr, net, incoming, state)?;
+    let attacher = server.peer_attacher();
+    let own_addr = format!("{}:{}", ctx.settings.bind, server.local_addr().port());
+    let mut cluster = cluster.clone();
+    let start = move || -> Result<(), String> {
+        kvstore::peer::learn_ids(&mut cluster, ctx.store.dir())?;
+        let st = state.clone();
+        let (net, incoming) = PeerNet::start(&cluster, move || st.info().epoch)
+            .map_err(|e| format!("cannot start the peer links: {e}"))?;
+        let net = Arc::new(net);
+        if attacher.attach(net.clone()).is_err() {
+            return Err("peer links attached twice".into());
+        }
+        Driver::start(ctx.store.clone(), &cluster, own_addr, net, incoming, state)?;
+        Ok(())
+    };
+    std::thread::Builder::new()
+        .name("join".into())
+        .spawn(move || {
+            if let Err(e) = start() {
+                log::error!("{e}");
+                eprintln!("kvstore: {e}");
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| format!("cannot start the cluster: {e}"))?;
     Ok(())
 }
 

@@ -1477,6 +1477,88 @@ impl Inner {
     }
 }
 
+/// The file in the data directory that remembers the ids learned by [`learn_ids`]
+/// (`host:port id` per line), so a restarted node needs no peer up to rejoin.
+pub const LEARNED_IDS_FILE: &str = "peer-ids";
+
+/// Fills in the ids of peers given as plain `host:port` by a node that has its own
+/// `--id` ([`crate::config::UNKNOWN_ID`]): from `dir`'s [`LEARNED_IDS_FILE`], else by
+/// asking each such peer (`PEER ID` on its client port, retried until it answers; the
+/// answer is only a hint: the handshake proves the id on every link). Learned ids are
+/// saved. Errors name a peer whose id clashes with ours or another's.
+pub fn learn_ids(cfg: &mut ClusterConfig, dir: &std::path::Path) -> Result<(), String> {
+    use crate::config::UNKNOWN_ID;
+    let path = dir.join(LEARNED_IDS_FILE);
+    let saved: HashMap<String, u64> = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (addr, id) = l.split_once(' ')?;
+            Some((addr.to_string(), id.trim().parse().ok()?))
+        })
+        .collect();
+    let mut learned = false;
+    for p in cfg.peers.iter_mut().filter(|p| p.id == UNKNOWN_ID) {
+        if let Some(&id) = saved.get(&p.addr) {
+            p.id = id;
+            continue;
+        }
+        let mut backoff = MIN_BACKOFF;
+        p.id = loop {
+            match ask_id(&p.addr) {
+                Ok(id) if id != UNKNOWN_ID => break id,
+                Ok(_) => log::warn!("peer {} answered id 0", p.addr),
+                Err(e) => log::info!("waiting to learn the id of peer {}: {e}", p.addr),
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        log::info!("peer {} is node {}", p.addr, p.id);
+        learned = true;
+    }
+    for (i, p) in cfg.peers.iter().enumerate() {
+        if p.id == cfg.id {
+            return Err(format!("peer {} has this node's own id {}", p.addr, p.id));
+        }
+        if let Some(q) = cfg.peers[..i].iter().find(|q| q.id == p.id) {
+            return Err(format!(
+                "peers {} and {} have the same id {}",
+                q.addr, p.addr, p.id
+            ));
+        }
+    }
+    if learned {
+        let text: String = cfg
+            .peers
+            .iter()
+            .map(|p| format!("{} {}\n", p.addr, p.id))
+            .collect();
+        let tmp = dir.join(format!("{LEARNED_IDS_FILE}.tmp"));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("cannot save {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `PEER ID` on `addr`'s client port: the id it says it has.
+fn ask_id(addr: &str) -> io::Result<u64> {
+    use std::io::{BufRead, BufReader};
+    let sa = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::other("the address resolves to nothing"))?;
+    let mut s = TcpStream::connect_timeout(&sa, HANDSHAKE_TIMEOUT)?;
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    s.write_all(b"*2\r\n$4\r\nPEER\r\n$2\r\nID\r\n")?;
+    let mut line = String::new();
+    BufReader::new(s.take(64)).read_line(&mut line)?;
+    line.trim_end()
+        .strip_prefix(':')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("unexpected answer {line:?}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -124,6 +124,16 @@ struct Shared {
     peers: std::sync::OnceLock<Arc<PeerNet>>,
 }
 
+/// Attaches the peer links to a running server ([`Server::peer_attacher`]).
+pub struct PeerAttacher(Arc<Shared>);
+
+impl PeerAttacher {
+    /// As [`Server::attach_peers`].
+    pub fn attach(&self, net: Arc<PeerNet>) -> Result<(), Arc<PeerNet>> {
+        self.0.peers.set(net)
+    }
+}
+
 impl ShutdownHandle {
     /// Stops accepting, lets every connection finish what it received, fsyncs the log.
     /// [`Server::run`] returns once that is done.
@@ -217,6 +227,13 @@ impl Server {
     /// error). Once only: a second call returns `net` back. Shutdown shuts `net` down.
     pub fn attach_peers(&self, net: Arc<PeerNet>) -> Result<(), Arc<PeerNet>> {
         self.shared.peers.set(net)
+    }
+
+    /// [`Server::attach_peers`] for later, from another thread: a node that must first
+    /// learn its peers' ids (`peer::learn_ids`) attaches its links once it has, while
+    /// the server already runs (and answers `PEER ID`).
+    pub fn peer_attacher(&self) -> PeerAttacher {
+        PeerAttacher(self.shared.clone())
     }
 
     /// Accepts connections until shut down, then drains them and fsyncs the log.
@@ -879,6 +896,13 @@ impl Connection {
                 }
             };
             if peer::is_peer_command(&args[0]) {
+                if args.len() == 2 && args[1].eq_ignore_ascii_case(b"ID") {
+                    // A node learning a peer's id from its address (`peer::learn_ids`);
+                    // the id is no secret: every handshake proves it again.
+                    let id = ctx.settings.node_id;
+                    self.reply(|_, out| out.extend_from_slice(format!(":{id}\r\n").as_bytes()));
+                    continue;
+                }
                 match Hello::parse(&args) {
                     Ok(hello) if self.cluster => {
                         // A node of the cluster dialing in: answer what came before, then

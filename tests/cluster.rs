@@ -1021,3 +1021,67 @@ fn replication_async_acknowledges_with_a_follower_down() {
     c.restart(1);
     check_everywhere(&c, 3, &[1, 2, 3], &expectation(&acked, &[]));
 }
+
+// ---------------------------------------------------------------------------------------
+// Ids learned from plain host:port peers
+// ---------------------------------------------------------------------------------------
+
+/// Nodes started with `--id 1..3` and their peers as plain `host:port` (no `ID@`) learn
+/// each other's ids, elect the highest, and remember the ids for a restart.
+#[test]
+fn plain_peers_of_nodes_with_ids_have_their_ids_learned() {
+    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let dirs: Vec<common::DataDir> = (0..3).map(|_| common::DataDir::new()).collect();
+    let mut nodes: Vec<common::Server> = (0..3)
+        .map(|i| {
+            let peers: Vec<String> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| format!("127.0.0.1:{}", ports[j]))
+                .collect();
+            let id = (i + 1).to_string();
+            let peers = peers.join(",");
+            common::Server::start_with(&dirs[i], ports[i], &[&peers, "--id", &id])
+        })
+        .collect();
+    let role = |port: u16| -> Option<(String, String)> {
+        let mut c = common::redis_conn(port);
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
+        let field = |k: &str| {
+            info.lines().find_map(|l| {
+                l.strip_prefix(&format!("{k}:"))
+                    .map(|v| v.trim().to_string())
+            })
+        };
+        Some((field("role")?, field("leader_id")?))
+    };
+    eventually(
+        ELECTION_DEADLINE,
+        "node 3 leads, the others follow it",
+        || {
+            let roles: Vec<_> = ports.iter().map(|&p| role(p)).collect();
+            match &roles[..] {
+                [Some((r1, l1)), Some((r2, l2)), Some((r3, l3))]
+                    if r1 == "slave"
+                        && r2 == "slave"
+                        && r3 == "master"
+                        && [l1, l2, l3].iter().all(|l| *l == "3") =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+    // The ids are saved: node 1 restarts while node 3 is down and still rejoins node 2.
+    nodes[2].kill9();
+    nodes[0].kill9();
+    nodes[0].restart();
+    eventually(ELECTION_DEADLINE, "node 2 leads with node 1", || {
+        match (role(ports[0]), role(ports[1])) {
+            (Some((r1, l1)), Some((r2, _))) if r1 == "slave" && r2 == "master" && l1 == "2" => {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    });
+}

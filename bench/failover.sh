@@ -16,7 +16,7 @@
 #   BENCH_TMPDIR    where the data dirs go (default $TMPDIR or /tmp; not tmpfs)
 #
 # 1. Failover: a 3-node cluster (ids 1-3, default timings: heartbeat 100 ms, failure
-#    timeout 500 ms). Each round: wait for a stable leader; bench/failover_writer.py
+#    timeout 400 ms, lease 300 ms). Each round: wait for a stable leader; bench/failover_writer.py
 #    SETs a new key every ~1 ms on every node (pipelined raw sockets), SIGKILLs the
 #    leader once it has acknowledged 200 writes, and stops at the first write another
 #    node acknowledges: kill -> that +OK is the failover time. It then checks that the

@@ -5,7 +5,7 @@
 //! Every node has a unique priority, its id. The rules, in the order an election runs:
 //!
 //! 1. A follower that heard nothing from its leader for `failure_ticks` sends `Election`
-//!    to every higher id (a node with no higher id skips to step 3).
+//!    to every higher id but that leader (a node with no other higher id skips to step 3).
 //! 2. A higher id that gets `Election` answers `Answer` (and, if it has no leader
 //!    either, runs its own election). A node that hears `Answer` (or any refusal from a
 //!    higher id) waits for a `Coordinator`; with none within `failure_ticks` it starts
@@ -13,7 +13,7 @@
 //! 3. With no answer within `election_ticks`, the node is the highest alive: it asks
 //!    everyone for a pre-vote. A node grants it unless it is sticky (it heard its leader
 //!    within `failure_ticks`, or it leads) or it has a higher id itself (then it runs its
-//!    own election). Only with a majority of grants (itself included) does the candidate
+//!    own election); an `Election` from a lower id counts as its grant. Only with a majority of grants (itself included) does the candidate
 //!    bump its epoch and save it with its vote for itself, then bid
 //!    `Coordinator(epoch, last position)`. A node cut off from the others never gets
 //!    those grants, so it never bumps its epoch and never deposes a healthy leader when it
@@ -81,13 +81,16 @@ impl Node {
 
     /// Rule 1: ask every higher id whether it is alive.
     pub(crate) fn start_election(&mut self, log: &dyn LogStore, fx: &mut Vec<Effect>) {
-        self.leader = None;
+        // The leader whose silence started this election is not asked: waiting
+        // `election_ticks` for an answer from a node we already timed out would only add
+        // to every failover. If it is alive after all, it refuses our pre-vote (it leads).
+        let lost = self.leader.take();
         let higher: Vec<u64> = self
             .cfg
             .peers
             .iter()
             .copied()
-            .filter(|&p| p > self.cfg.id)
+            .filter(|&p| p > self.cfg.id && Some(p) != lost)
             .collect();
         if higher.is_empty() {
             return self.start_prevote(log, fx);
@@ -151,6 +154,12 @@ impl Node {
             return; // Election goes to higher ids only
         }
         self.send(fx, from, Body::Answer);
+        if matches!(&self.role, RoleState::Candidate(c) if c.phase == Phase::PreVote) {
+            // A lower id that lost its leader too says what its pre-vote would: it is
+            // not sticky and not higher. Count it, rather than wait for its reply to a
+            // pre-vote it may have refused a moment before its own timer fired.
+            return self.on_prevote_reply(log, from, self.epoch, true, fx);
+        }
         // Run our own election if we have no leader and are not already waiting for a
         // coordinator we accepted.
         let awaiting = self.voted_for != 0

@@ -72,9 +72,9 @@ impl fmt::Display for Replication {
 /// Default `--heartbeat-ms`.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
 /// Default `--failure-timeout-ms`.
-pub const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 500;
+pub const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 400;
 /// Default `--lease-ms`.
-pub const DEFAULT_LEASE_MS: u64 = 400;
+pub const DEFAULT_LEASE_MS: u64 = 300;
 /// A secret file longer than this is refused (it is a password, not a document; and
 /// the file is read whole).
 pub const MAX_SECRET_LEN: usize = 4096;
@@ -448,8 +448,8 @@ mod tests {
         );
         assert_eq!(c.replication, Replication::Quorum);
         assert_eq!(c.heartbeat, Duration::from_millis(100));
-        assert_eq!(c.failure_timeout, Duration::from_millis(500));
-        assert_eq!(c.lease, Duration::from_millis(400));
+        assert_eq!(c.failure_timeout, Duration::from_millis(400));
+        assert_eq!(c.lease, Duration::from_millis(300));
         assert!(c.secret.is_empty());
         assert_eq!(c.size(), 3);
         assert_eq!(c.peer(7003), Some(&peer(7003, "127.0.0.1:7003")));

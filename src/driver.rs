@@ -10,7 +10,10 @@
 //!   called again: messages to peers (queued on their links, never blocking), the meta
 //!   saved and fsync'd, entries appended (then `persisted` once they are as durable as
 //!   `--fsync` asks), a divergent suffix truncated, commits applied by the store (which
-//!   answers the waiting clients), leadership gained or lost.
+//!   answers the waiting clients), leadership gained or lost. The messages already
+//!   waiting when the node thread wakes are stepped together and the entries they bring
+//!   fsync'd once, after the last of them ([`Driver::step_all`]): a follower's group
+//!   commit.
 //!
 //! Every call into the node happens with the store's log locked and then the node
 //! locked ([`Store::with_log`]), on whichever thread calls it (the node thread, or the
@@ -49,6 +52,10 @@ pub const TICK: Duration = Duration::from_millis(10);
 
 /// The frame kind of a node message on a peer link (0 is the link's own).
 pub const NODE_MESSAGE: u8 = 1;
+
+/// At most this many waiting node messages are stepped under one lock and one fsync, so
+/// that ticks and proposals are not held off for long.
+const MAX_STEP_BATCH: usize = 64;
 
 /// A cluster member's driver. See the module doc.
 pub struct Driver {
@@ -161,15 +168,29 @@ impl Driver {
         loop {
             select! {
                 recv(incoming) -> m => match m {
-                    Ok(m) if m.kind == NODE_MESSAGE => match message::decode(&m.payload) {
-                        Ok(msg) => self.call(|node, log| node.step(log, m.from, msg)),
-                        Err(e) => log::warn!("node {}: undecodable message dropped: {e}", m.from),
-                    },
-                    Ok(m) if m.kind == SNAPSHOT_MESSAGE => match SnapMsg::decode(&m.payload) {
-                        Ok(msg) => self.on_snapshot_message(m.from, msg),
-                        Err(e) => log::warn!("node {}: bad snapshot message dropped: {e}", m.from),
-                    },
-                    Ok(_) => {}
+                    Ok(m) if m.kind == NODE_MESSAGE => {
+                        // Every node message already waiting is stepped in one go, with
+                        // one fsync for all the entries they bring (group commit on a
+                        // follower: it keeps up with a leader that sends an `Append`
+                        // per batch while the last one is still being synced).
+                        let mut batch = vec![m];
+                        let mut other = None;
+                        while batch.len() < MAX_STEP_BATCH {
+                            match incoming.try_recv() {
+                                Ok(m) if m.kind == NODE_MESSAGE => batch.push(m),
+                                Ok(m) => {
+                                    other = Some(m);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.step_all(batch);
+                        if let Some(m) = other {
+                            self.on_other(m);
+                        }
+                    }
+                    Ok(m) => self.on_other(m),
                     Err(_) => return,
                 },
                 recv(ticker) -> _ => {
@@ -205,6 +226,50 @@ impl Driver {
         });
     }
 
+    /// A frame that is not a node message: a snapshot transfer's, or one of a kind this
+    /// version does not know (ignored).
+    fn on_other(&self, m: Incoming) {
+        if m.kind == SNAPSHOT_MESSAGE {
+            match SnapMsg::decode(&m.payload) {
+                Ok(msg) => self.on_snapshot_message(m.from, msg),
+                Err(e) => log::warn!("node {}: bad snapshot message dropped: {e}", m.from),
+            }
+        }
+    }
+
+    /// Steps the node through `batch` (node messages, in arrival order) with the log and
+    /// the node locked once. Entries they bring are written as each message asks but
+    /// fsync'd once, after the last: only then does the node hear that they are durable
+    /// (and acknowledge them), so nothing is acknowledged before its fsync.
+    fn step_all(&self, batch: Vec<Incoming>) {
+        self.store.with_log(|log| {
+            let mut node = self.node.lock();
+            let mut result = Ok(());
+            for m in batch {
+                match message::decode(&m.payload) {
+                    Ok(msg) => {
+                        let fx = node.step(log.log(), m.from, msg);
+                        result = self.execute_with(&mut node, log, fx, false);
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => log::warn!("node {}: undecodable message dropped: {e}", m.from),
+                }
+            }
+            if result.is_ok() {
+                result = log.sync().and_then(|index| {
+                    let fx = node.persisted(log.log(), index);
+                    self.execute(&mut node, log, fx)
+                });
+            }
+            if let Err(e) = result {
+                log::error!("cluster node: {e}");
+            }
+            self.publish(&node, log);
+        });
+    }
+
     /// Carries out `fx` in order; then, if entries were appended, tells the node how far
     /// the log is durable and carries out what that brings, and so on.
     fn execute(
@@ -212,6 +277,19 @@ impl Driver {
         node: &mut Node,
         log: &mut MemberLog<'_>,
         fx: Vec<Effect>,
+    ) -> Result<(), StoreError> {
+        self.execute_with(node, log, fx, true)
+    }
+
+    /// [`Driver::execute`]; with `sync` false, appended entries are not fsync'd (under
+    /// `--fsync always`) and the node hears only what was already durable: the caller
+    /// syncs and calls `persisted` afterwards.
+    fn execute_with(
+        &self,
+        node: &mut Node,
+        log: &mut MemberLog<'_>,
+        fx: Vec<Effect>,
+        sync: bool,
     ) -> Result<(), StoreError> {
         let mut fx: VecDeque<Effect> = fx.into();
         loop {
@@ -223,7 +301,8 @@ impl Driver {
                         let _ = self.net.send(to, NODE_MESSAGE, message::encode(&msg));
                     }
                     Effect::SaveMeta(meta) => log.save_meta(meta)?,
-                    Effect::Append(entries) => persisted = Some(log.append(&entries)?),
+                    Effect::Append(entries) if sync => persisted = Some(log.append(&entries)?),
+                    Effect::Append(entries) => persisted = Some(log.append_unsynced(&entries)?),
                     Effect::Truncate { after } => log.truncate_after(after)?,
                     Effect::Commit(index) => log.commit_to(index),
                     Effect::BecomeLeader { epoch } => {
@@ -590,10 +669,19 @@ impl Replicator for Driver {
         match node.propose_batch(log.log(), payloads) {
             Err(not) => Err(StoreError::Redirect(self.redirect(not.leader).reply())),
             Ok((first, fx)) => {
-                let r = self.execute(&mut node, log, fx);
+                let r = self.execute_with(&mut node, log, fx, false);
                 self.publish(&node, log);
                 r.map(|()| first)
             }
         }
+    }
+
+    fn persisted(&self, log: &mut MemberLog<'_>) {
+        let mut node = self.node.lock();
+        let fx = node.persisted(log.log(), log.persisted_index());
+        if let Err(e) = self.execute(&mut node, log, fx) {
+            log::error!("cluster node: {e}");
+        }
+        self.publish(&node, log);
     }
 }

@@ -16,7 +16,8 @@
 //!
 //! # Replication
 //! The leader sends each follower `Append(prev, entries, commit)` from that follower's
-//! `next` index. A follower refuses an `Append` whose `prev` it does not hold (the leader
+//! `next` index; a proposal goes out to the followers before the leader's own `Append`
+//! effect, so their fsyncs overlap its own. A follower refuses an `Append` whose `prev` it does not hold (the leader
 //! walks back with the hint), truncates a conflicting suffix, appends the rest, and
 //! acknowledges `Match(i)` only once its log is durable through `i` (acks for new entries
 //! leave from `persisted()`). Every `heartbeat_ticks` the leader sends a `Heartbeat` to a
@@ -453,7 +454,10 @@ impl Node {
             })
             .collect();
         let end = first + entries.len() as u64;
-        let mut fx = vec![Effect::Append(entries.clone())];
+        // The followers get the entries before this node writes them: their fsyncs run
+        // while ours does, not after it. Safe because the leader counts itself towards a
+        // commit only once `persisted` says its own copy is durable (Raft §10.2.1).
+        let mut fx = Vec::new();
         if let RoleState::Leader(l) = &mut self.role {
             for (&to, p) in l.progress.iter_mut() {
                 // A follower that lags gets them with the rest at the next heartbeat.
@@ -474,6 +478,7 @@ impl Node {
                 }
             }
         }
+        fx.push(Effect::Append(entries));
         Ok((first, fx))
     }
 

@@ -398,7 +398,14 @@ pub trait Replicator: Send + Sync {
     /// (at its end) and return the index of the first; otherwise refuse them with
     /// [`StoreError::Redirect`] before anything is appended. Their commit comes later,
     /// through [`MemberLog::commit_to`].
+    ///
+    /// Under `--fsync always` the batch is written but not fsync'd here: the flusher
+    /// fsyncs it after letting the log go and then calls [`Replicator::persisted`].
     fn propose(&self, log: &mut MemberLog<'_>, payloads: Vec<Vec<u8>>) -> Result<u64, StoreError>;
+
+    /// The log became more durable outside the node's calls (the flusher's fsync, with
+    /// the log locked again): tell the node, and carry out what that brings.
+    fn persisted(&self, log: &mut MemberLog<'_>);
 }
 
 /// The log of a cluster member's store, locked ([`Store::with_log`]), with what its
@@ -421,6 +428,38 @@ impl MemberLog<'_> {
     /// through which the log is now as durable as `--fsync` asks (what the node's
     /// `persisted` wants to hear).
     pub fn append(&mut self, entries: &[LogEntry]) -> Result<u64, StoreError> {
+        self.append_with(entries, true)
+    }
+
+    /// [`MemberLog::append`] without the fsync `--fsync always` asks for: the returned
+    /// index stays where it was until [`MemberLog::sync`]. Lets a follower write several
+    /// of its leader's `Append`s and make them durable with one fsync.
+    pub fn append_unsynced(&mut self, entries: &[LogEntry]) -> Result<u64, StoreError> {
+        self.append_with(entries, false)
+    }
+
+    /// Fsyncs what [`MemberLog::append_unsynced`] wrote; returns the index through which
+    /// the log is now as durable as `--fsync` asks.
+    pub fn sync(&mut self) -> Result<u64, StoreError> {
+        let inner = &*self.store.inner;
+        if let Some(why) = inner.failed.get() {
+            return Err(StoreError::WriteFailed(why.clone()));
+        }
+        if inner.opts.fsync == FsyncPolicy::Always
+            && self.wal.durable_index() < self.wal.last_index()
+        {
+            if let Err(e) = self.wal.sync() {
+                let why = e.to_string();
+                log::error!("{}", StoreError::WriteFailed(why.clone()));
+                let _ = inner.failed.set(why.clone());
+                return Err(StoreError::WriteFailed(why));
+            }
+            inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(self.persisted_index())
+    }
+
+    fn append_with(&mut self, entries: &[LogEntry], sync: bool) -> Result<u64, StoreError> {
         let inner = &*self.store.inner;
         if let Some(why) = inner.failed.get() {
             return Err(StoreError::WriteFailed(why.clone()));
@@ -442,14 +481,14 @@ impl MemberLog<'_> {
             })?;
             decoded.push((e.index, c));
         }
-        if let Err(e) = LogStore::append(self.wal, entries) {
+        if let Err(e) = self.wal.append_entries(entries, sync) {
             let why = e.to_string();
             log::error!("{}", StoreError::WriteFailed(why.clone()));
             let _ = inner.failed.set(why.clone());
             return Err(StoreError::WriteFailed(why));
         }
         inner.stats.commits.fetch_add(1, Ordering::Relaxed);
-        if inner.opts.fsync == FsyncPolicy::Always {
+        if sync && inner.opts.fsync == FsyncPolicy::Always {
             inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         inner.unapplied.lock().entries.extend(decoded);
@@ -1082,6 +1121,7 @@ impl Store {
             let deliveries = self.flush(&mut wal);
             drop(wal);
             drop(deliveries);
+            self.sync_member();
         }
         if let Some(why) = self.inner.failed.get() {
             return Err(StoreError::WriteFailed(why.clone()));
@@ -1151,8 +1191,15 @@ impl Store {
         if want <= 1 {
             return;
         }
-        let budget = Duration::from_nanos(inner.last_fsync_nanos.load(Ordering::Relaxed) / 2)
-            .min(Duration::from_millis(2));
+        // A cluster member's writers wait for their commit (a follower's round trip and
+        // fsync), not for this node's fsync: they come back later, all at once, as their
+        // batch commits.
+        let budget = if inner.replicator.get().is_some() {
+            Duration::from_millis(2)
+        } else {
+            Duration::from_nanos(inner.last_fsync_nanos.load(Ordering::Relaxed) / 2)
+                .min(Duration::from_millis(2))
+        };
         let start = std::time::Instant::now();
         while inner.queue.lock().waiters.len() < want && start.elapsed() < budget {
             // Sleep rather than spin: on a small machine the writers we wait for need
@@ -1263,6 +1310,9 @@ impl Store {
         // The node appends at the end of the log: the indexes given at queueing were
         // provisional (the log also takes entries from the leader and the node's own
         // no-op), so they are given again here, in queue order.
+        inner
+            .last_batch_writers
+            .store(waiting.0.len() as u64, Ordering::Relaxed);
         let first = LogStore::last(&*wal).0 + 1;
         let payloads: Vec<Vec<u8>> = entries
             .iter()
@@ -1309,7 +1359,9 @@ impl Store {
                         let why = e.to_string();
                         log::error!("{}", StoreError::WriteFailed(why.clone()));
                         let _ = inner.failed.set(why.clone());
-                        Failure::Log(why)
+                        // The node sends a proposal to the followers before its own
+                        // append: a new leader may still commit it.
+                        Failure::Unknown(why)
                     }
                     Ok(f) => {
                         let why = format!(
@@ -1417,6 +1469,49 @@ impl Store {
     pub fn commit_to(&self, index: u64) {
         let (deliveries, _) = self.apply_committed(index);
         drop(deliveries);
+    }
+
+    /// Under `--fsync always`, a cluster member's flusher leaves its batch unsynced
+    /// ([`Replicator::propose`]) and makes it durable here, once it has let the log go:
+    /// the node thread takes the followers' acks meanwhile, so a commit waits for the
+    /// slower of the leader's fsync and the majority's, not for two fsyncs in a row.
+    fn sync_member(&self) {
+        let inner = &*self.inner;
+        let Some(rep) = inner.replicator.get() else {
+            return;
+        };
+        if inner.opts.fsync != FsyncPolicy::Always || inner.failed.get().is_some() {
+            return;
+        }
+        let Some(handle) = inner.wal.lock().take_sync_handle() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let res = handle.file.sync_data();
+        inner
+            .last_fsync_nanos
+            .store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match res {
+            Ok(()) => {
+                inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.with_log(|log| {
+                    log.wal.synced(&handle);
+                    rep.persisted(log);
+                });
+            }
+            Err(e) => {
+                let why = format!("fsync of the log failed: {e}");
+                log::error!("{}", StoreError::WriteFailed(why.clone()));
+                // Under the log lock, so no later write sees the log as healthy. The
+                // batch went to the followers before it was written here, so whether
+                // it commits is not ours to say.
+                self.with_log(|log| {
+                    log.wal.sync_failed();
+                    let _ = inner.failed.set(why.clone());
+                    log.fail_waiting(&why);
+                });
+            }
+        }
     }
 
     /// Answers every submitter still waiting for its entries to commit with `why` (their
@@ -1536,6 +1631,14 @@ impl Store {
         let mut wal = self.inner.wal.lock();
         let deliveries = self.flush(&mut wal);
         let r = wal.sync().map_err(StoreError::from);
+        if r.is_ok()
+            && let Some(rep) = self.inner.replicator.get()
+        {
+            rep.persisted(&mut MemberLog {
+                store: self,
+                wal: &mut wal,
+            });
+        }
         drop(wal);
         drop(deliveries);
         r?;
@@ -1816,6 +1919,7 @@ fn log_writer(inner: Weak<Inner>) {
             let deliveries = store.flush(&mut wal);
             drop(wal);
             drop(deliveries);
+            store.sync_member();
         }));
         if flushed.is_err() {
             // The batch's submitters were told by `Deliveries`; whether its entries reached

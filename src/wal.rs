@@ -1761,6 +1761,13 @@ impl Wal {
     /// the policy is `always`. Rolls to a new segment first if this one is full. The
     /// buffer is emptied either way.
     pub fn append(&mut self, batch: &mut BatchBuf) -> Result<(), WalError> {
+        self.append_batch(batch, true)
+    }
+
+    /// [`Wal::append`] with the fsync that `always` asks for left to a later
+    /// [`Wal::sync`] when `sync` is false: a follower writes every `Append` its leader
+    /// sent since it last looked, then makes them all durable with one fsync.
+    fn append_batch(&mut self, batch: &mut BatchBuf, sync: bool) -> Result<(), WalError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -1784,7 +1791,7 @@ impl Wal {
         self.log_bytes += n;
         self.last_index = last_index;
         self.unsynced = true;
-        if self.opts.fsync == FsyncPolicy::Always {
+        if sync && self.opts.fsync == FsyncPolicy::Always {
             self.sync()?;
         }
         Ok(())
@@ -2331,6 +2338,34 @@ impl Wal {
 
 /// The real log behind the node's interface. Everything goes through the same segment
 /// files, format and recovery as the store's own write path.
+impl Wal {
+    /// The log store's `append` (consecutive entries at the log's end), with the fsync
+    /// that `always` asks for left to a later [`Wal::sync`] when `sync` is false.
+    pub fn append_entries(&mut self, entries: &[LogEntry], sync: bool) -> Result<(), WalError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        if first.index != self.last_index + 1 {
+            return Err(WalError::Refused(format!(
+                "append at index {} but the log ends at {}",
+                first.index, self.last_index
+            )));
+        }
+        let mut buf = BatchBuf::default();
+        for (i, e) in entries.iter().enumerate() {
+            if e.index != first.index + i as u64 {
+                return Err(WalError::Refused(format!(
+                    "append of index {} after {}: indexes must be consecutive",
+                    e.index,
+                    first.index + i as u64 - 1
+                )));
+            }
+            buf.push(e).map_err(|e| WalError::Refused(e.to_string()))?;
+        }
+        self.append_batch(&mut buf, sync)
+    }
+}
+
 impl LogStore for Wal {
     fn last(&self) -> (u64, u64) {
         (self.last_index, self.last_epoch())
@@ -2382,27 +2417,7 @@ impl LogStore for Wal {
     }
 
     fn append(&mut self, entries: &[LogEntry]) -> Result<(), WalError> {
-        let Some(first) = entries.first() else {
-            return Ok(());
-        };
-        if first.index != self.last_index + 1 {
-            return Err(WalError::Refused(format!(
-                "append at index {} but the log ends at {}",
-                first.index, self.last_index
-            )));
-        }
-        let mut buf = BatchBuf::default();
-        for (i, e) in entries.iter().enumerate() {
-            if e.index != first.index + i as u64 {
-                return Err(WalError::Refused(format!(
-                    "append of index {} after {}: indexes must be consecutive",
-                    e.index,
-                    first.index + i as u64 - 1
-                )));
-            }
-            buf.push(e).map_err(|e| WalError::Refused(e.to_string()))?;
-        }
-        Wal::append(self, &mut buf)
+        self.append_entries(entries, true)
     }
 
     fn truncate_after(&mut self, index: u64) -> Result<(), WalError> {

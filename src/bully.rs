@@ -38,7 +38,7 @@
 
 use crate::log::LogStore;
 use crate::message::{Body, Pos};
-use crate::node::{Candidate, Effect, Node, Phase, RoleState};
+use crate::node::{Candidate, Effect, Node, Phase, PlantedBug, RoleState};
 use std::collections::BTreeMap;
 
 impl Node {
@@ -252,7 +252,9 @@ impl Node {
             let leader = self.leader();
             return self.send(fx, from, Body::Refuse { leader });
         }
-        if epoch == self.epoch && self.voted_for != 0 && self.voted_for != from {
+        let two_coordinators = self.cfg.planted_bug == Some(PlantedBug::TwoCoordinators);
+        if epoch == self.epoch && self.voted_for != 0 && self.voted_for != from && !two_coordinators
+        {
             // One coordinator per epoch.
             self.send(fx, from, Body::Refuse { leader: None });
             if from > self.cfg.id
@@ -266,7 +268,7 @@ impl Node {
         }
         if epoch > self.epoch {
             self.adopt_epoch(epoch, from, fx);
-        } else if self.voted_for == 0 {
+        } else if self.voted_for == 0 || (two_coordinators && self.voted_for != from) {
             self.voted_for = from;
             fx.push(Effect::SaveMeta(self.meta()));
         }

@@ -76,6 +76,25 @@ pub struct NodeConfig {
     pub replication: Replication,
     /// Most payload bytes in one `Append` or `PullReply` (at least one entry is sent).
     pub max_append_bytes: usize,
+    /// Test only: breaks one safety rule on purpose, so that the simulator
+    /// (`tests/simulation.rs`) can show that it catches the violation. Always `None` in
+    /// the product (the driver never sets it).
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// A safety rule broken on purpose ([`NodeConfig::planted_bug`]). The fourth bug the
+/// simulator plants, a follower acknowledging before its fsync, is the driver's (the
+/// simulator calls `persisted` before syncing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// A new leader appends no no-op entry and commits entries of older epochs by
+    /// counting their replicas (the scenario of Raft's figure 8).
+    SkipNoop,
+    /// A node accepts a second coordinator in an epoch in which it accepted another.
+    TwoCoordinators,
+    /// Nodes are never sticky: they grant pre-votes and accept coordinators while they
+    /// still hear a live leader (whose lease then no longer protects its reads).
+    NoStickiness,
 }
 
 impl NodeConfig {
@@ -91,6 +110,7 @@ impl NodeConfig {
             election_ticks: 10,
             replication: Replication::Quorum,
             max_append_bytes: 1 << 20,
+            planted_bug: None,
         }
     }
 
@@ -410,6 +430,9 @@ impl Node {
     /// Sticky: a follower that heard its leader within the failure timeout, or a leader.
     /// It refuses pre-votes and coordinators and keeps its epoch.
     pub(crate) fn sticky(&self) -> bool {
+        if self.cfg.planted_bug == Some(PlantedBug::NoStickiness) {
+            return false;
+        }
         match &self.role {
             RoleState::Leader(l) => l.pulling.is_none(),
             RoleState::Candidate(_) => false,

@@ -44,7 +44,9 @@
 use crate::log::{LogEntry, LogStore, Meta};
 use crate::message::{AckResult, Body, Pos, PullResult};
 use crate::node::Node;
-use crate::node::{Effect, Leader, NotLeader, Progress, Pulling, Replication, RoleState};
+use crate::node::{
+    Effect, Leader, NotLeader, PlantedBug, Progress, Pulling, Replication, RoleState,
+};
 use std::collections::BTreeMap;
 
 impl Node {
@@ -121,6 +123,19 @@ impl Node {
             epoch,
             payload: Vec::new(),
         };
+        if self.cfg.planted_bug == Some(PlantedBug::SkipNoop) {
+            // Planted bug: lead at once, with no entry of our own epoch to commit first.
+            let RoleState::Leader(l) = &mut self.role else {
+                return;
+            };
+            l.pulling = None;
+            l.noop_index = 0;
+            fx.push(Effect::BecomeLeader { epoch });
+            for p in l.progress.values_mut() {
+                p.next = last.index + 1;
+            }
+            return;
+        }
         let RoleState::Leader(l) = &mut self.role else {
             return;
         };
@@ -559,6 +574,7 @@ impl Node {
             }
         };
         // Entries of older epochs commit only with this epoch's no-op (Raft §5.4.2).
+        // (Under the planted bug `SkipNoop`, `noop_index` is 0: anything counts.)
         if index > self.commit && index >= l.noop_index {
             self.commit = index;
             fx.push(Effect::Commit(index));

@@ -427,8 +427,9 @@ impl Node {
         });
     }
 
-    /// Sticky: a follower that heard its leader within the failure timeout, or a leader.
-    /// It refuses pre-votes and coordinators and keeps its epoch.
+    /// Sticky: a follower that heard its leader within the failure timeout (or started
+    /// less than a failure timeout ago), or a leader. It refuses pre-votes and
+    /// coordinators and keeps its epoch.
     pub(crate) fn sticky(&self) -> bool {
         if self.cfg.planted_bug == Some(PlantedBug::NoStickiness) {
             return false;
@@ -437,7 +438,11 @@ impl Node {
             RoleState::Leader(l) => l.pulling.is_none(),
             RoleState::Candidate(_) => false,
             RoleState::Follower => {
-                self.leader.is_some() && self.now - self.heard_at < self.cfg.failure_ticks
+                // A node that just started may have renewed a leader's lease before it
+                // went down (what it heard is not saved): it stays loyal to whoever
+                // leads for a failure timeout, as if it had heard it as it started.
+                self.now < self.cfg.failure_ticks
+                    || (self.leader.is_some() && self.now - self.heard_at < self.cfg.failure_ticks)
             }
         }
     }
@@ -748,9 +753,50 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_just_started_stays_loyal_for_a_failure_timeout() {
+        // It may have renewed a leader's lease just before it went down: granting a
+        // pre-vote at once could elect a second leader while that lease still holds.
+        let log = MemLog::new();
+        let mut node = Node::new(NodeConfig::new(1, vec![2, 3]), &log);
+        let prevote = |node: &mut Node| {
+            node.step(
+                &log,
+                2,
+                Message {
+                    epoch: 0,
+                    body: Body::PreVote {
+                        last: Pos::default(),
+                    },
+                },
+            )
+        };
+        let granted = |fx: &[Effect]| {
+            fx.iter().any(|e| {
+                matches!(
+                    e,
+                    Effect::Send {
+                        msg: Message {
+                            body: Body::PreVoteReply { granted: true },
+                            ..
+                        },
+                        ..
+                    }
+                )
+            })
+        };
+        assert!(!granted(&prevote(&mut node)));
+        node.now = node.cfg.failure_ticks - 1;
+        assert!(!granted(&prevote(&mut node)));
+        node.now = node.cfg.failure_ticks;
+        assert!(granted(&prevote(&mut node)));
+    }
+
+    #[test]
     fn accept_is_sent_only_after_the_vote_is_saved() {
         let log = MemLog::new();
         let mut node = Node::new(NodeConfig::new(1, vec![2, 3]), &log);
+        // Past the loyalty of a node that just started.
+        node.now = node.cfg.failure_ticks;
         let fx = node.step(
             &log,
             3,

@@ -20,7 +20,8 @@
 //! effect, so their fsyncs overlap its own. A follower refuses an `Append` whose `prev` it does not hold (the leader
 //! walks back with the hint), truncates a conflicting suffix, appends the rest, and
 //! acknowledges `Match(i)` only once its log is durable through `i` (acks for new entries
-//! leave from `persisted()`). Every `heartbeat_ticks` the leader sends a `Heartbeat` to a
+//! leave from `persisted()`; an `Append` is also answered at once with what is already
+//! durable, so that the leader's lease never waits for a follower's fsync). Every `heartbeat_ticks` the leader sends a `Heartbeat` to a
 //! follower that has everything, and resends from `matched + 1` to one that lags, so lost
 //! messages are repaired by the next heartbeat. A follower behind the log's snapshot gets
 //! `SendSnapshot`.
@@ -784,9 +785,12 @@ impl Node {
         let acked = self.acked_index();
         if acked >= end {
             self.acked = self.acked.max(acked);
-            reply(self, fx, AckResult::Match(acked));
         }
-        // Otherwise the ack leaves from persisted(), once the entries are durable.
+        // Answered at once, whether or not the entries are durable yet: the ack renews
+        // the leader's lease (we heard it at `seq`, and so refuse other coordinators for
+        // a failure timeout), which must not wait for a slow fsync. It claims only what
+        // is durable; the ack for the new entries leaves from persisted().
+        reply(self, fx, AckResult::Match(acked));
     }
 
     /// The log is durable through `index`.

@@ -935,9 +935,15 @@ fn not_linearizable(
     stuck: Option<usize>,
     interner: &Interner,
 ) -> KeyResult {
-    // The search ends only after backtracking from the empty prefix, which always
-    // records a stuck op at depth 0 at the latest.
-    let stuck = stuck.expect("a failed search hits a return");
+    // The walk at the deepest prefix always ends at a return, so `stuck` is set; the
+    // fallback (the earliest return) only guards against a broken invariant.
+    let stuck = stuck.unwrap_or_else(|| {
+        list.events
+            .iter()
+            .skip(1)
+            .find(|e| !e.is_call)
+            .map_or(0, |e| e.op)
+    });
     let placed: HashSet<usize> = best.iter().copied().collect();
     // Other candidates at that point: ops not placed whose call precedes the stuck op's
     // return in time order (they could have gone next and did not fit either).

@@ -299,6 +299,8 @@ pub struct Node {
     pub(crate) verified: u64,
     /// The highest `Match` we sent the current leader.
     pub(crate) acked: u64,
+    /// The newest `seq` of the current leader's that an `AppendAck` of ours carried.
+    pub(crate) acked_seq: u64,
     /// The current leader's newest `seq`, commit index and last index.
     pub(crate) leader_seq: u64,
     pub(crate) leader_commit: u64,
@@ -339,6 +341,7 @@ impl Node {
             heard_at: 0,
             verified: commit,
             acked: 0,
+            acked_seq: 0,
             leader_seq: 0,
             leader_commit: 0,
             leader_last: 0,
@@ -456,6 +459,7 @@ impl Node {
         // to match it.
         self.verified = self.commit;
         self.acked = 0;
+        self.acked_seq = 0;
         self.leader_seq = 0;
         self.leader_commit = 0;
         self.leader_last = 0;
@@ -481,6 +485,7 @@ impl Node {
             self.leader_commit = 0;
             self.leader_last = 0;
             self.leader_seq = 0;
+            self.acked_seq = 0;
         }
         self.leader = leader;
         self.heard_at = self.now;

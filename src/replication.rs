@@ -21,7 +21,8 @@
 //! walks back with the hint), truncates a conflicting suffix, appends the rest, and
 //! acknowledges `Match(i)` only once its log is durable through `i` (acks for new entries
 //! leave from `persisted()`; an `Append` is also answered at once with what is already
-//! durable, so that the leader's lease never waits for a follower's fsync). Every `heartbeat_ticks` the leader sends a `Heartbeat` to a
+//! durable if no ack went for a heartbeat's worth of ticks, so that the leader's lease
+//! never waits for a follower's fsync). Every `heartbeat_ticks` the leader sends a `Heartbeat` to a
 //! follower that has everything, and resends from `matched + 1` to one that lags, so lost
 //! messages are repaired by the next heartbeat. A follower behind the log's snapshot gets
 //! `SendSnapshot`.
@@ -717,6 +718,7 @@ impl Node {
                 hint: log.last().0.min(last.index - 1),
             }
         };
+        self.acked_seq = self.acked_seq.max(seq);
         self.send(fx, from, Body::AppendAck { seq, result });
         self.maybe_takeover(fx);
     }
@@ -785,11 +787,15 @@ impl Node {
         let acked = self.acked_index();
         if acked >= end {
             self.acked = self.acked.max(acked);
+        } else if seq < self.acked_seq + self.cfg.heartbeat_ticks {
+            // The ack for the new entries leaves from persisted(), once they are durable.
+            return;
         }
-        // Answered at once, whether or not the entries are durable yet: the ack renews
-        // the leader's lease (we heard it at `seq`, and so refuse other coordinators for
-        // a failure timeout), which must not wait for a slow fsync. It claims only what
-        // is durable; the ack for the new entries leaves from persisted().
+        // Answered at once when the entries are durable; otherwise too if no ack has
+        // gone for a heartbeat's worth of the leader's ticks: the ack renews its lease
+        // (we heard it at `seq`, and so refuse other coordinators for a failure timeout),
+        // which must not wait for a slow fsync. It claims only what is durable.
+        self.acked_seq = self.acked_seq.max(seq);
         reply(self, fx, AckResult::Match(acked));
     }
 
@@ -810,6 +816,7 @@ impl Node {
         if acked > self.acked {
             self.acked = acked;
             let seq = self.leader_seq;
+            self.acked_seq = self.acked_seq.max(seq);
             self.send(
                 fx,
                 leader,

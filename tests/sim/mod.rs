@@ -740,7 +740,12 @@ impl Sim {
         }
         n.log.crash();
         n.sync_at = None;
-        n.restart_at = Some(self.now + self.rng.range(2 * TICK, 40 * TICK));
+        // Often a quick bounce (a process restarted by systemd), otherwise a longer outage.
+        n.restart_at = Some(if self.rng.chance(400) {
+            self.now + self.rng.range(1, 3 * TICK)
+        } else {
+            self.now + self.rng.range(3 * TICK, 40 * TICK)
+        });
         let id = n.id;
         self.note(|| format!("n{id} crashes"));
         for w in std::mem::take(&mut self.nodes[i].waiters) {

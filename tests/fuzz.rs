@@ -10,6 +10,8 @@
 //!   `Challenged::on_welcome`);
 //! - the log's in-memory decoders (`wal::read_frame`, `wal::read_batch`, `wal::decode_entry`,
 //!   `wal::decode_snapshot`) and the log entry payload (`db::Command::decode`, round trip too);
+//! - the snapshot transfer between nodes (`snapshot_transfer::SnapMsg::decode`, round trip,
+//!   and `Reassembly` fed damaged, dropped and repeated chunks);
 //! - whole data directories: a real store's segment, snapshot or meta file damaged (bytes
 //!   flipped, truncated, garbage) and then `Store::open`ed: Ok (torn tail repaired) or Err.
 //!
@@ -30,6 +32,7 @@ use kvstore::log::LogEntry;
 use kvstore::message::{self, AckResult, Body, Message, Pos, PullResult};
 use kvstore::peer::{self, Frame, FrameDecoder, HandshakeConfig, Hello};
 use kvstore::protocol::{self, Limits, RequestParser};
+use kvstore::snapshot_transfer::{Chunk, Reassembly, SnapMsg};
 use kvstore::store::{Options, Store};
 use kvstore::wal::{self, FsyncPolicy};
 use proptest::collection::vec;
@@ -1018,4 +1021,160 @@ fn snapshot_with_a_huge_database_count_opens_quickly() {
         took[1],
         took[0]
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Snapshot transfer between nodes (snapshot_transfer.rs): messages and reassembly
+// ---------------------------------------------------------------------------------------
+
+fn snap_msg() -> impl Strategy<Value = SnapMsg> {
+    prop_oneof![
+        Just(SnapMsg::Request),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            prop::option::of(any::<u32>()),
+            bytes(64)
+        )
+            .prop_map(
+                |(index, epoch, offset, total, crc, bytes)| SnapMsg::Chunk(Chunk {
+                    index,
+                    epoch,
+                    offset,
+                    total,
+                    crc,
+                    bytes
+                })
+            ),
+        (any::<u64>(), any::<u64>()).prop_map(|(index, next)| SnapMsg::Ack { index, next }),
+        any::<u64>().prop_map(|index| SnapMsg::Abort { index }),
+    ]
+}
+
+/// What a damaged or hostile sender may change in a chunk.
+#[derive(Debug, Clone)]
+enum ChunkDamage {
+    Offset(u64),
+    Total(u64),
+    Index(u64),
+    Crc(Option<u32>),
+    Bytes(Vec<Mutation>),
+    Drop,
+    Repeat,
+}
+
+fn chunk_damage() -> impl Strategy<Value = (usize, ChunkDamage)> {
+    let d = prop_oneof![
+        prop_oneof![any::<u64>(), 0..300u64].prop_map(ChunkDamage::Offset),
+        prop_oneof![any::<u64>(), 0..300u64].prop_map(ChunkDamage::Total),
+        any::<u64>().prop_map(ChunkDamage::Index),
+        prop::option::of(any::<u32>()).prop_map(ChunkDamage::Crc),
+        vec(mutation(), 1..3).prop_map(ChunkDamage::Bytes),
+        Just(ChunkDamage::Drop),
+        Just(ChunkDamage::Repeat),
+    ];
+    (any::<usize>(), d)
+}
+
+proptest! {
+    #![proptest_config(mem_config())]
+
+    #[test]
+    fn snap_msg_decode(data in bytes(120), m in snap_msg(), muts in vec(mutation(), 0..3)) {
+        let _ = SnapMsg::decode(&data);
+        let mut enc = m.encode();
+        prop_assert_eq!(SnapMsg::decode(&enc), Ok(m));
+        mutate(&mut enc, &muts);
+        let _ = SnapMsg::decode(&enc);
+    }
+}
+
+proptest! {
+    #![proptest_config(file_config())]
+
+    /// A snapshot sent in chunks, some of them damaged, dropped or repeated: the receiver
+    /// gives up or returns exactly the file, never panics.
+    #[test]
+    fn snapshot_reassembly(
+        file in vec(any::<u8>(), 1..200),
+        cuts in vec(any::<usize>(), 0..6),
+        damage in vec(chunk_damage(), 0..3),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let crc = crc32fast::hash(&file);
+        let parts = chunks(&file, &cuts);
+        let mut msgs: Vec<Chunk> = Vec::new();
+        let mut offset = 0u64;
+        for (i, p) in parts.iter().enumerate() {
+            if p.is_empty() && i + 1 != parts.len() {
+                continue;
+            }
+            offset += p.len() as u64;
+            msgs.push(Chunk {
+                index: 9,
+                epoch: 2,
+                offset: offset - p.len() as u64,
+                total: file.len() as u64,
+                crc: (offset == file.len() as u64).then_some(crc),
+                bytes: p.to_vec(),
+            });
+        }
+        let undamaged = damage.is_empty();
+        for (at, d) in &damage {
+            let i = at % msgs.len();
+            match d {
+                ChunkDamage::Offset(o) => msgs[i].offset = *o,
+                ChunkDamage::Total(t) => msgs[i].total = *t,
+                ChunkDamage::Index(x) => msgs[i].index = *x,
+                ChunkDamage::Crc(c) => msgs[i].crc = *c,
+                ChunkDamage::Bytes(m) => mutate(&mut msgs[i].bytes, m),
+                ChunkDamage::Drop => {
+                    msgs.remove(i);
+                    if msgs.is_empty() {
+                        return Ok(());
+                    }
+                }
+                ChunkDamage::Repeat => {
+                    let c = msgs[i].clone();
+                    msgs.insert(i, c);
+                }
+            }
+        }
+        // Through the wire format too.
+        let msgs: Vec<Chunk> = msgs
+            .into_iter()
+            .map(|c| match SnapMsg::decode(&SnapMsg::Chunk(c).encode()) {
+                Ok(SnapMsg::Chunk(c)) => c,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let mut it = msgs.into_iter();
+        let mut got = None;
+        match Reassembly::start(dir.path(), it.next().unwrap()) {
+            Err(e) => prop_assert!(!undamaged, "{}", e),
+            Ok((mut r, done)) => {
+                got = done;
+                for c in it {
+                    if got.is_some() {
+                        break;
+                    }
+                    match r.push(c) {
+                        Ok(d) => got = d,
+                        Err(e) => {
+                            prop_assert!(!undamaged, "{}", e);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(data) = &got {
+            prop_assert_eq!(data, &file);
+        }
+        if undamaged {
+            prop_assert!(got.is_some());
+        }
+    }
 }

@@ -2,8 +2,9 @@
 //! allocation sized by an unchecked length field".
 //!
 //! What is fuzzed (arbitrary bytes, near-valid inputs, and inputs split into random chunks):
-//! - the RESP/inline request parser (`protocol::RequestParser`) and the reply parser
-//!   (`protocol::parse_value`), including huge, negative and nested declared lengths;
+//! - the RESP/inline request parser (`protocol::RequestParser`), `protocol::split_inline`,
+//!   `protocol::peek_keys` and the reply parser (`protocol::parse_value`), including huge,
+//!   negative and nested declared lengths;
 //! - the node message codec (`message::decode`), plus `decode(encode(m)) == m`;
 //! - the peer link: `peer::FrameDecoder`, `peer::Hello::parse`, and the handshake steps that
 //!   read the other side's bytes (`Dialing::on_challenge`, `Accepting::on_proof`,
@@ -248,6 +249,34 @@ proptest! {
         let split = drive(Limits::default(), authenticated, &chunks(&data, &cuts));
         prop_assert_eq!(&whole, &split);
         let _ = drive(permissive(), authenticated, &chunks(&data, &cuts));
+        prop_assert!(protocol::peek_keys(&data).len() <= protocol::PEEK_KEYS);
+        for line in data.split(|&b| b == b'\n') {
+            let _ = protocol::split_inline(line);
+        }
+    }
+
+    /// `peek_keys` (the key-table hint read straight off a connection's buffer): a
+    /// pipeline of GETs, damaged or not, huge lengths included.
+    #[test]
+    fn peek_keys_near_valid(
+        keys in vec(bytes(10), 0..40),
+        muts in vec(mutation(), 0..3),
+        len in huge_len(),
+    ) {
+        let mut data: Vec<u8> = keys
+            .iter()
+            .flat_map(|k| resp_request(&[b"GET".to_vec(), k.clone()]))
+            .collect();
+        if muts.is_empty() {
+            let got = protocol::peek_keys(&data);
+            let want: Vec<&[u8]> = keys.iter().take(protocol::PEEK_KEYS).map(Vec::as_slice).collect();
+            prop_assert_eq!(got, want);
+        }
+        mutate(&mut data, &muts);
+        let _ = protocol::peek_keys(&data);
+        let mut huge = format!("*2\r\n$3\r\nGET\r\n${len}\r\nk\r\n").into_bytes();
+        huge.extend_from_slice(&data);
+        let _ = protocol::peek_keys(&huge);
     }
 
     /// Valid requests with damage, fed whole and in chunks.

@@ -1228,6 +1228,12 @@ pub fn decode_snapshot_with(
                 db = r.u32()?;
                 let count = r.u64()?;
                 r.done()?;
+                // The count only sizes the database's table before its keys load, and it
+                // comes from a file (or a peer): never more than the rest of the image
+                // could hold (each key takes a frame of at least 8 bytes), so a short
+                // file that claims 2^64 keys cannot make us allocate gigabytes.
+                let room = (buf.len().saturating_sub(pos) / 8) as u64;
+                let count = count.min(room);
                 on_part(SnapshotPart::Database { db, count });
                 Ok(false)
             }

@@ -449,14 +449,20 @@ impl MemberLog<'_> {
             && self.wal.durable_index() < self.wal.last_index()
         {
             if let Err(e) = self.wal.sync() {
-                let why = e.to_string();
-                log::error!("{}", StoreError::WriteFailed(why.clone()));
-                let _ = inner.failed.set(why.clone());
-                return Err(StoreError::WriteFailed(why));
+                return Err(self.stop_writes(e));
             }
             inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(self.persisted_index())
+    }
+
+    /// A failed write or fsync of the log: what it held is in doubt, so the store takes
+    /// no more writes; logged once, returned to the caller.
+    fn stop_writes(&self, e: WalError) -> StoreError {
+        let why = e.to_string();
+        log::error!("{}", StoreError::WriteFailed(why.clone()));
+        let _ = self.store.inner.failed.set(why.clone());
+        StoreError::WriteFailed(why)
     }
 
     fn append_with(&mut self, entries: &[LogEntry], sync: bool) -> Result<u64, StoreError> {
@@ -482,10 +488,7 @@ impl MemberLog<'_> {
             decoded.push((e.index, c));
         }
         if let Err(e) = self.wal.append_entries(entries, sync) {
-            let why = e.to_string();
-            log::error!("{}", StoreError::WriteFailed(why.clone()));
-            let _ = inner.failed.set(why.clone());
-            return Err(StoreError::WriteFailed(why));
+            return Err(self.stop_writes(e));
         }
         inner.stats.commits.fetch_add(1, Ordering::Relaxed);
         if sync && inner.opts.fsync == FsyncPolicy::Always {

@@ -506,14 +506,10 @@ impl Sim {
                         self.violate(format!("n{id} truncate refused: {e}"));
                         continue;
                     }
-                    let gone: Vec<Waiter> = {
-                        let w = &mut self.nodes[i].waiters;
-                        let (keep, gone) = std::mem::take(w)
-                            .into_iter()
-                            .partition(|w| w.index <= after);
-                        *w = keep;
-                        gone
-                    };
+                    let gone: Vec<Waiter> = self.nodes[i]
+                        .waiters
+                        .extract_if(.., |w| w.index > after)
+                        .collect();
                     for w in gone {
                         self.resolve(w, Fate::Unknown);
                     }
@@ -640,14 +636,10 @@ impl Sim {
             }
             n.applied = at;
         }
-        let done: Vec<Waiter> = {
-            let w = &mut self.nodes[i].waiters;
-            let (done, keep) = std::mem::take(w)
-                .into_iter()
-                .partition(|w| w.index <= index);
-            *w = keep;
-            done
-        };
+        let done: Vec<Waiter> = self.nodes[i]
+            .waiters
+            .extract_if(.., |w| w.index <= index)
+            .collect();
         for w in done {
             let same =
                 entry_at(&self.nodes[i].log, w.index).is_some_and(|e| e.payload == w.payload);

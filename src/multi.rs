@@ -147,6 +147,7 @@ pub fn handle(
             Some(Err(r)) => write_error(out, &r.reply()),
             _ => match ctx.store.watch(s.id, s.db, &args[1..]) {
                 Ok(()) => write_simple(out, "OK"),
+                Err(StoreError::Redirect(reply)) => write_error(out, &reply),
                 Err(e) => write_error(out, &format!("IOERR {e}")),
             },
         },
@@ -352,9 +353,10 @@ fn exec(ctx: &Context, s: &mut Session, tx: Transaction, out: &mut Vec<u8>) {
             write_null_array(out, s.proto);
             return;
         }
-        Err(e @ StoreError::WriteFailed(_)) => {
-            // The entry may be on disk: not an EXECABORT, whose promise is "not applied".
-            write_error(out, &format!("IOERR {e}"));
+        Err(e @ (StoreError::WriteFailed(_) | StoreError::Unknown(_))) => {
+            // The entry may be on disk, or committed by a later leader: not an EXECABORT,
+            // whose promise is "not applied" (`-IOERR`, `-TIMEOUT … outcome unknown`).
+            write_error(out, &commands::store_error_reply(&e));
             return;
         }
         Err(e) => {
@@ -913,5 +915,97 @@ mod tests {
         assert_eq!(store.recovery().entries_replayed, 1);
         assert_eq!(store.get(b"a").as_deref(), Some(&b"6"[..]));
         assert_eq!(store.get(b"b").as_deref(), Some(&b"x"[..]));
+    }
+
+    /// A cluster member's replication that appends what it is given and commits only
+    /// when the test says (`MemberLog::commit_to`), or steps down (`fail_waiting`).
+    struct HeldCommits;
+
+    impl crate::store::Replicator for HeldCommits {
+        fn propose(
+            &self,
+            log: &mut crate::store::MemberLog<'_>,
+            payloads: Vec<Vec<u8>>,
+        ) -> Result<u64, crate::store::StoreError> {
+            let first = log.log().last().0 + 1;
+            let entries: Vec<crate::log::LogEntry> = (first..)
+                .zip(payloads)
+                .map(|(index, payload)| crate::log::LogEntry {
+                    index,
+                    epoch: 1,
+                    payload,
+                })
+                .collect();
+            log.append(&entries)?;
+            Ok(first)
+        }
+        fn persisted(&self, _: &mut crate::store::MemberLog<'_>) {}
+    }
+
+    fn member() -> T {
+        let t = open(FsyncPolicy::Always);
+        t.ctx.store.set_replicator(Arc::new(HeldCommits));
+        t
+    }
+
+    /// Waits (yielding, no sleep) until the member's log holds `index`.
+    fn logged(t: &T, index: u64) {
+        while t.ctx.store.with_log(|l| l.log().last().0) < index {
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn on_a_member_watch_reads_after_the_writes_queued_before_it_commit() {
+        // Found by tests/nemesis.rs: WATCH returned once earlier writes were in the log,
+        // not applied, so the GET after it missed a SET that then landed before the
+        // EXEC without marking the watch: two CAS from the same value both applied.
+        let t = member();
+        std::thread::scope(|sc| {
+            let writer = sc.spawn(|| {
+                let mut s = t.ctx.register("w".into());
+                run(&t.ctx, &mut s, "set x a")
+            });
+            logged(&t, 1);
+            let mut s = t.ctx.register("c".into());
+            // Not committed: WATCH cannot read a state that includes it, and says so.
+            let r = run(&t.ctx, &mut s, "watch x");
+            assert!(
+                matches!(&r, Value::Error(e) if e.starts_with("CLUSTERDOWN")),
+                "{r:?}"
+            );
+            // An EXEC after that failed WATCH aborts rather than trusting it.
+            assert_eq!(run(&t.ctx, &mut s, "multi"), ok());
+            assert_eq!(run(&t.ctx, &mut s, "set x c"), queued());
+            assert_eq!(run(&t.ctx, &mut s, "exec"), Value::Null);
+            t.ctx.store.with_log(|l| l.commit_to(1));
+            assert_eq!(writer.join().unwrap(), ok());
+            // Committed: WATCH succeeds and what it reads includes the write.
+            assert_eq!(run(&t.ctx, &mut s, "watch x"), ok());
+            assert_eq!(run(&t.ctx, &mut s, "get x"), bulk("a"));
+        });
+    }
+
+    #[test]
+    fn on_a_member_exec_whose_outcome_is_unknown_is_not_an_execabort() {
+        // Found by tests/nemesis.rs: a transaction logged but not known committed when
+        // its leader stepped down was answered EXECABORT ("discarded"), and then a later
+        // leader committed it.
+        let t = member();
+        std::thread::scope(|sc| {
+            let client = sc.spawn(|| {
+                let mut s = t.ctx.register("c".into());
+                assert_eq!(run(&t.ctx, &mut s, "multi"), ok());
+                assert_eq!(run(&t.ctx, &mut s, "set x 1"), queued());
+                run(&t.ctx, &mut s, "exec")
+            });
+            logged(&t, 1);
+            t.ctx.store.with_log(|l| l.fail_waiting("stepped down"));
+            let r = client.join().unwrap();
+            assert!(
+                matches!(&r, Value::Error(e) if e.starts_with("TIMEOUT") && e.contains("unknown")),
+                "{r:?}"
+            );
+        });
     }
 }

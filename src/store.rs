@@ -77,7 +77,7 @@ use crate::wal::{
     self, BatchBuf, FsyncPolicy, RecoveryReport, SnapshotPart, Wal, WalError, WalOptions,
 };
 use crate::watch::{KeyState, Watches};
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -163,6 +163,10 @@ impl Default for Options {
         }
     }
 }
+
+/// How long WATCH on a cluster member waits for the writes queued before it to commit
+/// and apply (a leader that lost its majority commits nothing; its lease ends sooner).
+const WATCH_COMMIT_WAIT: Duration = Duration::from_secs(2);
 
 /// Errors of the store.
 #[derive(Debug)]
@@ -348,6 +352,9 @@ struct Inner {
     queue: Mutex<Queue>,
     /// Taken before `db` when both are: applying in log order means one applier at a time.
     unapplied: Mutex<Unapplied>,
+    /// Signalled (with `db`) whenever committed entries are applied: WATCH on a cluster
+    /// member waits on it for the writes queued before it.
+    applied: Condvar,
     /// A cluster member's replication (set once, before writes): it decides whether
     /// client writes may be appended and when entries commit.
     replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
@@ -788,6 +795,7 @@ impl Store {
             db: Mutex::new(db),
             queue: Mutex::new(queue),
             unapplied: Mutex::new(unapplied),
+            applied: Condvar::new(),
             replicator: std::sync::OnceLock::new(),
             expiring: AtomicBool::new(cluster_of_one),
             wal: Mutex::new(wal),
@@ -1119,18 +1127,43 @@ impl Store {
         // the client dirty; one queued before is applied by the time the barrier returns,
         // so the state read below is the state at the registration.
         self.inner.watches.watch(client, db, keys);
-        {
+        // Every write whose queueing did not see the registration is in the log once
+        // this flush is done, at an index up to `queued`.
+        let queued = {
             let mut wal = self.inner.wal.lock();
             let deliveries = self.flush(&mut wal);
+            let last = LogStore::last(&*wal).0;
             drop(wal);
             drop(deliveries);
             self.sync_member();
-        }
+            last
+        };
         if let Some(why) = self.inner.failed.get() {
             return Err(StoreError::WriteFailed(why.clone()));
         }
+        let mut db = self.inner.db.lock();
+        // On a cluster of one the flush applied them. A member's are applied when the
+        // cluster commits them: read before that, the state would miss a write that
+        // queued ahead of the registration (so marked nobody) and would still land
+        // before the EXEC: a lost update, found by tests/nemesis.rs.
+        if self.inner.replicator.get().is_some() {
+            let deadline = std::time::Instant::now() + WATCH_COMMIT_WAIT;
+            while db.applied_index() < queued {
+                if self.inner.applied.wait_until(&mut db, deadline).timed_out()
+                    && db.applied_index() < queued
+                {
+                    drop(db);
+                    // An EXEC after a failed WATCH must not pass on a state nobody read.
+                    self.inner.watches.spoil(client);
+                    return Err(StoreError::Redirect(
+                        "CLUSTERDOWN the writes before this WATCH did not commit in time \
+                         (this node may have lost its majority): retry"
+                            .to_string(),
+                    ));
+                }
+            }
+        }
         let now = self.now_ms();
-        let db = self.inner.db.lock();
         self.inner
             .watches
             .settle(client, |d, k| match db.keyspace(d).get(k, now) {
@@ -1450,6 +1483,7 @@ impl Store {
             }
             db.live_bytes()
         };
+        inner.applied.notify_all();
         drop(u);
         // Entries with no submitter here (recovered, or a leader's) have their results
         // dropped.

@@ -153,6 +153,14 @@ impl Watches {
         }
     }
 
+    /// Marks `client` dirty: its next EXEC aborts (a WATCH that could not read its keys'
+    /// state).
+    pub fn spoil(&self, client: u64) {
+        if let Some(c) = self.reg.lock().clients.get_mut(&client) {
+            c.dirty = true;
+        }
+    }
+
     /// Forgets every key `client` watches, and its dirty flag.
     pub fn unwatch(&self, client: u64) {
         if self.count.load(Ordering::Relaxed) == 0 {

@@ -1365,8 +1365,9 @@ impl Inner {
             Ok(w) => w,
             Err(r) => {
                 let _ = s.write_all(&refuse_frame(&r));
-                // A duplicate proved the secret: always worth a line.
-                refused(&r, r != Refusal::WrongSecret);
+                // A duplicate proved the secret: always worth a line. Anything else
+                // (a wrong secret, a first frame that is no proof) anyone can send.
+                refused(&r, matches!(r, Refusal::Duplicate(_)));
                 return;
             }
         };

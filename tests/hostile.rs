@@ -84,6 +84,12 @@
 //! forty log lines. The acceptor now lets only a duplicate (which proved the secret)
 //! past the limit.
 //!
+//! # A bug, reported
+//!
+//! [`bug_a_node_full_of_idle_clients_refuses_its_peers`] (ignored): peer links take
+//! client slots, so a node whose `--max-clients` slots an attacker holds refuses its own
+//! peers when they dial again after any break. See its doc.
+//!
 //! The tests take one lock, so they do not run at the same time: thousands of
 //! threads on a two-core machine would starve the cluster's 100 ms heartbeats and cause
 //! the very elections the second test must not see. Nothing sleeps and hopes: waits poll
@@ -1534,4 +1540,96 @@ fn a_stranger_cannot_flood_the_log_with_malformed_proofs() {
         "{lines} log lines for {ATTEMPTS} malformed proofs (at most {allowed} in {:?})",
         start.elapsed()
     );
+}
+
+/// BUG (reported, not fixed): peer links take client slots, so a node whose
+/// `--max-clients` slots are all held by idle clients refuses its own cluster's peers
+/// when they dial it again (`-ERR max number of clients reached`, logged by the dialer
+/// as "refused by the other side"). Existing links keep working; one that breaks for any
+/// reason (here: the test cuts the leader's link to node 1 for a moment) cannot come
+/// back while an attacker holds the slots and takes each one that frees. Node 1 then
+/// gets no replication from the leader; with both followers treated this way the
+/// leader would lose its quorum. Redis keeps its cluster bus on a separate port for
+/// this reason; a fix here (a separate peer port, or slots reserved for connections
+/// that open with `PEER HELLO`) is more than a small change.
+///
+/// Run with `cargo test --test hostile bug_ -- --ignored`: it fails at "the leader's
+/// link to node 1 to come back while node 1 is full".
+#[test]
+#[ignore = "bug: a node full of idle clients refuses its own peers' reconnections"]
+fn bug_a_node_full_of_idle_clients_refuses_its_peers() {
+    let _serial = serial();
+    let mut c = Cluster::start(3, &["--fsync", "no", "--max-clients", "40"]);
+    wait_until(ELECTION_DEADLINE, "node 3 to lead", || {
+        matches!(c.leaders()[..], [(3, _)])
+    });
+    assert_eq!(c.wait_for_leader(), 3);
+    let online = |c: &Cluster| {
+        c.replication(3)
+            .is_some_and(|f| f.get("connected_slaves").map(String::as_str) == Some("2"))
+    };
+    wait_until(SOON, "the leader to see both followers", || online(&c));
+
+    // Fill node 1 with idle clients, and keep taking every slot that frees.
+    let port1 = c.port(1);
+    let mut held = Vec::new();
+    loop {
+        let mut s = connect(port1).expect("connect to node 1");
+        send(&mut s, b"PING\r\n").unwrap();
+        match read_line(&mut s).unwrap() {
+            Answer::Line(l) if l == "+PONG\r\n" => held.push(s),
+            Answer::Line(l) if l == "-ERR max number of clients reached\r\n" => break,
+            other => panic!("filling node 1: {other:?}"),
+        }
+    }
+    let grab = Arc::new(AtomicBool::new(true));
+    let grabber = {
+        let grab = grab.clone();
+        thread::spawn(move || {
+            let mut mine = Vec::new();
+            while grab.load(Ordering::SeqCst) {
+                let Ok(mut s) = connect(port1) else { continue };
+                if send(&mut s, b"PING\r\n").is_ok()
+                    && read_line(&mut s) == Ok(Answer::Line("+PONG\r\n".into()))
+                {
+                    mine.push(s);
+                } else {
+                    thread::sleep(Duration::from_millis(2));
+                }
+            }
+        })
+    };
+
+    // The leader's link to node 1 breaks (a blip on the network) and must come back:
+    // the leader logs "peer link to node 1 at … is up again".
+    let ups = |c: &Cluster| {
+        c.node(3)
+            .log()
+            .lines()
+            .filter(|l| l.contains("peer link to node 1 at") && l.contains(" is up"))
+            .count()
+    };
+    let ups_before = ups(&c);
+    c.proxy(3, 1).cut();
+    c.proxy(3, 1).heal();
+    let came_back = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The dialer's backoff is at most a second.
+        wait_until(
+            Duration::from_secs(10),
+            "the leader's link to node 1 to come back while node 1 is full",
+            || ups(&c) > ups_before,
+        )
+    }));
+    grab.store(false, Ordering::SeqCst);
+    grabber.join().unwrap();
+    drop(held);
+    if let Err(panic) = came_back {
+        let log = c.node(3).log();
+        let refused = log
+            .lines()
+            .filter(|l| l.contains("max number of clients reached"))
+            .collect::<Vec<_>>();
+        eprintln!("the leader's log about node 1: {refused:#?}");
+        std::panic::resume_unwind(panic);
+    }
 }

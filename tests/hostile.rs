@@ -93,7 +93,8 @@
 //! The tests take one lock, so they do not run at the same time: thousands of
 //! threads on a two-core machine would starve the cluster's 100 ms heartbeats and cause
 //! the very elections the second test must not see. Nothing sleeps and hopes: waits poll
-//! with deadlines, and no assertion is about time.
+//! with deadlines, and no assertion is about speed (the regression test compares a count
+//! of log lines with the seconds that passed, which is what a rate limit promises).
 
 mod common;
 

@@ -76,13 +76,18 @@
 //! election); the writer never failed and every acknowledged write reads back from the
 //! leader; the nodes' thread counts come back down.
 //!
-//! # A regression
+//! # Regressions
 //!
 //! [`a_stranger_cannot_flood_the_log_with_malformed_proofs`]: a first frame after HELLO
 //! that is not a proof was logged on every attempt, past the rate limit that covers
 //! every other refusal a stranger can cause; forty of them in a tenth of a second gave
 //! forty log lines. The acceptor now lets only a duplicate (which proved the secret)
 //! past the limit.
+//!
+//! [`a_stranger_cannot_make_a_node_buffer_a_huge_handshake_frame`]: the first frame
+//! after HELLO, before any secret is proved, could announce up to a node frame's limit
+//! (over 1 GiB) and the node buffered what followed: 600 MiB sent gave 1.4 GiB of RSS.
+//! Handshake frames are now held to 4 KiB from their header.
 //!
 //! # A bug, reported
 //!
@@ -1633,4 +1638,41 @@ fn bug_a_node_full_of_idle_clients_refuses_its_peers() {
         eprintln!("the leader's log about node 1: {refused:#?}");
         std::panic::resume_unwind(panic);
     }
+}
+
+/// Regression: the first frame after HELLO, read before the dialer has proved anything,
+/// was held only to the limit of a node's frames (over 1 GiB): a stranger who knew a
+/// member's id could announce a 700 MiB "proof" and stream it, and the node buffered
+/// it all (1.4 GiB of RSS for 600 MiB sent, more with a few connections at once). A
+/// handshake frame is now held to `MAX_HANDSHAKE_FRAME` (4 KiB) from its header: the
+/// node closes the link at once and logs why.
+#[test]
+fn a_stranger_cannot_make_a_node_buffer_a_huge_handshake_frame() {
+    let _serial = serial();
+    let mut c = Cluster::start(2, &["--fsync", "no"]);
+    c.wait_for_leader();
+    let pid = c.node(1).pid();
+    let rss_before = rss(pid);
+    let mut d = dial(c.port(1), 2, 1, b"no-secret", 17).expect("HELLO");
+    d.proof().expect("a challenge");
+    send(&mut d.s, &raw_frame(700 << 20, 0, &[])).unwrap();
+    // Stream what the header announced, until the node's close stops us.
+    let chunk = vec![0x55u8; 1 << 20];
+    let mut sent = 0usize;
+    while sent < (600 << 20) && d.s.write_all(&chunk).is_ok() {
+        sent += chunk.len();
+    }
+    assert_eq!(refusal(&mut d.s), Ok(None), "a plain close");
+    let grown = rss(pid).saturating_sub(rss_before);
+    assert!(
+        grown < 64 << 20,
+        "node 1 grew by {} MiB while a stranger sent {} MiB of a handshake frame",
+        grown >> 20,
+        sent >> 20
+    );
+    wait_until(SOON, "the refusal logged", || {
+        c.node(1)
+            .log()
+            .contains("refused: not a peer handshake: a handshake frame of 734003200 bytes")
+    });
 }

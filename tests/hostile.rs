@@ -63,7 +63,8 @@
 //!   like any half-sent request), a HELLO with no proof, a HELLO with half a proof
 //!   (both closed by the node at its handshake timeout);
 //! - frames after HELLO with the right length but a wrong CRC, with the right CRC but the
-//!   wrong kind, with length 0 and with length 2^32-1;
+//!   wrong kind, with length 0, 700 MiB (a node's frame may be that long, a handshake
+//!   frame may not) and 2^32-1;
 //! - replays of a real session: the whole recording on a fresh connection (refused:
 //!   the proof was for another nonce), the recorded frames after a fresh HELLO (refused:
 //!   not a proof), the recorded frames alone and the recording from a byte in its
@@ -1240,6 +1241,18 @@ fn attack_peer_port(node: &Server, t: Target, tape: &Recorded, tally: &Shared<Ta
             let mut d = dial(t.port, t.member, t.id, secret, 10)?;
             d.proof()?;
             send(&mut d.s, &raw_frame(0, 0, b"\0\x01"))?;
+            refusal(&mut d.s).map(|_| ())
+        },
+    );
+    until_logged(
+        node,
+        &format!("{r}not a peer handshake: a handshake frame of 734003200 bytes"),
+        tally,
+        "peer: handshake frame of 700 MiB",
+        || {
+            let mut d = dial(t.port, t.member, t.id, secret, 18)?;
+            d.proof()?;
+            send(&mut d.s, &raw_frame(700 << 20, 0, &[0u8; 64 << 10]))?;
             refusal(&mut d.s).map(|_| ())
         },
     );

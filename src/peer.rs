@@ -35,7 +35,9 @@
 //! covers the same bytes. [`MAX_FRAME`] (the log's largest entry plus 1 MiB) bounds
 //! `len`; [`FrameDecoder`] checks it before it waits for the body, and grows its buffer
 //! only with bytes that arrived, so a peer cannot make us hold more than one maximal
-//! frame. A
+//! frame. During the handshake, before the other side has proved the secret, a frame
+//! may declare at most [`MAX_HANDSHAKE_FRAME`] (checked the same way, from the header),
+//! so a stranger cannot make us buffer a maximal one. A
 //! frame that fails its CRC, or is empty or oversized, closes the link (the stream is no
 //! longer trustworthy to resynchronise on). Kind [`KIND_LINK`] is the link's own
 //! (handshake proof, welcome, refusal, keepalive); every other kind is the node's.
@@ -105,6 +107,10 @@ pub const HEADER_LEN: usize = 8;
 /// big; before that the handshake reads a few hundred bytes.
 pub const MAX_FRAME: usize = crate::wal::MAX_ENTRY + (1 << 20);
 const _: () = assert!(MAX_FRAME <= u32::MAX as usize);
+/// The largest `len` a handshake frame (proof, welcome, refusal) may declare: a proof
+/// or welcome is 34 bytes, a refusal a line of text. Frames from a side that has not
+/// proved the secret are held to this, not to [`MAX_FRAME`].
+pub const MAX_HANDSHAKE_FRAME: usize = 4096;
 /// The largest payload [`PeerNet::send`] takes.
 pub const MAX_PAYLOAD: usize = MAX_FRAME - 1;
 /// The link's own frames (handshake, keepalive); the node uses every other kind.
@@ -206,6 +212,23 @@ impl FrameDecoder {
     /// Bytes held that are not yet part of a returned frame.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    /// The `len` the next frame declares, once its header has arrived (whether or not
+    /// its body has): for a caller that holds some frames to a lower limit.
+    pub fn announced(&self) -> Option<u32> {
+        let rest = &self.buf[self.start..];
+        (rest.len() >= HEADER_LEN).then(|| LittleEndian::read_u32(&rest[0..4]))
+    }
+
+    /// A refusal if the next frame declares more than [`MAX_HANDSHAKE_FRAME`].
+    fn check_handshake_frame(&self) -> Result<(), Refusal> {
+        match self.announced() {
+            Some(len) if len as usize > MAX_HANDSHAKE_FRAME => Err(Refusal::Malformed(format!(
+                "a handshake frame of {len} bytes, over the limit of {MAX_HANDSHAKE_FRAME}"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The next whole frame; `Ok(None)` until enough bytes have arrived. After an error
@@ -1207,6 +1230,7 @@ impl Inner {
             {
                 break f;
             }
+            dec.check_handshake_frame().map_err(DialError::Refused)?;
             match s.read(&mut chunk).map_err(io)? {
                 0 => return Err(eof()),
                 n => dec.extend(&chunk[..n]),
@@ -1320,7 +1344,12 @@ impl Inner {
         let proof = loop {
             match dec.next_frame() {
                 Ok(Some(f)) => break f,
-                Ok(None) => {}
+                Ok(None) => {
+                    if let Err(r) = dec.check_handshake_frame() {
+                        refused(&r, false);
+                        return;
+                    }
+                }
                 Err(e) => {
                     refused(&Refusal::Frame(e), false);
                     return;
@@ -1365,8 +1394,9 @@ impl Inner {
             Ok(w) => w,
             Err(r) => {
                 let _ = s.write_all(&refuse_frame(&r));
-                // A duplicate proved the secret: always worth a line.
-                refused(&r, r != Refusal::WrongSecret);
+                // A duplicate proved the secret: always worth a line. Anything else
+                // (a wrong secret, a first frame that is no proof) anyone can send.
+                refused(&r, matches!(r, Refusal::Duplicate(_)));
                 return;
             }
         };
@@ -1672,6 +1702,34 @@ mod tests {
             .to_string()
             .contains("CRC")
         );
+    }
+
+    #[test]
+    fn a_handshake_frame_is_held_to_its_own_limit_from_the_header() {
+        // Every handshake frame fits.
+        for f in [
+            refuse_frame(&Refusal::Malformed("x".repeat(200))),
+            keepalive_frame(),
+            link_frame(LINK_PROOF, &[0u8; MAC_LEN]),
+        ] {
+            let mut d = FrameDecoder::new();
+            d.extend(&f[..HEADER_LEN]);
+            assert_eq!(d.check_handshake_frame(), Ok(()));
+        }
+        // Nothing is known before the header is whole.
+        let mut d = FrameDecoder::new();
+        d.extend(&(700u32 << 20).to_le_bytes());
+        assert_eq!(d.announced(), None);
+        assert_eq!(d.check_handshake_frame(), Ok(()));
+        // A declared length a node frame may have, but no handshake frame, is refused
+        // before its body arrives.
+        d.extend(&[0u8; 4]);
+        assert_eq!(d.announced(), Some(700 << 20));
+        assert_eq!(d.next_frame(), Ok(None));
+        assert!(matches!(
+            d.check_handshake_frame(),
+            Err(Refusal::Malformed(m)) if m.contains("734003200 bytes")
+        ));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The test harness's TCP proxy (tests/common/proxy.rs) cuts and heals links for real:
-//! the cluster tests rely on it to partition nodes.
+//! the cluster tests rely on it to partition nodes; its tap records what a connection
+//! forwarded (tests/hostile.rs replays a real peer session from it).
 
 mod common;
 
@@ -56,4 +57,31 @@ fn a_proxy_forwards_cuts_blackholes_and_heals() {
     ));
     proxy.heal();
     assert_eq!(ping_through(proxy.port()).unwrap(), b"+PONG\r\n");
+}
+
+#[test]
+fn a_proxy_records_what_new_connections_forward() {
+    let server = Server::start(&[]);
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], server.port)));
+    assert_eq!(ping_through(proxy.port()).unwrap(), b"+PONG\r\n");
+    assert!(
+        proxy.recordings().is_empty(),
+        "nothing is recorded before record()"
+    );
+
+    proxy.record(8);
+    assert_eq!(ping_through(proxy.port()).unwrap(), b"+PONG\r\n");
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"ECHO 0123456789\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        s.read(&mut buf).unwrap() > 0,
+        "the request was forwarded whole"
+    );
+    // One tape per connection, in accept order, each cut at the cap.
+    assert_eq!(
+        proxy.recordings(),
+        [b"PING\r\n".to_vec(), b"ECHO 012".to_vec()]
+    );
 }

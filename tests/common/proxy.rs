@@ -8,11 +8,16 @@
 //! dialler); [`Proxy::blackhole`] keeps connections open but discards what flows one
 //! way (a one-way partition: a node's messages vanish, the replies to it do not);
 //! [`Proxy::heal`] goes back to forwarding. Dropping the proxy stops it.
+//!
+//! [`Proxy::record`] turns on a tap: from then on, the first bytes each new connection
+//! forwards from the dialler to the target (what one node sent another: a handshake and
+//! its frames) are kept, and [`Proxy::recordings`] hands them out, so a test can replay a
+//! real session. Recording changes nothing about what is forwarded.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -34,7 +39,14 @@ struct State {
     live: Mutex<Vec<(TcpStream, TcpStream)>>,
     /// Bytes forwarded (both ways), for tests that want to see traffic.
     forwarded: AtomicU64,
+    /// Bytes of each connection [`Proxy::record`] keeps; 0 while not recording.
+    tape_cap: AtomicUsize,
+    /// What each connection accepted while recording forwarded, dialler to target.
+    tapes: Mutex<Vec<Tape>>,
 }
+
+/// The recording of one connection.
+type Tape = Arc<Mutex<Vec<u8>>>;
 
 /// A controllable TCP forwarder.
 pub struct Proxy {
@@ -99,6 +111,22 @@ impl Proxy {
     pub fn forwarded(&self) -> u64 {
         self.state.forwarded.load(Ordering::Relaxed)
     }
+
+    /// Records the connections accepted from now on: the first `cap` bytes each forwards
+    /// from the dialler to the target. Connections already open are not recorded.
+    pub fn record(&self, cap: usize) {
+        self.state.tape_cap.store(cap, Ordering::SeqCst);
+    }
+
+    /// What each connection recorded so far forwarded to the target, in accept order.
+    pub fn recordings(&self) -> Vec<Vec<u8>> {
+        self.state
+            .tapes
+            .lock()
+            .iter()
+            .map(|t| t.lock().clone())
+            .collect()
+    }
 }
 
 impl Drop for Proxy {
@@ -131,6 +159,11 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, state: Arc<State>) {
             continue;
         };
         state.live.lock().push((c2, s2));
+        let tape: Option<Tape> = (state.tape_cap.load(Ordering::SeqCst) > 0).then(|| {
+            let tape = Tape::default();
+            state.tapes.lock().push(tape.clone());
+            tape
+        });
         for (from, to, forward) in [
             (client.try_clone(), server.try_clone(), true),
             (server.try_clone(), client.try_clone(), false),
@@ -139,15 +172,23 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, state: Arc<State>) {
                 continue;
             };
             let st = state.clone();
+            let tape = if forward { tape.clone() } else { None };
             let _ = thread::Builder::new()
                 .name("proxy-pump".into())
-                .spawn(move || pump(from, to, forward, st));
+                .spawn(move || pump(from, to, forward, st, tape));
         }
     }
 }
 
-/// Copies `from` to `to` until either closes or the proxy is cut.
-fn pump(mut from: TcpStream, mut to: TcpStream, forward: bool, state: Arc<State>) {
+/// Copies `from` to `to` until either closes or the proxy is cut; keeps what it forwarded
+/// on `tape`, up to the proxy's recording cap.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    forward: bool,
+    state: Arc<State>,
+    tape: Option<Tape>,
+) {
     let _ = from.set_read_timeout(Some(PUMP_POLL));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -169,6 +210,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, forward: bool, state: Arc<State>
                     break;
                 }
                 state.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+                if let Some(tape) = &tape {
+                    let mut t = tape.lock();
+                    let cap = state.tape_cap.load(Ordering::SeqCst);
+                    let take = n.min(cap.saturating_sub(t.len()));
+                    t.extend_from_slice(&buf[..take]);
+                }
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {

@@ -24,16 +24,21 @@
 //!    8 KiB compaction threshold, so that segments roll and compactions write snapshots,
 //!    rename and unlink during the run) under the shim, with writer threads doing `SET`,
 //!    `DEL` (of their own keys) and `INCR` (of a few shared counters) through the `redis`
-//!    crate, each reply stamped with `CLOCK_MONOTONIC` when it arrived; then kill -9 it
-//!    while they write.
-//! 3. **Cut.** Cut times: every completion of an fsync/fdatasync (file or directory), plus
-//!    random times between, [`DEFAULT_CUTS`] in all unless the fsyncs alone are more. For a
-//!    cut at T the state is built from the trace:
+//!    crate, each reply stamped with `CLOCK_MONOTONIC` when it arrived, in bursts (so that
+//!    group commits take several writers' requests) and pauses, for at least
+//!    [`RUN_TIME`] (so that the once-a-second `meta` rewrite happens during the writes);
+//!    then kill -9 it while they write.
+//! 3. **Cut.** Cut times: every completion of an fsync/fdatasync (file or directory) and
+//!    the nanosecond before it (its writes done, the sync not: where the unsynced bytes
+//!    are), random times between (up to [`DEFAULT_CUTS`] cut points in all, at least a
+//!    third of that many), and the kill. For a cut at T the state is built from the
+//!    trace:
 //!    - a file holds every write an fsync/fdatasync covered that completed by T (the
 //!      writes recorded before that sync began), then, of the later writes that completed
 //!      by T, any subset of their 4 KiB pages (split at page boundaries of the file, so a
 //!      later page may land while an earlier one does not), each page landing whole, not
-//!      at all, or torn (a random subset of its 512-byte sectors); unsynced truncations
+//!      at all, or torn (a random subset of its 512-byte sectors, each sector atomic);
+//!      unsynced truncations
 //!      may or may not have happened; and the file's size may have reached its full
 //!      written size with the pages that did not land reading as zeros;
 //!    - names: creations (an open that made a file), renames and unlinks are durable once
@@ -42,7 +47,9 @@
 //!      still under its old name, an unlinked one still there;
 //!    - the extremes too: one cut in eight keeps nothing unsynced (names nor data), one in
 //!      eight keeps everything that completed (what a kill -9 at T would leave).
-//! 4. **Recover.** Each state is written to a fresh directory and opened. Most are opened
+//! 4. **Recover.** Each state is written to a fresh directory (on `/dev/shm` when there
+//!    is one: recovery fsyncs, and on a disk those fsyncs were most of the replay's time)
+//!    and opened. Most are opened
 //!    through the library's recovery, [`kvstore::Store::open`] with the options the
 //!    server passes it (the server's `Server::bind` calls exactly that, so the same code
 //!    runs, in-process and much faster); one in [`SERVER_EVERY`] (and every state whose
@@ -110,8 +117,11 @@ const WRITERS: usize = 4;
 const KEYS_PER_WRITER: usize = 8;
 /// Counters every writer increments.
 const COUNTERS: usize = 3;
-/// The run is killed once this many writes were acknowledged.
+/// The run is killed once this many writes were acknowledged and [`RUN_TIME`] passed.
 const ACKED_TARGET: usize = 240;
+/// Long enough for the once-a-second `meta` rewrite (the commit index) to happen during
+/// the writes, twice.
+const RUN_TIME: Duration = Duration::from_millis(2500);
 /// Server flags of the recorded run: tiny segments and compaction threshold, so that
 /// segments roll and snapshots are written, renamed and old files unlinked.
 const SERVER_ARGS: [&str; 6] = [
@@ -332,6 +342,8 @@ struct History {
     writes: usize,
     renames: usize,
     unlinks: usize,
+    /// Renames onto `meta`.
+    meta_writes: usize,
 }
 
 impl History {
@@ -442,6 +454,7 @@ impl History {
                         .unwrap_or_else(|| panic!("record {}: rename of unknown {from}", r.seq));
                     ns.insert(to.clone(), node);
                     h.renames += 1;
+                    h.meta_writes += (to == "meta") as usize;
                     h.names.push((r.seq, r.t1, NameOp::Rename { from, to }));
                 }
                 OP_UNLINK | OP_RMDIR => {
@@ -539,8 +552,8 @@ impl History {
                             let page_end = ((start / PAGE + 1) * PAGE).min(end);
                             let chunk = &bytes[start - *off as usize..page_end - *off as usize];
                             match rng.below(20) {
-                                0..=8 => put(&mut data, start, chunk),
-                                9..=16 => {}
+                                0..=6 => put(&mut data, start, chunk),
+                                7..=12 => {}
                                 _ => {
                                     // Torn: a random subset of the page's sectors.
                                     let mut s = start;
@@ -769,6 +782,10 @@ fn writer(port: u16, t: usize, seed: u64, acked: &AtomicUsize, stop: &AtomicBool
                 op.acked = Some(now);
                 ops.push(op);
                 acked.fetch_add(1, Ordering::Relaxed);
+                // Bursts (several writers' requests share a group commit) and pauses.
+                if rng.chance(1, 4) {
+                    thread::sleep(Duration::from_millis(50 + rng.below(100)));
+                }
             }
             Ok(other) => panic!("writer {t}: unexpected reply {other:?}"),
             Err(_) => {
@@ -819,8 +836,9 @@ fn record_run(seed: u64) -> Recorded {
                 s.spawn(move || writer(port, t, seed, acked, stop))
             })
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while acked.load(Ordering::Relaxed) < ACKED_TARGET {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(30);
+        while acked.load(Ordering::Relaxed) < ACKED_TARGET || start.elapsed() < RUN_TIME {
             assert!(
                 Instant::now() < deadline,
                 "the writers did not reach {ACKED_TARGET} acknowledged writes in 30 s"
@@ -1120,19 +1138,34 @@ fn acknowledged_writes_survive_power_cuts() {
         h.unlinks
     );
 
-    // Cut times: every sync completion, then random times up to the number wanted.
+    // Cut times: every sync completion and the moment before it (its writes done, the
+    // sync not: where unsynced bytes are), then random times up to the number wanted.
     let mut rng = Rng(seed);
-    let mut cuts: Vec<u64> = h.sync_times.clone();
+    let mut cuts: Vec<u64> = h.sync_times.iter().flat_map(|&t| [t - 1, t]).collect();
     let end = rec.kill_time.max(h.last_t);
-    while cuts.len() < cuts_wanted {
+    let random = cuts_wanted.saturating_sub(cuts.len()).max(cuts_wanted / 3);
+    for _ in 0..random {
         cuts.push(h.first_t + rng.below(end - h.first_t + 1));
     }
     cuts.push(end);
     cuts.sort_unstable();
 
+    // The states live in memory when the machine has a tmpfs there: recovery fsyncs
+    // (truncating a torn tail, a new segment, meta), and on a real disk those fsyncs were
+    // most of the replay's time.
+    let shm = Path::new("/dev/shm");
     let work = tempfile::Builder::new()
         .prefix("kvstore-powercut-")
-        .tempdir()
+        .tempdir_in(if shm.is_dir() {
+            shm
+        } else {
+            Path::new(env!("CARGO_TARGET_TMPDIR"))
+        })
+        .or_else(|_| {
+            tempfile::Builder::new()
+                .prefix("kvstore-powercut-")
+                .tempdir()
+        })
         .expect("temp dir");
     let failures = Path::new(env!("CARGO_TARGET_TMPDIR")).join("powercut-failures");
     let violations = Mutex::new(Vec::<String>::new());
@@ -1201,15 +1234,18 @@ fn acknowledged_writes_survive_power_cuts() {
         violations.len()
     );
     println!(
-        "powercut: cuts at {} fsync completions and {} random times; {by_server} states \
+        "powercut: cuts at {} fsync completions (and just before each), {} random times \
+         and the kill; {by_server} states \
          recovered by a server process, the rest in-process; {torn} recoveries truncated a \
-         torn tail, {from_snapshot} started from a snapshot; trace: {} records, {} writes, \
-         {} renames, {} unlinks; replay took {:?}",
+         torn tail, {from_snapshot} started from a snapshot; trace of {:.0} ms: {} records, \
+         {} writes, {} renames ({} of meta), {} unlinks; replay took {:?}",
         h.sync_times.len(),
-        cuts.len() - h.sync_times.len(),
+        cuts.len() - 2 * h.sync_times.len() - 1,
+        (h.last_t - h.first_t) as f64 / 1e6,
         h.records,
         h.writes,
         h.renames,
+        h.meta_writes,
         h.unlinks,
         started.elapsed()
     );

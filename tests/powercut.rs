@@ -872,6 +872,15 @@ struct Recorded {
     kill_time: u64,
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Starts a node under the shim on `dir`, with the trace next to it.
 fn start_traced(dir: &DataDir, fsync: &'static str) -> (Server, PathBuf) {
     let trace = dir.root().join("trace.bin");
@@ -896,6 +905,9 @@ fn record_run(seed: u64, fsync: &'static str) -> Recorded {
     let stop = AtomicBool::new(false);
     let port = server.port;
     let (clients, kill_time) = thread::scope(|s| {
+        // The writers stop when this closure ends, a failed assertion included (the scope
+        // waits for them before it lets the panic go on).
+        let _stop_writers = StopOnDrop(&stop);
         let handles: Vec<_> = (0..WRITERS)
             .map(|t| {
                 let (acked, stop) = (&acked, &stop);
@@ -1110,26 +1122,38 @@ fn read_keys(port: u16, pid: u32) -> redis::RedisResult<(BTreeMap<String, Option
     Ok((keys.into_iter().zip(got).collect(), total))
 }
 
+/// A server process that is killed and reaped when dropped, a panic included.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Recovers with a real `kvstore server` process; Err carries its log when it refuses.
 fn recover_with_server(dir: &Path, log: &Path, fsync: &'static str) -> Result<Seen, String> {
     for _attempt in 0..3 {
         let port = common::free_port();
         let logf = fs::File::create(log).expect("server log");
-        let mut child = Command::new(KVSTORE_BIN)
-            .arg("server")
-            .arg(port.to_string())
-            .arg("--data-dir")
-            .arg(dir)
-            .args(server_args(fsync))
-            .env_remove("LD_PRELOAD")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(logf.try_clone().unwrap()))
-            .stderr(Stdio::from(logf))
-            .spawn()
-            .expect("spawn kvstore");
+        let mut child = Reaped(
+            Command::new(KVSTORE_BIN)
+                .arg("server")
+                .arg(port.to_string())
+                .arg("--data-dir")
+                .arg(dir)
+                .args(server_args(fsync))
+                .env_remove("LD_PRELOAD")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(logf.try_clone().unwrap()))
+                .stderr(Stdio::from(logf))
+                .spawn()
+                .expect("spawn kvstore"),
+        );
         let deadline = Instant::now() + common::START_DEADLINE;
         let result = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
+            if let Some(status) = child.0.try_wait().expect("try_wait") {
                 break Err(format!(
                     "kvstore server exited ({status}) at start:\n{}",
                     fs::read_to_string(log).unwrap_or_default()
@@ -1137,7 +1161,7 @@ fn recover_with_server(dir: &Path, log: &Path, fsync: &'static str) -> Result<Se
             }
             // Not yet listening, or still recovering: try again until the deadline.
             if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && let Ok((values, total)) = read_keys(port, child.id())
+                && let Ok((values, total)) = read_keys(port, child.0.id())
             {
                 let log = fs::read_to_string(log).unwrap_or_default();
                 break Ok(Seen {
@@ -1152,8 +1176,7 @@ fn recover_with_server(dir: &Path, log: &Path, fsync: &'static str) -> Result<Se
             }
             thread::sleep(Duration::from_millis(5));
         };
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
         match result {
             Err(e) if e.contains("in use") => continue,
             other => return other,

@@ -638,13 +638,9 @@ fn step_downs(c: &Cluster, id: u64) -> Vec<u64> {
         .collect()
 }
 
-/// Known product bug (2026-12-02, found by this test, fails about 1 run in 2): after
-/// SIGCONT node 3 stays `role:master` in the old epoch for good and answers
-/// `-CLUSTERDOWN` to everything, logging nothing more. gdb on it shows a lock-order
-/// deadlock: the node thread holds the log (`Store::with_log` locks `inner.wal`) and
-/// waits for `inner.meta` in `MemberLog::save_meta` (adopting the new epoch), while the
-/// `log-upkeep` thread holds `inner.meta` in `Store::persist_meta` and waits for
-/// `inner.wal`. Not ignored: it must pass once the lock order is fixed.
+/// This test found a lock-order deadlock (node thread: log then meta; upkeep thread:
+/// meta then log) that left a resumed old leader stuck as `role:master` answering
+/// `-CLUSTERDOWN`; fixed in 99d80e9 (persist_meta takes the log first).
 #[test]
 fn a_sigstopped_leader_is_replaced_and_after_sigcont_accepts_nothing() {
     let mut c = Cluster::start(3, &[]);

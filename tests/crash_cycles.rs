@@ -14,8 +14,9 @@
 //!
 //! Environment: `CYCLES` (default 60), `CYCLES_NODES` (3 by default, up to 7),
 //! `CYCLES_SEED` (default: from the clock; always printed), `CYCLES_ARGS` (extra server
-//! arguments, split on spaces: `CYCLES_ARGS='--replication async'`, which may lose
-//! acknowledged writes on a failover, shows the check catching lost writes). The seed fixes the choices
+//! arguments, split on spaces). `a_lost_write_is_caught`, which runs first, shows that the
+//! check can fail: it plants a `FLUSHALL` on the leader in a 3-cycle run and expects a lost
+//! write reported (its failure output and the nodes' logs are part of the output). The seed fixes the choices
 //! (which node, how long to write, how long it stays down, the writers' operations), not
 //! the timing of real processes, so a replay follows the same plan, not the same
 //! interleaving.
@@ -638,6 +639,24 @@ fn current_leader(c: &mut Cluster) -> Option<u64> {
         .map(|(id, _)| id)
 }
 
+/// `FLUSHALL` on whichever node leads (retried until one answers `+OK`).
+fn plant_flushall(c: &Cluster, n: u64) {
+    let deadline = Instant::now() + CHECK_DEADLINE;
+    loop {
+        for id in 1..=n {
+            let mut client = Client {
+                port: c.port(id),
+                conn: None,
+            };
+            if let Outcome::Done(_) = client.call(&args(&["FLUSHALL"])) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "no node took FLUSHALL");
+        thread::sleep(POLL);
+    }
+}
+
 /// Prints the seed and the cycle when the test thread panics.
 struct Context {
     seed: u64,
@@ -656,11 +675,24 @@ impl Drop for Context {
     }
 }
 
+/// What one run does.
+struct Plan {
+    cycles: u64,
+    nodes: u64,
+    seed: u64,
+    /// Extra server arguments.
+    extra: Vec<String>,
+    /// Plants a loss: `FLUSHALL` on the leader after this cycle's restart, before its check.
+    flush_after: Option<u64>,
+}
+
 #[test]
 fn crash_cycles() {
-    let cycles = env_u64("CYCLES").unwrap_or(60);
-    let n = env_u64("CYCLES_NODES").unwrap_or(3);
-    assert!((3..=7).contains(&n), "CYCLES_NODES={n}: 3 to 7 nodes");
+    let nodes = env_u64("CYCLES_NODES").unwrap_or(3);
+    assert!(
+        (3..=7).contains(&nodes),
+        "CYCLES_NODES={nodes}: 3 to 7 nodes"
+    );
     let seed = env_u64("CYCLES_SEED").unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -668,14 +700,58 @@ fn crash_cycles() {
             .as_nanos() as u64
             % 1_000_000_007
     });
+    run(&Plan {
+        cycles: env_u64("CYCLES").unwrap_or(60),
+        nodes,
+        seed,
+        extra: std::env::var("CYCLES_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
+        flush_after: None,
+    });
+}
+
+/// The check must be able to fail: a `FLUSHALL` on the leader (every acknowledged write
+/// gone) after cycle 1 must be reported as a lost write. (Its failure output, logs
+/// included, is expected.)
+#[test]
+fn a_lost_write_is_caught() {
+    println!(
+        "a planted loss: FLUSHALL on the leader after cycle 1; the failure and node logs that \
+         follow are expected"
+    );
+    let plan = Plan {
+        cycles: 3,
+        nodes: 3,
+        seed: 1,
+        extra: Vec::new(),
+        flush_after: Some(1),
+    };
+    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&plan)))
+        .expect_err("a FLUSHALL on the leader went unnoticed by the check");
+    let msg = err
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(
+        msg.contains("LOST") || msg.contains("an acknowledged write lost"),
+        "the planted loss failed the run for another reason: {msg}"
+    );
+    println!("a planted loss: caught");
+}
+
+fn run(plan: &Plan) {
+    let (cycles, n, seed) = (plan.cycles, plan.nodes, plan.seed);
     println!(
         "crash cycles: seed {seed} (replay the same plan with CYCLES_SEED={seed}), {n} nodes, \
          {cycles} cycles, {WRITERS} writers"
     );
     let started = Instant::now();
     let mut rng = Rng::new(seed);
-    let extra = std::env::var("CYCLES_ARGS").unwrap_or_default();
-    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let extra: Vec<&str> = plan.extra.iter().map(String::as_str).collect();
     if !extra.is_empty() {
         println!("crash cycles: server arguments {extra:?}");
     }
@@ -790,6 +866,10 @@ fn crash_cycles() {
             let waited = t0.elapsed();
             longest_election = longest_election.max(waited);
 
+            if plan.flush_after == Some(cycle) {
+                ctx.what = "planting a loss";
+                plant_flushall(&c, n);
+            }
             ctx.what = "checking every acknowledged write";
             let full = cycle % 10 == 9;
             let before = shared.keys_checked.load(Ordering::SeqCst);

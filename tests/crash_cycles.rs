@@ -13,8 +13,9 @@
 //! ```
 //!
 //! Environment: `CYCLES` (default 60), `CYCLES_NODES` (3 by default, up to 7),
-//! `CYCLES_SEED` (default: from the clock; always printed), `CYCLES_ARGS` (extra server
-//! arguments, split on spaces). `a_lost_write_is_caught`, which runs first, shows that the
+//! `CYCLES_SEED` (default: from the clock; always printed), `CYCLES_ARGS` (the servers'
+//! extra arguments, split on spaces; default [`DEFAULT_ARGS`]: small segments and early
+//! compaction). `a_lost_write_is_caught`, which runs first, shows that the
 //! check can fail: it plants a `FLUSHALL` on the leader in a 3-cycle run and expects a lost
 //! write reported (its failure output and the nodes' logs are part of the output). The seed fixes the choices
 //! (which node, how long to write, how long it stays down, the writers' operations), not
@@ -66,7 +67,7 @@ use common::POLL;
 use common::cluster::Cluster;
 use kvstore::client::Connection;
 use kvstore::protocol::Value;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -88,6 +89,10 @@ const CHECK_DEADLINE: Duration = Duration::from_secs(30);
 const PROGRESS_DEADLINE: Duration = Duration::from_secs(30);
 /// Acknowledged writes (all writers together) between a check and the next kill, at least.
 const WRITES_PER_CYCLE: u64 = 40;
+/// Server arguments unless `CYCLES_ARGS` says otherwise: small log segments and an early
+/// compaction, so kills also land during segment roll-overs, compactions and snapshot
+/// transfers to a restarted follower (the log grows by about 100 KB a second).
+const DEFAULT_ARGS: &str = "--segment-size 262144 --compact-min-size 1048576";
 /// Operations a key remembers, for the failure message.
 const HISTORY: usize = 6;
 
@@ -705,7 +710,7 @@ fn crash_cycles() {
         nodes,
         seed,
         extra: std::env::var("CYCLES_ARGS")
-            .unwrap_or_default()
+            .unwrap_or_else(|_| DEFAULT_ARGS.to_string())
             .split_whitespace()
             .map(String::from)
             .collect(),
@@ -768,6 +773,8 @@ fn run(plan: &Plan) {
     let mut follower_kills = 0u64;
     let mut all_at_once = 0u64;
     let mut longest_election = Duration::ZERO;
+    // Log segments and snapshots seen in any node's data dir (after each restart).
+    let mut files_seen: HashSet<String> = HashSet::new();
 
     thread::scope(|s| {
         let _stop = StopOnDrop(&shared.stop);
@@ -865,6 +872,16 @@ fn run(plan: &Plan) {
             let new_leader = c.wait_for_leader();
             let waited = t0.elapsed();
             longest_election = longest_election.max(waited);
+            for id in 1..=n {
+                let dir = c.node(id).data_dir().path().to_path_buf();
+                if let Ok(entries) = std::fs::read_dir(&dir) {
+                    files_seen.extend(entries.filter_map(|e| {
+                        let name = e.ok()?.file_name().to_string_lossy().into_owned();
+                        (name.starts_with("wal-") || name.starts_with("snapshot-"))
+                            .then(|| format!("{id}/{name}"))
+                    }));
+                }
+            }
 
             if plan.flush_after == Some(cycle) {
                 ctx.what = "planting a loss";
@@ -921,5 +938,20 @@ fn run(plan: &Plan) {
          {:.1?} in all",
         all_at_once * n,
         started.elapsed()
+    );
+    let count = |prefix: &str| {
+        files_seen
+            .iter()
+            .filter(|f| {
+                f.split_once('/')
+                    .is_some_and(|(_, n)| n.starts_with(prefix))
+            })
+            .count()
+    };
+    println!(
+        "crash cycles: {} log segments and {} snapshots seen in the nodes' data dirs \
+         (all nodes together)",
+        count("wal-"),
+        count("snapshot-")
     );
 }

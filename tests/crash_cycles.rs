@@ -955,3 +955,58 @@ fn run(plan: &Plan) {
         count("snapshot-")
     );
 }
+
+/// The product bug the long run found (seed 515823845, cycle 761): a follower killed and
+/// restarted while its leader compacts its log past the follower's last entry hears
+/// nothing from the leader but snapshot chunks, which it refuses ("node 3 is not this
+/// node's leader and was not asked"): a leader sends a follower behind its snapshot no
+/// `Append` or `Heartbeat` (replication.rs, `send_append`), and only those make a node
+/// follow. It never catches up. Ignored until fixed:
+/// `cargo test --release --test crash_cycles stuck -- --ignored --nocapture`.
+#[test]
+#[ignore = "product bug: a follower behind the leader's snapshot after a restart never follows it"]
+fn a_follower_restarted_behind_the_snapshot_follows_the_leader() {
+    let mut c = Cluster::start(
+        3,
+        &["--segment-size", "16384", "--compact-min-size", "65536"],
+    );
+    c.wait_for_leader();
+    let shared = Shared::new();
+    thread::scope(|s| {
+        let _stop = StopOnDrop(&shared.stop);
+        for t in 0..2 {
+            let w = Writer::new(t, 1, Router::new(&c, t), &shared);
+            s.spawn(move || w.run());
+        }
+        for round in 0..5 {
+            let leader = current_leader(&mut c).expect("a leader");
+            let victim = (1..=3).find(|&id| id != leader).expect("a follower");
+            let snaps = |c: &Cluster| -> Vec<String> {
+                let mut v: Vec<String> = std::fs::read_dir(c.node(leader).data_dir().path())
+                    .expect("leader's data dir")
+                    .filter_map(|e| {
+                        let n = e.ok()?.file_name().to_string_lossy().into_owned();
+                        n.starts_with("snapshot-").then_some(n)
+                    })
+                    .collect();
+                v.sort();
+                v
+            };
+            let before = snaps(&c);
+            c.kill9(victim);
+            common::wait_until(
+                Duration::from_secs(30),
+                "the leader compacts its log while the follower is down",
+                || snaps(&c).last() != before.last(),
+            );
+            c.restart(victim);
+            let t0 = Instant::now();
+            c.wait_for_leader();
+            println!(
+                "round {round}: follower {victim} restarted behind leader {leader}'s snapshot \
+                 follows it after {:.2?}",
+                t0.elapsed()
+            );
+        }
+    });
+}

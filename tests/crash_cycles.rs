@@ -15,12 +15,12 @@
 //! Environment: `CYCLES` (default 60), `CYCLES_NODES` (3 by default, up to 7),
 //! `CYCLES_SEED` (default: from the clock; always printed), `CYCLES_ARGS` (the servers'
 //! extra arguments, split on spaces; default [`DEFAULT_ARGS`]: small segments and early
-//! compaction). `a_lost_write_is_caught`, which runs first, shows that the
-//! check can fail: it plants a `FLUSHALL` on the leader in a 3-cycle run and expects a lost
-//! write reported (its failure output and the nodes' logs are part of the output). The seed fixes the choices
-//! (which node, how long to write, how long it stays down, the writers' operations), not
-//! the timing of real processes, so a replay follows the same plan, not the same
-//! interleaving.
+//! compaction). `a_lost_write_is_caught` (in the same target) shows that the check can
+//! fail: it plants a `FLUSHALL` on the leader in a 3-cycle run and expects a lost write
+//! reported (its failure output and the nodes' logs are part of the output). The seed
+//! fixes the choices (which node, how long to write, how long it stays down, the writers'
+//! operations), not the timing of real processes, so a replay follows the same plan, not
+//! the same interleaving.
 //!
 //! What runs, all the time: [`WRITERS`] threads, each with its own keys, doing `SET` (a
 //! value unique per write), `DEL` and `INCR` on its own counter, through a client that
@@ -956,15 +956,13 @@ fn run(plan: &Plan) {
     );
 }
 
-/// The product bug the long run found (seed 515823845, cycle 761): a follower killed and
-/// restarted while its leader compacts its log past the follower's last entry hears
-/// nothing from the leader but snapshot chunks, which it refuses ("node 3 is not this
-/// node's leader and was not asked"): a leader sends a follower behind its snapshot no
-/// `Append` or `Heartbeat` (replication.rs, `send_append`), and only those make a node
-/// follow. It never catches up. Ignored until fixed:
-/// `cargo test --release --test crash_cycles stuck -- --ignored --nocapture`.
+/// The product bug the long run found (seed 515823845, cycle 761), fixed: a follower killed
+/// and restarted while its leader compacted its log past the follower's last entry heard
+/// nothing from the leader but snapshot chunks, which it refused ("node 3 is not this
+/// node's leader and was not asked"): a leader sent a follower behind its snapshot no
+/// `Append` and no `Heartbeat` (replication.rs, `broadcast`), and only those make a node
+/// follow. It never caught up. Without the fix this fails within a few rounds.
 #[test]
-#[ignore = "product bug: a follower behind the leader's snapshot after a restart never follows it"]
 fn a_follower_restarted_behind_the_snapshot_follows_the_leader() {
     let mut c = Cluster::start(
         3,

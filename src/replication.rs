@@ -359,8 +359,15 @@ impl Node {
     }
 
     /// A heartbeat round: entries to whoever lags, a heartbeat to the rest.
+    ///
+    /// A follower behind the log's snapshot gets no entries (`send_append` pushes the
+    /// snapshot instead), so it gets a heartbeat too: without one, a node that restarted
+    /// meanwhile never hears that we lead, and refuses the snapshot's chunks from a node
+    /// that is not its leader. It answers with a reject (it lacks our last entry), which
+    /// changes nothing here: `send_append` again, the snapshot push rate-limited.
     fn broadcast(&mut self, log: &dyn LogStore, fx: &mut Vec<Effect>) {
         let last = Pos::from(log.last());
+        let snap = log.snapshot().0;
         let (epoch, now, commit) = (self.epoch, self.now, self.commit);
         let RoleState::Leader(l) = &mut self.role else {
             return;
@@ -371,7 +378,8 @@ impl Node {
                 // Resend what was not acknowledged: repairs lost messages.
                 p.next = p.matched + 1;
                 lagging.push(to);
-            } else {
+            }
+            if p.matched >= last.index || p.matched < snap {
                 fx.push(Effect::Send {
                     to,
                     msg: crate::message::Message {

@@ -712,6 +712,7 @@ scripts!(
     old_epoch_commits_with_noop,
     leader_pulls_missing_entries,
     snapshot_catch_up,
+    snapshot_catch_up_after_heartbeats,
     replication_modes,
     replication_async,
     crash_all_keeps_committed,

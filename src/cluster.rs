@@ -23,6 +23,8 @@ pub enum Redirect {
     Moved(String),
     /// No leader right now (an election is under way): retry.
     NoLeader,
+    /// This node leads (or was just elected) but may not serve now; the text says why.
+    Unavailable(&'static str),
 }
 
 impl Redirect {
@@ -32,6 +34,7 @@ impl Redirect {
         match self {
             Redirect::Moved(addr) => format!("MOVED 0 {addr}"),
             Redirect::NoLeader => "CLUSTERDOWN no leader elected".to_string(),
+            Redirect::Unavailable(why) => format!("CLUSTERDOWN {why}: retry"),
         }
     }
 }
@@ -113,6 +116,15 @@ impl RoleInfo {
     fn redirect(&self) -> Redirect {
         match (&self.leader, &self.leader_addr) {
             (Some(l), Some(addr)) if *l != self.node_id => Redirect::Moved(addr.clone()),
+            // Saying "no leader elected" here would send an operator looking for an
+            // election that is not happening.
+            (Some(l), _) if *l == self.node_id => Redirect::Unavailable(match self.role {
+                Role::Leader if self.handing_over => {
+                    "this leader is handing over to a returning node"
+                }
+                Role::Leader => "this leader cannot reach a majority (its lease lapsed)",
+                _ => "this node was elected but is not serving yet",
+            }),
             _ => Redirect::NoLeader,
         }
     }
@@ -197,13 +209,17 @@ mod tests {
         assert_eq!(st.read_gate(), Ok(()));
         info.handing_over = true;
         st.publish(info.clone());
-        assert!(st.write_gate().is_err());
+        assert_eq!(
+            st.write_gate().unwrap_err().reply(),
+            "CLUSTERDOWN this leader is handing over to a returning node: retry"
+        );
         assert_eq!(st.read_gate(), Ok(()));
-        // A lapsed lease serves nothing, whatever the role says.
+        // A lapsed lease serves nothing, whatever the role says, and says why.
         info.handing_over = false;
         info.lease_until = Some(Instant::now() - Duration::from_millis(1));
         st.publish(info);
-        assert_eq!(st.read_gate(), Err(Redirect::NoLeader));
-        assert_eq!(st.write_gate(), Err(Redirect::NoLeader));
+        let lapsed = "CLUSTERDOWN this leader cannot reach a majority (its lease lapsed): retry";
+        assert_eq!(st.read_gate().unwrap_err().reply(), lapsed);
+        assert_eq!(st.write_gate().unwrap_err().reply(), lapsed);
     }
 }

@@ -335,15 +335,22 @@ fn a_leader_whose_lease_lapsed_serves_nothing() {
         lease_until: Some(Instant::now() - Duration::from_millis(1)),
         ..leader_info(vec![])
     });
-    assert_eq!(c.req("GET k"), clusterdown());
-    assert_eq!(c.req("SET k 2"), clusterdown());
+    // It says why: no election is under way.
+    let lapsed = Value::Error(
+        "CLUSTERDOWN this leader cannot reach a majority (its lease lapsed): retry".into(),
+    );
+    assert_eq!(c.req("GET k"), lapsed);
+    assert_eq!(c.req("SET k 2"), lapsed);
     // A leader handing over reads but takes no write.
     n.publish(RoleInfo {
         handing_over: true,
         ..leader_info(vec![])
     });
     assert_eq!(c.req("GET k"), bulk("1"));
-    assert_eq!(c.req("SET k 2"), clusterdown());
+    assert_eq!(
+        c.req("SET k 2"),
+        Value::Error("CLUSTERDOWN this leader is handing over to a returning node: retry".into())
+    );
     assert_eq!(n.ctx.store.get(b"k"), Some(b"1".to_vec()));
 }
 

@@ -1109,8 +1109,10 @@ fn sleep_until(t: Instant) {
     }
 }
 
-/// Waits until every follower has applied the leader's log, then compares each one's
-/// own copy (`READONLY`) of every key with the leader's final values.
+/// Waits until every follower has the leader's log and its own copy (`READONLY`) of
+/// every key equals the leader's final value; reports a follower that does not get
+/// there within 30 s. (Equal indexes in INFO alone could be read a moment before the
+/// follower applied its last entries, so the comparison itself is retried.)
 fn converged(
     cluster: &mut Cluster,
     leader: u64,
@@ -1121,7 +1123,7 @@ fn converged(
     let index = |f: &HashMap<String, String>, k: &str| -> Option<u64> { f.get(k)?.parse().ok() };
     let deadline = Instant::now() + Duration::from_secs(30);
     for id in (1..=cluster.size()).filter(|&i| i != leader) {
-        loop {
+        let differs = loop {
             let l = cluster.replication(leader);
             let f = cluster.replication(id);
             let caught_up = match (&l, &f) {
@@ -1132,42 +1134,51 @@ fn converged(
                 }
                 _ => false,
             };
-            if caught_up {
-                break;
-            }
-            if Instant::now() >= deadline {
-                violations.push(format!(
-                    "node {id} did not catch up with leader {leader} within 30 s: {f:?} vs {l:?}"
-                ));
-                return;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let mut c = Conn::open(cluster.port(id)).expect("connect to a follower");
-        assert_eq!(
-            c.call(&[b"READONLY"]).expect("READONLY"),
-            Reply::Status("OK".into())
-        );
-        for key in keys {
-            let got = match c.call(&[b"GET", key]).expect("GET on a follower") {
-                Reply::Bulk(v) => v,
-                other => panic!("READONLY GET answered {other:?}"),
+            let differs = if caught_up {
+                follower_differs(cluster.port(id), keys, finals)
+            } else {
+                Some(format!("not caught up: {f:?} vs the leader's {l:?}"))
             };
-            if Some(&got) != finals.get(key) {
-                violations.push(format!(
-                    "node {id} diverged on {}: {:?} vs the leader's {:?}",
-                    String::from_utf8_lossy(key),
-                    got.map(|v| String::from_utf8_lossy(&v).into_owned()),
-                    finals
-                        .get(key)
-                        .cloned()
-                        .flatten()
-                        .map(|v| String::from_utf8_lossy(&v).into_owned()),
-                ));
-                return;
+            match differs {
+                None => break None,
+                Some(d) if Instant::now() >= deadline => break Some(d),
+                Some(_) => thread::sleep(Duration::from_millis(50)),
             }
+        };
+        if let Some(d) = differs {
+            violations.push(format!(
+                "node {id} did not converge with leader {leader} within 30 s: {d}"
+            ));
         }
     }
+}
+
+/// The first key whose `READONLY` value on the node at `port` is not the leader's.
+fn follower_differs(port: u16, keys: &[Vec<u8>], finals: &lin::FinalValues) -> Option<String> {
+    let mut c = match Conn::open(port) {
+        Ok(c) => c,
+        Err(e) => return Some(format!("cannot connect: {e}")),
+    };
+    if c.call(&[b"READONLY"]).ok() != Some(Reply::Status("OK".into())) {
+        return Some("READONLY refused".into());
+    }
+    for key in keys {
+        let got = match c.call(&[b"GET", key]) {
+            Ok(Reply::Bulk(v)) => v,
+            other => return Some(format!("READONLY GET answered {other:?}")),
+        };
+        let want = finals.get(key).cloned().flatten();
+        if got != want {
+            let show = |v: Option<Vec<u8>>| v.map(|v| String::from_utf8_lossy(&v).into_owned());
+            return Some(format!(
+                "{} is {:?}, the leader's {:?}",
+                String::from_utf8_lossy(key),
+                show(got),
+                show(want)
+            ));
+        }
+    }
+    None
 }
 
 fn write_history(

@@ -293,6 +293,9 @@ pub fn group(name: &str) -> &'static str {
 pub struct Settings {
     pub requirepass: Option<String>,
     pub max_clients: usize,
+    /// Connections a cluster member accepts past `max_clients` for its peers only
+    /// ([`crate::server::peer_reserve`]); 0 on a single node.
+    pub peer_reserve: usize,
     pub port: u16,
     pub bind: String,
     pub proto_max_bulk_len: usize,
@@ -308,6 +311,7 @@ impl Default for Settings {
         Settings {
             requirepass: None,
             max_clients: 10_000,
+            peer_reserve: 0,
             port: 0,
             bind: "127.0.0.1".into(),
             proto_max_bulk_len: 512 << 20,
@@ -323,7 +327,15 @@ impl Default for Settings {
 pub struct ServerStats {
     pub total_connections: AtomicU64,
     pub rejected_connections: AtomicU64,
+    /// Connections in client slots (`--max-clients`): clients, and connections that
+    /// opened with `PEER HELLO` in a client slot until they prove the secret (INFO
+    /// `connected_clients`).
     pub connected_clients: AtomicU64,
+    /// Connections in peer slots (`Settings::peer_reserve`): those accepted in the
+    /// reserve while the client slots were full (waiting for `PEER HELLO`, or in the
+    /// handshake), and every inbound peer link that proved the secret, wherever it was
+    /// accepted (INFO `cluster_connections`, as Redis names its cluster-bus links).
+    pub peer_connections: AtomicU64,
     pub total_commands: AtomicU64,
     pub keyspace_hits: AtomicU64,
     pub keyspace_misses: AtomicU64,

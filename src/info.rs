@@ -112,6 +112,7 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
         "clients" => vec![
             ("connected_clients", get(&st.connected_clients)),
             ("maxclients", ctx.settings.max_clients.to_string()),
+            ("cluster_connections", get(&st.peer_connections)),
             ("blocked_clients", "0".into()),
         ],
         "memory" => {

@@ -102,7 +102,8 @@ struct ServerArgs {
     #[arg(long, env = "KVSTORE_REQUIREPASS", hide_env_values = true)]
     requirepass: Option<String>,
     /// Refuse connections beyond this many clients (lowered at start to what the
-    /// open-files limit allows, after raising it as far as possible).
+    /// open-files limit allows, after raising it as far as possible). A cluster member
+    /// keeps a few more slots for its peers' links, which never count here.
     #[arg(long, env = "KVSTORE_MAX_CLIENTS", default_value_t = 10_000)]
     max_clients: usize,
     /// Close a client whose unprocessed input (buffered bytes plus the arguments of an
@@ -292,7 +293,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
     };
     let member = !cluster.peers.is_empty();
     // Before anything opens files: raise the descriptor limit, or fit the clients in it.
-    let max_clients = match server::fit_open_files_limit(a.max_clients) {
+    let max_clients = match server::fit_open_files_limit(a.max_clients, cluster.peers.len()) {
         Ok(n) => n,
         Err(e) => {
             log::error!("{e}");
@@ -327,6 +328,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
         settings: Settings {
             requirepass: a.requirepass.filter(|p| !p.is_empty()),
             max_clients,
+            peer_reserve: server::peer_reserve(cluster.peers.len()),
             port: a.port,
             bind: a.bind,
             proto_max_bulk_len: a.proto_max_bulk_len,

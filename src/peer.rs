@@ -1055,8 +1055,11 @@ impl PeerNet {
     /// calls this on the connection's thread, with the bytes that followed the
     /// request). Finishes the handshake and, if the dialer proves itself, receives its
     /// messages until the link closes; returns then. Refusals are logged here.
-    pub fn accept(&self, stream: TcpStream, hello: Hello, leftover: &[u8]) {
-        self.inner.accept(stream, hello, leftover);
+    /// `on_up` runs once the dialer has proved the secret and the link is registered,
+    /// before its first message is read (the server moves the connection out of its
+    /// client slot there).
+    pub fn accept(&self, stream: TcpStream, hello: Hello, leftover: &[u8], on_up: impl FnOnce()) {
+        self.inner.accept(stream, hello, leftover, on_up);
     }
 
     /// Stops the dialers and closes every link (idempotent).
@@ -1297,7 +1300,7 @@ impl Inner {
     }
 
     /// The acceptor's side: handshake, then receive until the link closes.
-    fn accept(&self, stream: TcpStream, hello: Hello, leftover: &[u8]) {
+    fn accept(&self, stream: TcpStream, hello: Hello, leftover: &[u8], on_up: impl FnOnce()) {
         let addr = stream
             .peer_addr()
             .map(|a| a.to_string())
@@ -1406,6 +1409,7 @@ impl Inner {
             return;
         }
         log::info!("peer link from node {claimed} at {addr} is up");
+        on_up();
         self.set_status(claimed, |st| {
             st.inbound = LinkStatus {
                 connected: true,

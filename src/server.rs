@@ -33,8 +33,9 @@
 //!
 //! Descriptors: at start, [`fit_open_files_limit`] raises the soft `RLIMIT_NOFILE` as far
 //! as the hard one allows and lowers `--max-clients` to what fits (as Redis's
-//! `adjustOpenFilesLimit`), so the next client gets `-ERR max number of clients
-//! reached` instead of an accept that fails. If accept fails anyway (descriptors taken
+//! `adjustOpenFilesLimit`), after keeping [`RESERVED_FDS`] for the server and, on a
+//! cluster member, [`peer_fds`] for the peer links, so the next client gets `-ERR max
+//! number of clients reached` instead of an accept that fails. If accept fails anyway (descriptors taken
 //! elsewhere), the loop backs off and warns at most once a second.
 //!
 //! Shutdown ([`ShutdownHandle::shutdown`], SIGTERM/SIGINT in the binary, the SHUTDOWN
@@ -51,6 +52,22 @@
 //! serving, and its thread becomes [`PeerNet::accept`], which finishes the handshake and
 //! receives that peer's messages. Without one, or for a malformed `PEER`, the client
 //! just gets an error reply.
+//!
+//! Slots ([`admit`]): a connection is accepted in one of `--max-clients` *client
+//! slots* while one is free. Past them, a cluster member (only) still accepts up to
+//! [`peer_reserve`] connections in *peer slots* (2 per configured peer and 4 more, see
+//! [`PEER_SLOTS_PER_PEER`]), as Redis keeps its cluster bus off the client limit by
+//! giving it its own port: such a connection is peer-only ([`serve_peer_only`]), its
+//! first request must be `PEER HELLO` within [`PEER_ONLY_TIMEOUT`] (or `PEER ID`),
+//! anything else gets `-ERR max number of clients reached` and is closed, so a client
+//! gets exactly what it got before. Past the peer slots too, connections are refused at
+//! accept. A connection that opened with `PEER HELLO` in a client slot keeps it until
+//! the dialer proves the secret, then moves to a peer slot (if one is free), so proved
+//! peer links never use up `--max-clients`, while a stranger's unproved HELLO costs a
+//! client slot like any client. INFO: `connected_clients` counts client slots in use,
+//! `cluster_connections` peer slots in use (proved inbound links included),
+//! `rejected_connections` connections refused for lack of a slot (at accept, or in a
+//! peer slot for not being a peer).
 
 use crate::commands::{self, Context, Dispatched, Reply, Session, Settings};
 use crate::db::{Op, OpResult};
@@ -87,6 +104,84 @@ pub const FDS_PER_CLIENT: u64 = 1;
 /// snapshots, the data directory, the socket of a client being refused (Redis keeps
 /// the same 32, `CONFIG_MIN_RESERVED_FDS`).
 pub const RESERVED_FDS: u64 = 32;
+/// Peer slots per configured peer: its inbound link (a second one proving the same id
+/// is refused as a duplicate, so one at a time), and its next dial while our side still
+/// holds the old link (a link that broke on the way is noticed here only at the idle
+/// timeout; meanwhile the peer redials every second at most, and each attempt is
+/// refused as a duplicate once it has proved the secret).
+pub const PEER_SLOTS_PER_PEER: usize = 2;
+/// Peer slots on top of those, for reconnect churn: attempts that have not been
+/// refused yet, a peer's `PEER ID` at its start, a stranger's connection that takes a
+/// slot for the moment it needs to be answered.
+pub const PEER_SLOTS_CHURN: usize = 4;
+/// Descriptors a peer slot may hold: an inbound link keeps the server's socket, the
+/// clone handed to the peer links, and the clone they keep to shut it down.
+pub const FDS_PER_PEER_SLOT: u64 = 3;
+/// Descriptors of one of our own dialers (its socket, and the clone kept to shut it).
+pub const FDS_PER_DIALER: u64 = 2;
+/// How long a connection in a peer slot may take to send its first request.
+pub const PEER_ONLY_TIMEOUT: Duration = peer::HANDSHAKE_TIMEOUT;
+/// The most a connection in a peer slot may send before its first request is whole
+/// (`PEER HELLO` takes about 100 bytes).
+const PEER_ONLY_MAX_INPUT: usize = 4096;
+
+/// Peer slots of a node with `peers` configured peers: connections it accepts past
+/// `--max-clients`, for its peers only. 0 on a single node, where nothing changes.
+pub fn peer_reserve(peers: usize) -> usize {
+    if peers == 0 {
+        0
+    } else {
+        peers * PEER_SLOTS_PER_PEER + PEER_SLOTS_CHURN
+    }
+}
+
+/// Descriptors the peer links of a node with `peers` peers may hold: every peer slot
+/// and our own dialers. Counted in the open-files plan ([`fit_open_files_limit`]).
+pub fn peer_fds(peers: usize) -> u64 {
+    (peer_reserve(peers) as u64)
+        .saturating_mul(FDS_PER_PEER_SLOT)
+        .saturating_add((peers as u64).saturating_mul(FDS_PER_DIALER))
+}
+
+/// What the accept loop does with a new connection ([`admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// A client slot: served as any client.
+    Client,
+    /// The client slots are full, a peer slot is free: the connection may only open a
+    /// peer link. Its first request must be `PEER HELLO` (or `PEER ID`); anything else
+    /// gets `-ERR max number of clients reached` and is closed.
+    PeerOnly,
+    /// Nothing free: `-ERR max number of clients reached` at once.
+    Refuse,
+}
+
+/// The accept decision: `clients` connections in client slots out of `max_clients`,
+/// `peer_slots_used` in peer slots out of `peer_reserve` (0 on a single node).
+pub fn admit(
+    clients: usize,
+    max_clients: usize,
+    peer_slots_used: usize,
+    peer_reserve: usize,
+) -> Admit {
+    if clients < max_clients {
+        Admit::Client
+    } else if peer_slots_used < peer_reserve {
+        Admit::PeerOnly
+    } else {
+        Admit::Refuse
+    }
+}
+
+/// Takes a peer slot if one is free (atomically: the accept loop and connections moving
+/// out of client slots take them concurrently, and together never exceed `reserve`).
+fn take_peer_slot(used: &AtomicU64, reserve: usize) -> bool {
+    used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+        (n < reserve as u64).then_some(n + 1)
+    })
+    .is_ok()
+}
+
 /// Wakes a connection thread from `ppoll` when the log writer hands it unsent replies.
 /// Blocked in that thread except inside `ppoll` (so it cannot be missed: one sent early
 /// stays pending), and handled by a no-op everywhere, so a stray one harms nothing.
@@ -270,15 +365,24 @@ impl Server {
                 }
             };
             ctx.stats.total_connections.fetch_add(1, Ordering::Relaxed);
-            let clients = ctx.stats.connected_clients.load(Ordering::Relaxed) as usize;
-            if clients >= ctx.settings.max_clients {
-                ctx.stats
-                    .rejected_connections
-                    .fetch_add(1, Ordering::Relaxed);
-                reject(stream, "ERR max number of clients reached");
-                continue;
+            let st = &ctx.stats;
+            let reserve = ctx.settings.peer_reserve;
+            let decision = admit(
+                st.connected_clients.load(Ordering::SeqCst) as usize,
+                ctx.settings.max_clients,
+                st.peer_connections.load(Ordering::SeqCst) as usize,
+                reserve,
+            );
+            match decision {
+                Admit::Client => self.spawn_connection(stream),
+                Admit::PeerOnly if take_peer_slot(&st.peer_connections, reserve) => {
+                    self.spawn_peer_only(stream)
+                }
+                Admit::PeerOnly | Admit::Refuse => {
+                    st.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                    reject(stream, MAX_CLIENTS_REACHED);
+                }
             }
-            self.spawn_connection(stream);
         }
         drop(self.listener);
         ctx.note_shutdown();
@@ -310,6 +414,8 @@ impl Server {
         let session = ctx.register(addr);
         let id = session.id;
         ctx.stats.connected_clients.fetch_add(1, Ordering::SeqCst);
+        // Set when the connection became a proved peer link and moved to a peer slot.
+        let in_peer_slot = Arc::new(AtomicBool::new(false));
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(ConnShared {
             ctx: ctx.clone(),
@@ -324,14 +430,16 @@ impl Server {
         let peers = shared.peers.get().cloned();
         let cleanup = {
             let shared = shared.clone();
+            let in_peer_slot = in_peer_slot.clone();
             move || {
                 shared.conns.lock().remove(&id);
                 shared.ctx.unregister(id);
-                shared
-                    .ctx
-                    .stats
-                    .connected_clients
-                    .fetch_sub(1, Ordering::SeqCst);
+                let st = &shared.ctx.stats;
+                if in_peer_slot.load(Ordering::SeqCst) {
+                    st.peer_connections.fetch_sub(1, Ordering::SeqCst);
+                } else {
+                    st.connected_clients.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         };
         let spawned = thread::Builder::new()
@@ -352,8 +460,20 @@ impl Server {
                             };
                         // The connection opened a peer link: this thread is its receiver now.
                         if let (Some((hello, leftover)), Some(net)) = (handoff, &peers) {
+                            // Once the dialer has proved the secret, the link leaves its
+                            // client slot for a peer slot (if one is free: else it keeps
+                            // the client slot), so peers never use up `--max-clients`.
+                            let on_up = || {
+                                let st = &ctx.stats;
+                                let reserve = ctx.settings.peer_reserve;
+                                if take_peer_slot(&st.peer_connections, reserve) {
+                                    in_peer_slot.store(true, Ordering::SeqCst);
+                                    st.connected_clients.fetch_sub(1, Ordering::SeqCst);
+                                    ctx.unregister(id);
+                                }
+                            };
                             match conn.stream.try_clone() {
-                                Ok(stream) => net.accept(stream, hello, &leftover),
+                                Ok(stream) => net.accept(stream, hello, &leftover, on_up),
                                 Err(e) => log::error!(
                                     "cannot hand connection {id} to the peer links: {e}"
                                 ),
@@ -375,6 +495,105 @@ impl Server {
             cleanup();
         }
     }
+
+    /// Starts the thread of a connection accepted in a peer slot (already taken, in
+    /// `peer_connections`): [`serve_peer_only`], then the slot is given back.
+    fn spawn_peer_only(&self, stream: TcpStream) {
+        let shared = self.shared.clone();
+        let limits = self.limits;
+        let release = {
+            let shared = shared.clone();
+            move || {
+                shared
+                    .ctx
+                    .stats
+                    .peer_connections
+                    .fetch_sub(1, Ordering::SeqCst);
+            }
+        };
+        let spawned = thread::Builder::new()
+            .name("peer-slot".into())
+            .stack_size(512 * 1024)
+            .spawn({
+                let release = release.clone();
+                move || {
+                    let _guard = Guard(Some(release));
+                    let r = catch_unwind(AssertUnwindSafe(|| {
+                        serve_peer_only(&shared, stream, limits)
+                    }));
+                    if r.is_err() {
+                        log::error!("a connection in a peer slot panicked and was closed");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a thread for a new connection: {e}");
+            release();
+        }
+    }
+}
+
+/// The reply of a connection refused for lack of a slot (Redis's words).
+const MAX_CLIENTS_REACHED: &str = "ERR max number of clients reached";
+
+/// A connection in a peer slot (the client slots were full when it came): reads its
+/// first request, for at most [`PEER_ONLY_TIMEOUT`] and [`PEER_ONLY_MAX_INPUT`] bytes.
+/// `PEER HELLO` (with the peer links attached) hands it to them; `PEER ID` is answered
+/// (a peer with plain `host:port` peers asks it at its start, `peer::learn_ids`), and
+/// the connection closed; anything else, or nothing in time, gets
+/// `-ERR max number of clients reached`, as at accept, and is counted in
+/// `rejected_connections`.
+fn serve_peer_only(shared: &Shared, stream: TcpStream, limits: Limits) {
+    let ctx = &shared.ctx;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(PEER_ONLY_TIMEOUT));
+    let deadline = Instant::now() + PEER_ONLY_TIMEOUT;
+    let mut input = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let first = loop {
+        // A fresh parser on the whole input each time: it is at most a few KiB.
+        let mut parser = RequestParser::new(limits);
+        parser.set_authenticated(false);
+        match parser.parse(&input) {
+            Ok(Some(request)) => break Some(request),
+            Ok(None) if input.len() < PEER_ONLY_MAX_INPUT => {}
+            _ => break None,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break None;
+        }
+        match (&stream).read(&mut chunk) {
+            // Gone without a request: nothing to answer.
+            Ok(0) => return,
+            Ok(n) => {
+                input.extend_from_slice(&chunk[..n]);
+                ctx.stats
+                    .net_input_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break None,
+        }
+    };
+    if let Some((args, used)) = first
+        && peer::is_peer_command(&args[0])
+    {
+        if args.len() == 2 && args[1].eq_ignore_ascii_case(b"ID") {
+            let id = ctx.settings.node_id;
+            let _ = io::Write::write_all(&mut &stream, format!(":{id}\r\n").as_bytes());
+            return;
+        }
+        if let (Ok(hello), Some(net)) = (Hello::parse(&args), shared.peers.get()) {
+            // Already in a peer slot: nothing moves when the link proves itself.
+            net.accept(stream, hello, &input[used..], || {});
+            return;
+        }
+    }
+    ctx.stats
+        .rejected_connections
+        .fetch_add(1, Ordering::Relaxed);
+    reject(stream, MAX_CLIENTS_REACHED);
 }
 
 /// Runs its closure on drop, so a connection is unregistered even if its thread unwinds.
@@ -1099,12 +1318,14 @@ struct FdPlan {
 }
 
 /// Pure arithmetic of [`fit_open_files_limit`]: with soft limit `soft` and hard limit
-/// `hard`, how far to raise the soft one and how many clients then fit. Err when not
+/// `hard`, and `peer_fds` descriptors kept for the peer links ([`peer_fds`]), how far to raise the soft one and how many clients then fit. Err when not
 /// even one client fits.
-fn fd_plan(max_clients: usize, soft: u64, hard: u64) -> Result<FdPlan, String> {
+fn fd_plan(max_clients: usize, peer_fds: u64, soft: u64, hard: u64) -> Result<FdPlan, String> {
+    // Kept for everything but clients: the server's own, and the peer links'.
+    let kept = RESERVED_FDS.saturating_add(peer_fds);
     let needed = (max_clients as u64)
         .saturating_mul(FDS_PER_CLIENT)
-        .saturating_add(RESERVED_FDS);
+        .saturating_add(kept);
     if soft >= needed {
         return Ok(FdPlan {
             needed,
@@ -1113,13 +1334,13 @@ fn fd_plan(max_clients: usize, soft: u64, hard: u64) -> Result<FdPlan, String> {
         });
     }
     let best = needed.min(hard).max(soft);
-    if best <= RESERVED_FDS {
+    if best <= kept {
         return Err(format!(
             "Your current 'ulimit -n' of {soft} is not enough for the server to start. Please \
              increase your open file limit to at least {needed}. Exiting."
         ));
     }
-    let fit = ((best - RESERVED_FDS) / FDS_PER_CLIENT).min(max_clients as u64) as usize;
+    let fit = ((best - kept) / FDS_PER_CLIENT).min(max_clients as u64) as usize;
     Ok(FdPlan {
         needed,
         raise_to: (best > soft).then_some(best),
@@ -1131,13 +1352,16 @@ fn fd_plan(max_clients: usize, soft: u64, hard: u64) -> Result<FdPlan, String> {
 /// `adjustOpenFilesLimit` does: raises the soft `RLIMIT_NOFILE` as far as the hard one
 /// allows (never above what is needed), and if that is still short, returns a lower
 /// number of clients, saying so in the log. Err (with Redis's message) if the limit is
-/// too low to start at all. Call once at start, before accepting.
-pub fn fit_open_files_limit(max_clients: usize) -> Result<usize, String> {
+/// too low to start at all. Call once at start, before accepting. `peers`: the
+/// configured peers, whose links' descriptors ([`peer_fds`]: the peer slots past
+/// `--max-clients` and our dialers) are kept on top of the clients'.
+pub fn fit_open_files_limit(max_clients: usize, peers: usize) -> Result<usize, String> {
+    let kept = RESERVED_FDS.saturating_add(peer_fds(peers));
     // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         let e = io::Error::last_os_error();
-        let fit = 1024u64.saturating_sub(RESERVED_FDS) / FDS_PER_CLIENT;
+        let fit = 1024u64.saturating_sub(kept) / FDS_PER_CLIENT;
         let fit = (fit as usize).min(max_clients);
         log::warn!(
             "Unable to obtain the current NOFILE limit ({e}), assuming 1024 and setting the \
@@ -1146,14 +1370,14 @@ pub fn fit_open_files_limit(max_clients: usize) -> Result<usize, String> {
         return Ok(fit);
     }
     let (soft, hard) = (lim.rlim_cur as u64, lim.rlim_max as u64);
-    let mut plan = fd_plan(max_clients, soft, hard)?;
+    let mut plan = fd_plan(max_clients, peer_fds(peers), soft, hard)?;
     let mut os_error = None;
     if let Some(to) = plan.raise_to {
         lim.rlim_cur = to as libc::rlim_t;
         // SAFETY: as above.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
             os_error = Some(io::Error::last_os_error());
-            plan = fd_plan(max_clients, soft, soft)?;
+            plan = fd_plan(max_clients, peer_fds(peers), soft, soft)?;
         }
     }
     let now = plan.raise_to.unwrap_or(soft);
@@ -1241,7 +1465,7 @@ mod tests {
         let need = |clients: u64| clients * FDS_PER_CLIENT + RESERVED_FDS;
         // Enough already: nothing changes.
         assert_eq!(
-            fd_plan(100, 1_000_000, 1_000_000),
+            fd_plan(100, 0, 1_000_000, 1_000_000),
             Ok(FdPlan {
                 needed: need(100),
                 raise_to: None,
@@ -1250,7 +1474,7 @@ mod tests {
         );
         // Soft too low, hard enough: raise to exactly what is needed.
         assert_eq!(
-            fd_plan(10_000, 1024, 1 << 20),
+            fd_plan(10_000, 0, 1024, 1 << 20),
             Ok(FdPlan {
                 needed: need(10_000),
                 raise_to: Some(need(10_000)),
@@ -1259,30 +1483,88 @@ mod tests {
         );
         // Unlimited hard limit.
         assert_eq!(
-            fd_plan(10_000, 1024, u64::MAX).unwrap().raise_to,
+            fd_plan(10_000, 0, 1024, u64::MAX).unwrap().raise_to,
             Some(need(10_000))
         );
         // Hard too low: raise to it and fit the clients in.
-        let p = fd_plan(10_000, 1024, 4096).unwrap();
+        let p = fd_plan(10_000, 0, 1024, 4096).unwrap();
         assert_eq!(p.raise_to, Some(4096));
         assert_eq!(
             p.max_clients,
             ((4096 - RESERVED_FDS) / FDS_PER_CLIENT) as usize
         );
         // Soft == hard, too low.
-        let p = fd_plan(10_000, 64, 64).unwrap();
+        let p = fd_plan(10_000, 0, 64, 64).unwrap();
         assert_eq!(p.raise_to, None);
         assert_eq!(
             p.max_clients,
             ((64 - RESERVED_FDS) / FDS_PER_CLIENT) as usize
         );
         // Not even one client fits.
-        let e = fd_plan(10, 32, 32).unwrap_err();
+        let e = fd_plan(10, 0, 32, 32).unwrap_err();
         assert!(e.contains("'ulimit -n' of 32 is not enough"), "{e}");
         // Huge requests do not overflow.
         assert_eq!(
-            fd_plan(usize::MAX, 1024, u64::MAX).unwrap().needed,
+            fd_plan(usize::MAX, 0, 1024, u64::MAX).unwrap().needed,
             u64::MAX
         );
+    }
+
+    #[test]
+    fn fd_plan_keeps_descriptors_for_the_peer_links() {
+        // A member of three: 2 peers, 8 peer slots of 3 descriptors, 2 dialers of 2.
+        assert_eq!(peer_reserve(0), 0);
+        assert_eq!(peer_reserve(2), 8);
+        assert_eq!(peer_fds(0), 0);
+        assert_eq!(peer_fds(2), 8 * FDS_PER_PEER_SLOT + 2 * FDS_PER_DIALER);
+        let kept = RESERVED_FDS + peer_fds(2);
+        let p = fd_plan(100, peer_fds(2), 1024, 1024).unwrap();
+        assert_eq!(p.needed, 100 + kept);
+        assert_eq!((p.raise_to, p.max_clients), (None, 100));
+        // The peers' descriptors come off the clients, not off the server's own.
+        let p = fd_plan(10_000, peer_fds(2), 1024, 1024).unwrap();
+        assert_eq!(p.max_clients, ((1024 - kept) / FDS_PER_CLIENT) as usize);
+        // Room for the peers but not one client: refused, as with no peers.
+        let e = fd_plan(10, peer_fds(2), kept, kept).unwrap_err();
+        assert!(e.contains("is not enough"), "{e}");
+    }
+
+    #[test]
+    fn admit_reserves_peer_slots_past_max_clients() {
+        // Client slots free: a client, whatever the reserve.
+        assert_eq!(admit(0, 10, 0, 0), Admit::Client);
+        assert_eq!(admit(9, 10, 8, 8), Admit::Client);
+        // A single node (no reserve): full means refused, as before.
+        assert_eq!(admit(10, 10, 0, 0), Admit::Refuse);
+        assert_eq!(admit(11, 10, 0, 0), Admit::Refuse);
+        // A member with client slots full: peer-only while the reserve lasts.
+        assert_eq!(admit(10, 10, 0, 8), Admit::PeerOnly);
+        assert_eq!(admit(10, 10, 7, 8), Admit::PeerOnly);
+        assert_eq!(admit(10, 10, 8, 8), Admit::Refuse);
+        // --max-clients 0 (everything refused) still lets peers in.
+        assert_eq!(admit(0, 0, 0, 8), Admit::PeerOnly);
+    }
+
+    #[test]
+    fn peer_slots_are_never_taken_past_the_reserve() {
+        let used = AtomicU64::new(0);
+        assert!(!take_peer_slot(&used, 0));
+        assert!(take_peer_slot(&used, 2));
+        assert!(take_peer_slot(&used, 2));
+        assert!(!take_peer_slot(&used, 2));
+        assert_eq!(used.load(Ordering::SeqCst), 2);
+        // From many threads at once: exactly the reserve is taken.
+        let used = Arc::new(AtomicU64::new(0));
+        let taken: usize = (0..8)
+            .map(|_| {
+                let used = used.clone();
+                thread::spawn(move || (0..100).filter(|_| take_peer_slot(&used, 50)).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum();
+        assert_eq!(taken, 50);
+        assert_eq!(used.load(Ordering::SeqCst), 50);
     }
 }

@@ -90,11 +90,10 @@
 //! (over 1 GiB) and the node buffered what followed: 600 MiB sent gave 1.4 GiB of RSS.
 //! Handshake frames are now held to 4 KiB from their header.
 //!
-//! # A bug, reported
-//!
-//! [`bug_a_node_full_of_idle_clients_refuses_its_peers`] (ignored): peer links take
-//! client slots, so a node whose `--max-clients` slots an attacker holds refuses its own
-//! peers when they dial again after any break. See its doc.
+//! [`a_node_full_of_idle_clients_still_takes_its_peers`]: peer links took client
+//! slots, so a node whose `--max-clients` slots an attacker held refused its own peers
+//! when they dialed again after any break. A cluster member now keeps peer slots past
+//! `--max-clients` for connections that open with `PEER HELLO`.
 //!
 //! The tests take one lock, so they do not run at the same time: thousands of
 //! threads on a two-core machine would starve the cluster's 100 ms heartbeats and cause
@@ -1561,24 +1560,26 @@ fn a_stranger_cannot_flood_the_log_with_malformed_proofs() {
     );
 }
 
-/// BUG (reported, not fixed): peer links take client slots, so a node whose
-/// `--max-clients` slots are all held by idle clients refuses its own cluster's peers
-/// when they dial it again (`-ERR max number of clients reached`, logged by the dialer
-/// as "refused by the other side"). Existing links keep working; one that breaks for any
-/// reason (here: the test cuts the leader's link to node 1 for a moment) cannot come
-/// back while an attacker holds the slots and takes each one that frees. Node 1 then
-/// gets no replication from the leader; with both followers treated this way the
-/// leader would lose its quorum. Redis keeps its cluster bus on a separate port for
-/// this reason; a fix here (a separate peer port, or slots reserved for connections
-/// that open with `PEER HELLO`) is more than a small change.
+/// Regression: peer links took client slots, so a node whose `--max-clients` slots
+/// were all held by idle clients refused its own cluster's peers when they dialed it
+/// again (`-ERR max number of clients reached`): a link that broke for any reason could
+/// not come back while an attacker held the slots and took each one that freed, and
+/// the node got no replication (on two followers the leader would lose its quorum).
+/// A cluster member now keeps peer slots past `--max-clients` (`server::peer_reserve`),
+/// for connections whose first request is `PEER HELLO`; a proved peer link moves out
+/// of its client slot; a client that lands in a peer slot gets the error it got before.
 ///
-/// Run with `cargo test --test hostile bug_ -- --ignored`: it fails at "the leader's
-/// link to node 1 to come back while node 1 is full".
+/// Here: node 1 (of three, `--max-clients 40`) gives all 40 client slots to clients
+/// (its two inbound peer links hold none); a client past them gets the error, also
+/// one that sends nothing; the test cuts the leader's link to node 1 for a moment
+/// while a grabber takes every client slot that frees, and the link comes back;
+/// node 1 still holds 40 clients and its two peer links, and replicates a new write.
 #[test]
-#[ignore = "bug: a node full of idle clients refuses its own peers' reconnections"]
-fn bug_a_node_full_of_idle_clients_refuses_its_peers() {
+fn a_node_full_of_idle_clients_still_takes_its_peers() {
     let _serial = serial();
-    let mut c = Cluster::start(3, &["--fsync", "no", "--max-clients", "40"]);
+    const MAX: usize = 40;
+    let max = MAX.to_string();
+    let mut c = Cluster::start(3, &["--fsync", "no", "--max-clients", &max]);
     wait_until(ELECTION_DEADLINE, "node 3 to lead", || {
         matches!(c.leaders()[..], [(3, _)])
     });
@@ -1589,7 +1590,21 @@ fn bug_a_node_full_of_idle_clients_refuses_its_peers() {
     };
     wait_until(SOON, "the leader to see both followers", || online(&c));
 
-    // Fill node 1 with idle clients, and keep taking every slot that frees.
+    // Node 1's inbound links from nodes 2 and 3 are in peer slots, not client slots.
+    let mut observer = c.conn(1);
+    // It reads node 1's own copy at the end.
+    let () = redis::cmd("READONLY")
+        .query(&mut observer)
+        .expect("READONLY");
+    wait_until(SOON, "node 1's two peer links in peer slots", || {
+        info_field(&mut observer, "clients", "cluster_connections") == "2"
+            && info_field(&mut observer, "clients", "connected_clients") == "1"
+    });
+    let rejected_before: u64 = info_field(&mut observer, "stats", "rejected_connections")
+        .parse()
+        .unwrap();
+
+    // Fill node 1 with idle clients: every client slot but the observer's.
     let port1 = c.port(1);
     let mut held = Vec::new();
     loop {
@@ -1601,6 +1616,22 @@ fn bug_a_node_full_of_idle_clients_refuses_its_peers() {
             other => panic!("filling node 1: {other:?}"),
         }
     }
+    assert_eq!(
+        held.len(),
+        MAX - 1,
+        "client slots given to clients (and the observer)"
+    );
+    // A client that sends nothing gets the same error, once the peer slot's wait for a
+    // first request is over.
+    let mut silent = connect(port1).expect("connect to node 1");
+    assert_eq!(
+        read_line(&mut silent).unwrap(),
+        Answer::Line("-ERR max number of clients reached\r\n".into()),
+        "a silent client past --max-clients"
+    );
+    assert_eq!(read_line(&mut silent).unwrap(), Answer::Closed);
+
+    // Keep taking every client slot that frees.
     let grab = Arc::new(AtomicBool::new(true));
     let grabber = {
         let grab = grab.clone();
@@ -1616,6 +1647,7 @@ fn bug_a_node_full_of_idle_clients_refuses_its_peers() {
                     thread::sleep(Duration::from_millis(2));
                 }
             }
+            mine.len()
         })
     };
 
@@ -1637,10 +1669,49 @@ fn bug_a_node_full_of_idle_clients_refuses_its_peers() {
             Duration::from_secs(10),
             "the leader's link to node 1 to come back while node 1 is full",
             || ups(&c) > ups_before,
-        )
+        );
+        // Still full of clients, with both peer links in peer slots; the grabber's
+        // attempts were refused and counted.
+        wait_until(SOON, "node 1's two peer links back in peer slots", || {
+            info_field(&mut observer, "clients", "cluster_connections") == "2"
+        });
+        assert_eq!(
+            info_field(&mut observer, "clients", "connected_clients"),
+            max,
+            "node 1's client slots"
+        );
+        let rejected: u64 = info_field(&mut observer, "stats", "rejected_connections")
+            .parse()
+            .unwrap();
+        assert!(
+            rejected > rejected_before,
+            "rejected_connections {rejected_before} -> {rejected}"
+        );
+        // Node 1 replicates again: a write on the leader reaches it. (On a loaded
+        // machine a heartbeat may be late and the cluster elect again: the write goes
+        // to whichever node leads; node 1 takes it on the observer's connection.)
+        let set = |con: &mut redis::Connection| {
+            redis::cmd("SET")
+                .arg("after-the-blip")
+                .arg("1")
+                .query::<()>(con)
+                .is_ok()
+        };
+        wait_until(SOON, "a write accepted by the leader", || {
+            set(&mut c.conn(3)) || set(&mut c.conn(2)) || set(&mut observer)
+        });
+        wait_until(SOON, "node 1 to apply the leader's write", || {
+            redis::cmd("GET")
+                .arg("after-the-blip")
+                .query::<Option<String>>(&mut observer)
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some("1")
+        });
     }));
     grab.store(false, Ordering::SeqCst);
-    grabber.join().unwrap();
+    let grabbed = grabber.join().unwrap();
     drop(held);
     if let Err(panic) = came_back {
         let log = c.node(3).log();
@@ -1651,6 +1722,8 @@ fn bug_a_node_full_of_idle_clients_refuses_its_peers() {
         eprintln!("the leader's log about node 1: {refused:#?}");
         std::panic::resume_unwind(panic);
     }
+    // The observer held its slot the whole time: the grabber never got one.
+    assert_eq!(grabbed, 0, "client slots the grabber took");
 }
 
 /// Regression: the first frame after HELLO, read before the dialer has proved anything,

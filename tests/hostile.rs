@@ -1359,7 +1359,9 @@ fn attack_peer_port(node: &Server, t: Target, tape: &Recorded, tally: &Shared<Ta
 }
 
 /// Writes `SET w:i i` to the leader until `stop`; returns how many were acknowledged
-/// and what failed.
+/// and what failed. `-CLUSTERDOWN` (nothing applied: the leader's lease lapsed, which
+/// an overloaded 2-core machine can cause without any attack) is retried, not a
+/// failure; an election would still show as a changed epoch.
 fn writer(port: u16, stop: Arc<AtomicBool>) -> Behaved {
     let mut out = Behaved::default();
     let mut con = redis_conn(port);
@@ -1369,11 +1371,16 @@ fn writer(port: u16, stop: Arc<AtomicBool>) -> Behaved {
             .arg(format!("w:{i}"))
             .arg(i)
             .query(&mut con);
-        if r.as_deref() != Ok("OK") {
-            out.failures.push(format!("SET w:{i}: {r:?}"));
-            break;
+        match r {
+            Ok(ref ok) if ok == "OK" => out.acked = i,
+            Err(ref e) if e.code() == Some("CLUSTERDOWN") => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                out.failures.push(format!("SET w:{i}: {r:?}"));
+                break;
+            }
         }
-        out.acked = i;
     }
     out
 }

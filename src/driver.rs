@@ -87,6 +87,17 @@ struct Transfers {
     /// The peer this node asked for its snapshot (`FetchSnapshot`), and in which epoch:
     /// only its chunks are taken while this node does not follow it.
     fetching: Mutex<Option<(u64, u64)>>,
+    /// By peer: the newest snapshot index it gave up (refused) since its last transfer
+    /// that completed. The next one sent to it must be newer: a node whose committed
+    /// entries diverged (async replication) holds a snapshot of its own at the leader's
+    /// index and refuses it, and sending it again and again would never repair the
+    /// node (found by tests/nemesis.rs in async mode: a node asked for and refused the
+    /// same snapshot every 150 ms, for good).
+    refused: Arc<Mutex<HashMap<u64, u64>>>,
+    /// Peers that acknowledged a chunk of the transfer now running to them: an `Abort`
+    /// after that gave up a transfer under way (a link drop, an epoch change), which
+    /// the same snapshot may finish later; only one before it is a refusal.
+    started: Mutex<std::collections::HashSet<u64>>,
 }
 
 struct Receiving {
@@ -412,11 +423,21 @@ impl Driver {
         drop(sending);
         let (store, net, stall) = (self.store.clone(), self.net.clone(), self.stall);
         let map = self.transfers.sending.clone();
+        let refused = self.transfers.refused.clone();
+        self.transfers.started.lock().remove(&to);
+        // Past what it refused last: when no snapshot is that new, the sender takes one.
+        let log_start = match refused.lock().get(&to) {
+            Some(&index) => log_start.max(index + 1),
+            None => log_start,
+        };
         let spawned = std::thread::Builder::new()
             .name(format!("snapshot-to-{to}"))
             .spawn(move || {
                 match send_snapshot(&store, &net, to, log_start, &rx, stall) {
-                    Ok(index) => log::info!("sent node {to} the snapshot at index {index}"),
+                    Ok(index) => {
+                        log::info!("sent node {to} the snapshot at index {index}");
+                        refused.lock().remove(&to);
+                    }
                     Err(e) => log::warn!("snapshot transfer to node {to} given up: {e}"),
                 }
                 map.lock().remove(&to);
@@ -436,6 +457,17 @@ impl Driver {
                 self.start_sending(from, log_start);
             }
             SnapMsg::Ack { .. } | SnapMsg::Abort { .. } => {
+                match &msg {
+                    SnapMsg::Ack { .. } => {
+                        self.transfers.started.lock().insert(from);
+                    }
+                    SnapMsg::Abort { index } if !self.transfers.started.lock().contains(&from) => {
+                        let mut refused = self.transfers.refused.lock();
+                        let newest = refused.entry(from).or_insert(*index);
+                        *newest = (*newest).max(*index);
+                    }
+                    _ => {}
+                }
                 if let Some(tx) = self.transfers.sending.lock().get(&from) {
                     let _ = tx.try_send(msg);
                 }
@@ -639,6 +671,14 @@ fn send_snapshot(
     for _ in 0..3 {
         let mut found = store.newest_snapshot().map_err(|e| e.to_string())?;
         if !found.as_ref().is_some_and(covers) {
+            let applied = store.read_all(|db| db.applied_index());
+            if applied < log_start {
+                // Not even a new one would (the peer refused one this new): wait for
+                // more writes rather than compact for nothing.
+                return Err(format!(
+                    "no snapshot reaches index {log_start} yet (applied through {applied})"
+                ));
+            }
             // None covers what the peer lacks: take one now (on this thread; the node
             // goes on). If one is running already, wait for it and look again.
             if !store.compact_now(true).map_err(|e| e.to_string())? {

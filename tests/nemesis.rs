@@ -88,7 +88,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 /// Length of the CI run, seconds.
-const DEFAULT_SECS: u64 = 150;
+const DEFAULT_SECS: u64 = 120;
 /// Length of each async run (it stops at the first run that shows a violation).
 const ASYNC_SECS: u64 = 40;
 /// Async runs tried before the test gives up on seeing the checker fail.

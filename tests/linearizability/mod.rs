@@ -375,6 +375,13 @@ pub fn lost_writes(history: &[Op], final_values: &FinalValues) -> Vec<usize> {
             (_, Some(c)) => c >= w.invoke,
         }
     };
+    // Only ops on the write's own key can spoil it: group them once, so a history of
+    // millions of ops on thousands of keys costs the sum of each key's ops squared, not
+    // the whole history's.
+    let mut by_key: HashMap<&[u8], Vec<usize>> = HashMap::new();
+    for (i, op) in history.iter().enumerate() {
+        by_key.entry(op.key.as_slice()).or_default().push(i);
+    }
     let mut lost = Vec::new();
     for (i, w) in history.iter().enumerate() {
         let v = match (&w.input, &w.output) {
@@ -386,8 +393,9 @@ pub fn lost_writes(history: &[Op], final_values: &FinalValues) -> Vec<usize> {
             Some(Some(f)) if f == v => continue,
             Some(_) => {}
         }
-        let spoiled = history.iter().enumerate().any(|(j, o)| {
-            if j == i || o.key != w.key || !could_follow(w, o) {
+        let spoiled = by_key[w.key.as_slice()].iter().any(|&j| {
+            let o = &history[j];
+            if j == i || !could_follow(w, o) {
                 return false;
             }
             match (&o.input, &o.output) {

@@ -969,11 +969,28 @@ fn run(cfg: &Config) -> RunResult {
         k
     };
     let mut finals = lin::FinalValues::new();
-    {
+    let leader = {
+        // Healed and led, but a lease can still lapse on a loaded machine (or the lead
+        // move): a refusal is retried on whoever leads, within a deadline.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut leader = leader;
         let mut c = Conn::open(cluster.port(leader)).expect("connect to the leader");
         for key in &keys {
-            let invoke = shared.now();
-            match c.call(&[b"GET", key]).expect("final GET") {
+            let mut invoke = shared.now();
+            let mut reply = c.call(&[b"GET", key]).expect("final GET");
+            while let Reply::Error(e) = &reply {
+                assert!(
+                    (e.starts_with("CLUSTERDOWN") || e.starts_with("MOVED"))
+                        && Instant::now() < deadline,
+                    "final GET on the leader answered -{e}"
+                );
+                thread::sleep(Duration::from_millis(50));
+                leader = cluster.wait_for_leader();
+                c = Conn::open(cluster.port(leader)).expect("connect to the leader");
+                invoke = shared.now();
+                reply = c.call(&[b"GET", key]).expect("final GET");
+            }
+            match reply {
                 Reply::Bulk(v) => {
                     finals.insert(key.clone(), v.clone());
                     history.push(lin::Op {
@@ -988,7 +1005,8 @@ fn run(cfg: &Config) -> RunResult {
                 other => panic!("final GET on the leader answered {other:?}"),
             }
         }
-    }
+        leader
+    };
     let end = shared.now();
     let mut violations = Vec::new();
     converged(&mut cluster, leader, &keys, &finals, &mut violations);

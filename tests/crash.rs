@@ -23,6 +23,8 @@
 
 mod common;
 
+use common::rng::Rng;
+
 use common::{DataDir, KVSTORE_BIN, POLL, Server, free_port};
 use redis::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -399,28 +401,6 @@ fn assert_prefix_present(server: &Server, pairs: &[(String, String)], present: u
 
 // ---------------------------------------------------------------------------------------
 // Deterministic choices
-
-/// splitmix64: a tiny deterministic PRNG, so a failing cycle can be replayed by its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform-ish in `0..n`.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Polls `f` (every millisecond: the writers move fast) until it is true or `deadline`
 /// passes; returns whether it became true. Never panics, so the caller can kill the server

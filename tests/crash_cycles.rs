@@ -63,6 +63,8 @@
 
 mod common;
 
+use common::rng::Rng;
+
 use common::POLL;
 use common::cluster::Cluster;
 use kvstore::client::Connection;
@@ -108,26 +110,7 @@ fn env_u64(name: &str) -> Option<u64> {
 // ---------------------------------------------------------------------------------------
 // Deterministic choices
 
-/// splitmix64 (as in tests/crash.rs): a tiny seeded PRNG.
-struct Rng(u64);
-
 impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
     fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.below(hi - lo + 1))
     }

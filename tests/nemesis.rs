@@ -71,6 +71,8 @@
 //! `target/tmp/nemesis-<mode>-<seed>.history`.
 
 mod common;
+
+use common::rng::Rng;
 mod linearizability;
 
 use common::cluster::Cluster;
@@ -112,20 +114,7 @@ const UNAVAILABLE: Duration = Duration::from_secs(1);
 // ---------------------------------------------------------------------------------------
 // Seeded randomness (SplitMix64, as the simulator).
 
-#[derive(Clone)]
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
     fn range_ms(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.below(hi - lo + 1))
     }

@@ -108,6 +108,8 @@
 
 mod common;
 
+use common::rng::Rng;
+
 use common::{DataDir, KVSTORE_BIN, Server, redis_conn};
 use kvstore::Store;
 use kvstore::store::Options;
@@ -167,23 +169,7 @@ fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// splitmix64: small, seeded, good enough to pick cut points and pages.
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
     fn chance(&mut self, num: u64, den: u64) -> bool {
         self.below(den) < num
     }

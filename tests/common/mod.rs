@@ -36,6 +36,7 @@
 
 pub mod cluster;
 pub mod proxy;
+pub mod rng;
 
 use std::fmt;
 use std::fs::{self, File};

@@ -26,6 +26,7 @@ pub mod info;
 pub mod keyspace;
 pub mod log;
 pub mod message;
+pub mod metrics;
 pub mod multi;
 pub mod node;
 pub mod peer;

@@ -202,29 +202,10 @@ impl ClusterConfig {
             (Some(_), Some(_)) => return Err(ConfigError::TwoSecrets),
             (Some(s), None) => s.as_bytes().to_vec(),
             (None, Some(path)) => {
-                let mut bytes = read_file(path).map_err(|e| ConfigError::SecretFile {
+                read_secret_file(path, read_file).map_err(|why| ConfigError::SecretFile {
                     path: path.clone(),
-                    why: e.to_string(),
-                })?;
-                if bytes.len() > MAX_SECRET_LEN {
-                    return Err(ConfigError::SecretFile {
-                        path: path.clone(),
-                        why: format!("longer than {MAX_SECRET_LEN} bytes"),
-                    });
-                }
-                // Editors end a file with a newline; the secret does not include it.
-                if bytes.ends_with(b"\r\n") {
-                    bytes.truncate(bytes.len() - 2);
-                } else if bytes.ends_with(b"\n") {
-                    bytes.truncate(bytes.len() - 1);
-                }
-                if bytes.is_empty() {
-                    return Err(ConfigError::SecretFile {
-                        path: path.clone(),
-                        why: "it is empty".into(),
-                    });
-                }
-                bytes
+                    why,
+                })?
             }
             (None, None) => Vec::new(),
         };
@@ -417,6 +398,99 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// Reads a secret (the cluster secret, the client password) from a file, through
+/// `read` (so tests need no files). One trailing newline (`\n` or `\r\n`) is not part
+/// of it: editors and `echo` end a file with one. Refused: longer than
+/// [`MAX_SECRET_LEN`], or empty. The error is the reason, for the caller to name the flag.
+pub fn read_secret_file(
+    path: &Path,
+    read: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
+) -> Result<Vec<u8>, String> {
+    let mut bytes = read(path).map_err(|e| e.to_string())?;
+    if bytes.len() > MAX_SECRET_LEN {
+        return Err(format!("longer than {MAX_SECRET_LEN} bytes"));
+    }
+    if bytes.ends_with(b"\r\n") {
+        bytes.truncate(bytes.len() - 2);
+    } else if bytes.ends_with(b"\n") {
+        bytes.truncate(bytes.len() - 1);
+    }
+    if bytes.is_empty() {
+        return Err("it is empty".into());
+    }
+    Ok(bytes)
+}
+
+/// The client password from `--requirepass` or `--requirepass-file` (at most one;
+/// an empty `--requirepass`, say `KVSTORE_REQUIREPASS=` in an env file, means none).
+/// AUTH compares bytes, but the password is kept as text (CONFIG GET shows it): a file
+/// that is not UTF-8 is refused.
+pub fn client_password(
+    flag: Option<&str>,
+    file: Option<&Path>,
+    read: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
+) -> Result<Option<String>, String> {
+    match (flag.filter(|p| !p.is_empty()), file) {
+        (Some(_), Some(_)) => Err("give --requirepass or --requirepass-file, not both".into()),
+        (Some(p), None) => Ok(Some(p.to_string())),
+        (None, Some(path)) => {
+            let why =
+                |why: String| format!("cannot use --requirepass-file {}: {why}", path.display());
+            let bytes = read_secret_file(path, read).map_err(why)?;
+            String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| why("it is not UTF-8 text".into()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Protected mode: Redis's, made explicit. A node bound only to loopback addresses is
+/// reachable from this machine alone, so it may run open. Bound anywhere else (given
+/// `addrs`, what `--bind` resolved to; `0.0.0.0` and `::` are every interface), it
+/// refuses to start unless a password (`--requirepass`) or a cluster secret protects
+/// it, or `--insecure` says the operator accepts an open node. Redis instead starts and
+/// answers every outside client with a DENIED error, which looks like a broken server
+/// from afar; refusing at start tells the operator, on the spot, what to change.
+///
+/// `Ok(Some(warning))`: allowed, but worth a line in the log (open on purpose, or a
+/// cluster secret without a client password: the secret guards the links between
+/// nodes, not the clients).
+pub fn protected_mode(
+    bind: &str,
+    addrs: &[std::net::IpAddr],
+    password: bool,
+    secret: bool,
+    insecure: bool,
+) -> Result<Option<String>, String> {
+    if !addrs.is_empty() && addrs.iter().all(|a| a.is_loopback()) {
+        return Ok(None);
+    }
+    if password {
+        return Ok(None);
+    }
+    if secret {
+        return Ok(Some(format!(
+            "listening on {bind} with no client password: the cluster secret guards the links \
+             between nodes, but any client that reaches this address can read and write every \
+             key (set --requirepass-file to require AUTH)"
+        )));
+    }
+    if insecure {
+        return Ok(Some(format!(
+            "listening on {bind} with no password (--insecure): any client that reaches this \
+             address can read and write every key"
+        )));
+    }
+    Err(format!(
+        "refusing to listen on {bind}, which other machines can reach, with neither a password \
+         (--requirepass / --requirepass-file) nor a cluster secret (--cluster-secret / \
+         --cluster-secret-file): anyone who reaches it could read and write every key. Set a \
+         password, bind 127.0.0.1 (the default), or pass --insecure to run open on purpose \
+         (protected mode)"
+    ))
+}
 
 #[cfg(test)]
 mod tests {
@@ -642,6 +716,94 @@ mod tests {
         assert_eq!(
             ClusterConfig::from_args(&a, |_| Ok(b"x".to_vec())),
             Err(ConfigError::TwoSecrets)
+        );
+    }
+
+    #[test]
+    fn protected_mode_refuses_an_open_node_reachable_from_elsewhere() {
+        use std::net::IpAddr;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let lo = [ip("127.0.0.1")];
+        let lo6 = [ip("::1"), ip("127.0.0.1")];
+        let any = [ip("0.0.0.0")];
+        let lan = [ip("10.0.0.5")];
+        // Loopback only: open is fine, whatever else.
+        assert_eq!(
+            protected_mode("127.0.0.1", &lo, false, false, false),
+            Ok(None)
+        );
+        assert_eq!(
+            protected_mode("localhost", &lo6, false, false, false),
+            Ok(None)
+        );
+        // Elsewhere, open: refused, naming the ways out.
+        for addrs in [
+            &any[..],
+            &lan[..],
+            &[ip("127.0.0.1"), ip("10.0.0.5")][..],
+            &[][..],
+        ] {
+            let e = protected_mode("0.0.0.0", addrs, false, false, false).unwrap_err();
+            for needle in [
+                "refusing",
+                "--requirepass-file",
+                "--cluster-secret",
+                "--insecure",
+            ] {
+                assert!(e.contains(needle), "{e}");
+            }
+        }
+        // A password, a secret (with a warning), or --insecure (with a warning) let it start.
+        assert_eq!(
+            protected_mode("0.0.0.0", &any, true, false, false),
+            Ok(None)
+        );
+        assert_eq!(protected_mode("0.0.0.0", &any, true, true, true), Ok(None));
+        let w = protected_mode("10.0.0.5", &lan, false, true, false)
+            .unwrap()
+            .unwrap();
+        assert!(w.contains("no client password"), "{w}");
+        let w = protected_mode("::", &[ip("::")], false, false, true)
+            .unwrap()
+            .unwrap();
+        assert!(w.contains("--insecure"), "{w}");
+    }
+
+    #[test]
+    fn client_password_from_flag_or_file() {
+        let p = Path::new("/etc/kvstore/password");
+        let file = |c: &'static [u8]| move |_: &Path| Ok(c.to_vec());
+        let none = |_: &Path| -> std::io::Result<Vec<u8>> { unreachable!("no file to read") };
+        assert_eq!(client_password(None, None, none), Ok(None));
+        assert_eq!(client_password(Some(""), None, none), Ok(None));
+        assert_eq!(
+            client_password(Some("pw"), None, none),
+            Ok(Some("pw".into()))
+        );
+        assert_eq!(
+            client_password(None, Some(p), file(b"pw\n")),
+            Ok(Some("pw".into()))
+        );
+        assert_eq!(
+            client_password(None, Some(p), file(b"p w\r\n")),
+            Ok(Some("p w".into()))
+        );
+        let e = client_password(Some("pw"), Some(p), file(b"x")).unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = client_password(None, Some(p), file(b"\n")).unwrap_err();
+        assert_eq!(
+            e,
+            "cannot use --requirepass-file /etc/kvstore/password: it is empty"
+        );
+        let e = client_password(None, Some(p), file(b"\xff\xfe")).unwrap_err();
+        assert!(e.ends_with("it is not UTF-8 text"), "{e}");
+        let e = client_password(None, Some(p), |_| {
+            Err(std::io::ErrorKind::PermissionDenied.into())
+        })
+        .unwrap_err();
+        assert!(
+            e.starts_with("cannot use --requirepass-file /etc/kvstore/password: "),
+            "{e}"
         );
     }
 }

@@ -11,6 +11,7 @@ use kvstore::protocol::Limits;
 use kvstore::server::{self, Server, ServerConfig};
 use kvstore::store::{DEFAULT_DATABASES, Options};
 use kvstore::wal::{self, FsyncPolicy};
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -98,9 +99,18 @@ struct ServerArgs {
     /// (once a second: a power cut may lose about a second), no (leave it to the OS).
     #[arg(long, env = "KVSTORE_FSYNC", default_value = "always", value_parser = parse_fsync)]
     fsync: FsyncPolicy,
-    /// Require clients to AUTH with this password.
+    /// Require clients to AUTH with this password (HTTP: `Authorization: Bearer`).
+    /// Prefer --requirepass-file: a flag shows in `ps`.
     #[arg(long, env = "KVSTORE_REQUIREPASS", hide_env_values = true)]
     requirepass: Option<String>,
+    /// Read the client password from this file (one trailing newline is ignored).
+    #[arg(long, env = "KVSTORE_REQUIREPASS_FILE", value_name = "PATH")]
+    requirepass_file: Option<PathBuf>,
+    /// Run open on an address other machines can reach: without this, a node bound to
+    /// anything but loopback refuses to start unless a password or a cluster secret
+    /// protects it (protected mode).
+    #[arg(long, env = "KVSTORE_INSECURE")]
+    insecure: bool,
     /// Refuse connections beyond this many clients (lowered at start to what the
     /// open-files limit allows, after raising it as far as possible). A cluster member
     /// keeps a few more slots for its peers' links, which never count here.
@@ -292,6 +302,41 @@ fn run_server(a: ServerArgs) -> ExitCode {
         }
     };
     let member = !cluster.peers.is_empty();
+    let password = match config::client_password(
+        a.requirepass.as_deref(),
+        a.requirepass_file.as_deref(),
+        |p| std::fs::read(p),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("kvstore: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Protected mode: decided on what --bind resolves to, before anything listens.
+    let addrs: Vec<std::net::IpAddr> = match (a.bind.as_str(), 0).to_socket_addrs() {
+        Ok(it) => it.map(|sa| sa.ip()).collect(),
+        Err(e) => {
+            eprintln!("kvstore: cannot resolve --bind {}: {e}", a.bind);
+            return ExitCode::from(2);
+        }
+    };
+    match config::protected_mode(
+        &a.bind,
+        &addrs,
+        password.is_some(),
+        // A secret guards the links between members; a node with no peers has none.
+        member && !cluster.secret.is_empty(),
+        a.insecure,
+    ) {
+        Ok(None) => {}
+        Ok(Some(warning)) => log::warn!("{warning}"),
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("kvstore: {e}");
+            return ExitCode::from(2);
+        }
+    }
     // Before anything opens files: raise the descriptor limit, or fit the clients in it.
     let max_clients = match server::fit_open_files_limit(a.max_clients, cluster.peers.len()) {
         Ok(n) => n,
@@ -326,7 +371,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
             ..Options::default()
         },
         settings: Settings {
-            requirepass: a.requirepass.filter(|p| !p.is_empty()),
+            requirepass: password,
             max_clients,
             peer_reserve: server::peer_reserve(cluster.peers.len()),
             port: a.port,

@@ -14,6 +14,7 @@
 
 use parking_lot::Mutex;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Why a request is not served here, and where to go instead.
@@ -138,18 +139,45 @@ impl RoleInfo {
 #[derive(Debug)]
 pub struct ClusterState {
     info: Mutex<RoleInfo>,
+    /// Times this node became a candidate / the leader (metrics), counted by
+    /// [`ClusterState::publish`] from the role changes it sees.
+    elections_started: AtomicU64,
+    elections_won: AtomicU64,
 }
 
 impl ClusterState {
     pub fn new(info: RoleInfo) -> ClusterState {
         ClusterState {
             info: Mutex::new(info),
+            elections_started: AtomicU64::new(0),
+            elections_won: AtomicU64::new(0),
         }
     }
 
     /// Replaces what the node thread last published.
     pub fn publish(&self, info: RoleInfo) {
-        *self.info.lock() = info;
+        let mut cur = self.info.lock();
+        if info.role != cur.role {
+            // A node can go from follower to leader in one step (the node publishes
+            // after a step, not after every change inside it): that was an election too.
+            if info.role == Role::Candidate
+                || info.role == Role::Leader && cur.role != Role::Candidate
+            {
+                self.elections_started.fetch_add(1, Ordering::Relaxed);
+            }
+            if info.role == Role::Leader {
+                self.elections_won.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        *cur = info;
+    }
+
+    /// (elections started, elections won) by this node since it started.
+    pub fn elections(&self) -> (u64, u64) {
+        (
+            self.elections_started.load(Ordering::Relaxed),
+            self.elections_won.load(Ordering::Relaxed),
+        )
     }
 
     /// A copy of the current state (role and epoch consistent with each other).

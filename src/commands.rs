@@ -105,6 +105,7 @@ const SHUT: &[&str] = &[
     "no_multi",
     "allow_busy",
 ];
+const ADMIN_STALE: &[&str] = &["admin", "noscript", "loading", "stale"];
 const LASTSAVE: &[&str] = &["loading", "stale", "fast"];
 const TX: &[&str] = &["noscript", "loading", "stale", "fast", "allow_busy"];
 const AUTHF: &[&str] = &[
@@ -141,7 +142,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("bgsave", -1, ADMIN, false, 0, 0, 0, "[SCHEDULE]", "Compacts the log now, in the background: a snapshot, then the log it covers is deleted."),
     cmd!("client", -2, NS, false, 0, 0, 0, "ID|GETNAME|SETNAME name|INFO|LIST|SETINFO attribute value", "Connection introspection and naming."),
     cmd!("command", -1, NS, false, 0, 0, 0, "[COUNT|DOCS [name [name …]]|INFO [name [name …]]|LIST]", "Describes the commands this server knows."),
-    cmd!("config", -2, NS, false, 0, 0, 0, "GET parameter [parameter …]|SET|RESETSTAT", "Reads server settings."),
+    cmd!("config", -2, NS, false, 0, 0, 0, "GET parameter [parameter …]|SET parameter value|RESETSTAT", "Reads server settings; sets the slow log's; RESETSTAT clears the command statistics."),
     cmd!("copy", -3, W, true, 1, 2, 1, "source destination [DB destination-db] [REPLACE]", "Copies a key's value (and expiry) to another key."),
     cmd!("dbsize", 1, RF, false, 0, 0, 0, "", "Returns the number of keys in the selected database."),
     cmd!("debug", -2, AUTHF, false, 0, 0, 0, "PANIC|SLEEP seconds", "Debugging aids; refused unless the server runs with --enable-debug-command."),
@@ -169,6 +170,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("info", -1, NS, false, 0, 0, 0, "[section [section …]]", "Returns server information and statistics."),
     cmd!("keys", 2, R, false, 0, 0, 0, "pattern", "Returns all keys matching a glob pattern."),
     cmd!("lastsave", 1, LASTSAVE, false, 0, 0, 0, "", "Returns the Unix time of the last successful compaction (or of startup)."),
+    cmd!("latency", -2, ADMIN_STALE, false, 0, 0, 0, "HISTOGRAM [command [command …]]|HELP", "Latency histograms of the commands executed so far."),
     cmd!("mget", -2, RF, false, 1, -1, 1, "key [key …]", "Returns the values of several keys."),
     cmd!("move", 3, WD, true, 1, 1, 1, "key db", "Moves a key (and its expiry) to another database."),
     cmd!("mset", -3, W, true, 1, -1, 2, "key value [key value …]", "Sets several keys at once (atomically)."),
@@ -196,6 +198,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     cmd!("setnx", 3, WF, true, 1, 1, 1, "key value", "Sets a key only if it does not exist."),
     cmd!("setrange", 4, W, true, 1, 1, 1, "key offset value", "Overwrites part of a value at an offset (zero-padding)."),
     cmd!("shutdown", -1, SHUT, false, 0, 0, 0, "[NOSAVE|SAVE] [NOW] [FORCE] [ABORT]", "Stops the server as SIGTERM does (SAVE compacts first)."),
+    cmd!("slowlog", -2, ADMIN_STALE, false, 0, 0, 0, "GET [count]|LEN|RESET|HELP", "The commands that took longer than slowlog-log-slower-than (µs)."),
     cmd!("strlen", 2, RF, false, 1, 1, 1, "key", "Returns the length of a value."),
     cmd!("substr", 4, R, false, 1, 1, 1, "key start end", "Same as GETRANGE."),
     cmd!("swapdb", 3, WD, true, 0, 0, 0, "index1 index2", "Swaps two databases (every connection sees the change)."),
@@ -365,6 +368,8 @@ pub struct Context {
     pub store: Store,
     pub settings: Settings,
     pub stats: ServerStats,
+    /// Per-command counts and latencies, the slow log (`src/metrics.rs`).
+    pub metrics: crate::metrics::Metrics,
     pub clients: Mutex<HashMap<u64, ClientInfo>>,
     pub started: Instant,
     /// Unix time (seconds) of `started`, fixed once (LASTSAVE before any compaction).
@@ -395,6 +400,7 @@ impl Context {
             store,
             settings,
             stats: ServerStats::default(),
+            metrics: crate::metrics::Metrics::default(),
             clients: Mutex::new(HashMap::new()),
             started: Instant::now(),
             started_unix: crate::store::now_ms() / 1000,
@@ -479,6 +485,15 @@ impl Context {
             multi: None,
             last_write_index: 0,
         }
+    }
+
+    /// A connection's address and name (CLIENT SETNAME), for the slow log.
+    pub fn client_label(&self, id: u64) -> (String, String) {
+        self.clients
+            .lock()
+            .get(&id)
+            .map(|c| (c.addr.clone(), c.name.clone()))
+            .unwrap_or_default()
     }
 
     pub fn unregister(&self, id: u64) {
@@ -752,6 +767,8 @@ pub fn dispatch_spec(
         "client" => client(ctx, s, &args, out),
         "command" => command(s, &args, out),
         "config" => config(ctx, s, &args, out),
+        "slowlog" => crate::metrics::slowlog_command(ctx, p, &args, out),
+        "latency" => crate::metrics::latency_command(ctx, p, &args, out),
         "debug" => debug(ctx, s, &args, out),
         "bgrewriteaof" | "bgsave" | "lastsave" | "role" | "save" | "shutdown" => {
             crate::admin::dispatch(ctx, s, spec.name, &args, out);
@@ -1498,6 +1515,20 @@ fn config(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 ("proto-max-bulk-len", st.proto_max_bulk_len.to_string()),
                 ("requirepass", st.requirepass.clone().unwrap_or_default()),
                 ("save", String::new()),
+                (
+                    "slowlog-log-slower-than",
+                    ctx.metrics
+                        .slowlog_slower_than_us
+                        .load(Ordering::Relaxed)
+                        .to_string(),
+                ),
+                (
+                    "slowlog-max-len",
+                    ctx.metrics
+                        .slowlog_max_len
+                        .load(Ordering::Relaxed)
+                        .to_string(),
+                ),
             ];
             let hits: Vec<&(&str, String)> = params
                 .iter()
@@ -1513,16 +1544,62 @@ fn config(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 write_bulk(out, value.as_bytes());
             }
         }
-        b"RESETSTAT" if args.len() == 2 => write_simple(out, "OK"),
-        b"SET" if args.len() >= 4 => write_error(
-            out,
-            &format!(
-                "ERR Unknown option or number of arguments for CONFIG SET - '{}'",
-                String::from_utf8_lossy(&args[2])
-            ),
-        ),
+        b"RESETSTAT" if args.len() == 2 => {
+            ctx.metrics.reset();
+            write_simple(out, "OK");
+        }
+        b"SET" if args.len() >= 4 && args.len().is_multiple_of(2) => {
+            config_set(ctx, &args[2..], out)
+        }
         _ => subcommand_error(out, "config", &args[1], &["get", "set", "resetstat"]),
     }
+}
+
+/// CONFIG SET for the settings that may change at run time (the slow log's); every
+/// other parameter is refused, as Redis refuses an unknown one. All or nothing: one bad
+/// pair leaves every setting as it was.
+fn config_set(ctx: &Context, pairs: &[Vec<u8>], out: &mut Vec<u8>) {
+    let mut slower_than = None;
+    let mut max_len = None;
+    for pair in pairs.chunks(2) {
+        let (name, value) = (pair[0].to_ascii_lowercase(), &pair[1]);
+        let int = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok());
+        let bad = |why: &str| {
+            format!(
+                "ERR CONFIG SET failed (possibly related to argument '{}') - {why}",
+                String::from_utf8_lossy(&pair[0])
+            )
+        };
+        match (&name[..], int) {
+            (b"slowlog-log-slower-than", Some(n)) => slower_than = Some(n),
+            (b"slowlog-max-len", Some(n)) if n >= 0 => max_len = Some(n as usize),
+            (b"slowlog-log-slower-than" | b"slowlog-max-len", _) => {
+                write_error(out, &bad("argument couldn't be parsed into an integer"));
+                return;
+            }
+            _ => {
+                write_error(
+                    out,
+                    &format!(
+                        "ERR Unknown option or number of arguments for CONFIG SET - '{}'",
+                        String::from_utf8_lossy(&pair[0])
+                    ),
+                );
+                return;
+            }
+        }
+    }
+    if let Some(n) = slower_than {
+        ctx.metrics
+            .slowlog_slower_than_us
+            .store(n, Ordering::Relaxed);
+    }
+    if let Some(n) = max_len {
+        ctx.metrics.slowlog_max_len.store(n, Ordering::Relaxed);
+    }
+    write_simple(out, "OK");
 }
 
 #[cfg(test)]

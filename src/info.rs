@@ -23,7 +23,12 @@ const SECTIONS: &[&str] = &[
     "stats",
     "replication",
     "keyspace",
+    "commandstats",
+    "latencystats",
 ];
+
+/// Sections `INFO` and `INFO default` leave out, as Redis does (one line per command).
+const NOT_DEFAULT: &[&str] = &["commandstats", "latencystats"];
 
 /// Renders the requested sections (`default`, `all`, `everything` or names).
 pub fn render(ctx: &Context, args: &[Vec<u8>]) -> String {
@@ -31,23 +36,28 @@ pub fn render(ctx: &Context, args: &[Vec<u8>]) -> String {
         .iter()
         .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
         .collect();
-    let all = wanted.is_empty()
-        || wanted
-            .iter()
-            .any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
+    let all = wanted
+        .iter()
+        .any(|w| matches!(w.as_str(), "all" | "everything"));
+    let default = wanted.is_empty() || wanted.iter().any(|w| w == "default");
     let mut out = String::new();
     for section in SECTIONS {
-        if !all && !wanted.iter().any(|w| w == section) {
+        let named = wanted.iter().any(|w| w == section);
+        if !(all || named || default && !NOT_DEFAULT.contains(section)) {
             continue;
         }
         if !out.is_empty() {
             out.push_str("\r\n");
         }
         let _ = writeln!(out, "# {}\r", capitalise(section));
-        if *section == "keyspace" {
-            for (k, v) in keyspace(ctx) {
-                let _ = write!(out, "{k}:{v}\r\n");
-            }
+        let lines = match *section {
+            "keyspace" => keyspace(ctx),
+            "commandstats" => crate::metrics::commandstats(ctx),
+            "latencystats" => crate::metrics::latencystats(ctx),
+            _ => Vec::new(),
+        };
+        for (k, v) in lines {
+            let _ = write!(out, "{k}:{v}\r\n");
         }
         for (k, v) in fields(ctx, section) {
             let _ = write!(out, "{k}:{v}\r\n");
@@ -149,6 +159,18 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
                 ("log_last_index", l.last_index.to_string()),
                 ("log_bytes", l.log_bytes.to_string()),
                 ("log_fsyncs", l.fsyncs.to_string()),
+                (
+                    "log_fsync_usec",
+                    (ctx.store.fsync_histogram().cumulative().1 / 1000).to_string(),
+                ),
+                (
+                    "log_fsync_p99_usec",
+                    ctx.store
+                        .fsync_histogram()
+                        .quantile_us(0.99)
+                        .unwrap_or(0)
+                        .to_string(),
+                ),
                 ("log_compactions", l.compactions.to_string()),
                 (
                     "log_recovered_entries",
@@ -282,6 +304,9 @@ fn replication(ctx: &Context) -> Vec<(&'static str, String)> {
     f.push(("node_role", node_role.into()));
     f.push(("commit_index", info.commit.to_string()));
     f.push(("last_index", info.last_index.to_string()));
+    let (started, won) = cluster.elections();
+    f.push(("elections_started", started.to_string()));
+    f.push(("elections_won", won.to_string()));
     f
 }
 

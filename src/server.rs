@@ -69,7 +69,7 @@
 //! `rejected_connections` connections refused for lack of a slot (at accept, or in a
 //! peer slot for not being a peer).
 
-use crate::commands::{self, Context, Dispatched, Reply, Session, Settings};
+use crate::commands::{self, CommandSpec, Context, Dispatched, Reply, Session, Settings};
 use crate::db::{Op, OpResult};
 use crate::peer::{self, Hello, PeerNet};
 use crate::protocol::Proto;
@@ -773,6 +773,8 @@ struct Connection {
     consumed: usize,
     /// Writes parsed but not yet submitted, in request order.
     pending: Vec<(Op, Reply)>,
+    /// What each pending write is, and its argument count, for the metrics.
+    pending_cmds: Vec<(&'static CommandSpec, usize)>,
     /// No more input will be read (end of input, QUIT or a protocol error).
     closing: bool,
     chunk: Box<[u8]>,
@@ -828,6 +830,7 @@ impl Connection {
             input: Vec::new(),
             consumed: 0,
             pending: Vec::new(),
+            pending_cmds: Vec::new(),
             closing: false,
             chunk: vec![0u8; READ_CHUNK].into_boxed_slice(),
             more_input: false,
@@ -1151,22 +1154,44 @@ impl Connection {
                 self.wait_for_inflight();
                 self.note_last_write();
                 let mut out = Vec::new();
+                let (argc, started) = (args.len(), Instant::now());
                 crate::multi::handle(&ctx, &mut self.session, spec, args, &mut out);
+                if let Some(spec) = spec {
+                    let id = self.session.id;
+                    ctx.metrics
+                        .record(spec, argc, started.elapsed(), || ctx.client_label(id));
+                }
                 self.shared.outbox.lock().buf.extend_from_slice(&out);
                 continue;
             }
-            if !spec.is_some_and(|c| c.write) {
+            let argc = args.len();
+            let Some(write) = spec.filter(|c| c.write) else {
                 self.reply(|session, out| {
+                    let started = Instant::now();
                     let _ = commands::dispatch_spec(&ctx, session, spec, args, out);
+                    if let Some(spec) = spec {
+                        let id = session.id;
+                        ctx.metrics
+                            .record(spec, argc, started.elapsed(), || ctx.client_label(id));
+                    }
                 });
                 continue;
-            }
+            };
             let mut early = Vec::new();
+            let started = Instant::now();
             match commands::dispatch_spec(&ctx, &mut self.session, spec, args, &mut early) {
-                Dispatched::Write(op, how) => self.pending.push((op, how)),
+                Dispatched::Write(op, how) => {
+                    self.pending.push((op, how));
+                    self.pending_cmds.push((write, argc));
+                }
                 // A write refused at once: its error must not overtake the replies of the
                 // writes queued before it.
-                Dispatched::Done => self.reply(|_, out| out.extend_from_slice(&early)),
+                Dispatched::Done => {
+                    let id = self.session.id;
+                    ctx.metrics
+                        .record(write, argc, started.elapsed(), || ctx.client_label(id));
+                    self.reply(|_, out| out.extend_from_slice(&early));
+                }
             }
         }
         self.submit();
@@ -1194,13 +1219,24 @@ impl Connection {
             self.wait_for_inflight();
         }
         let (ops, hows): (Vec<Op>, Vec<Reply>) = self.pending.drain(..).unzip();
+        let cmds = std::mem::take(&mut self.pending_cmds);
         let proto = self.session.proto;
         self.shared.outbox.lock().inflight += 1;
         let shared = self.shared.clone();
+        let (id, started) = (self.session.id, Instant::now());
         self.shared.ctx.store.submit(
             self.session.db,
             ops,
-            Box::new(move |res| shared.complete(res, hows, proto)),
+            Box::new(move |res| {
+                // Every write of the batch waited for the same log append and commit.
+                let took = started.elapsed();
+                let ctx = &shared.ctx;
+                for (spec, argc) in cmds {
+                    ctx.metrics
+                        .record(spec, argc, took, || ctx.client_label(id));
+                }
+                shared.complete(res, hows, proto)
+            }),
         );
     }
 }

@@ -250,6 +250,9 @@ pub fn now_ms() -> u64 {
 pub struct Stats {
     pub commits: AtomicU64,
     pub fsyncs: AtomicU64,
+    /// How long making the log durable took: under `always` a batch's write and fsync
+    /// (one call), otherwise the fsync alone.
+    pub fsync_time: crate::metrics::Histogram,
     pub entries_written: AtomicU64,
     pub compactions: AtomicU64,
     pub last_compaction_ok: AtomicBool,
@@ -455,9 +458,11 @@ impl MemberLog<'_> {
         if inner.opts.fsync == FsyncPolicy::Always
             && self.wal.durable_index() < self.wal.last_index()
         {
+            let started = std::time::Instant::now();
             if let Err(e) = self.wal.sync() {
                 return Err(self.stop_writes(e));
             }
+            inner.stats.fsync_time.record(started.elapsed());
             inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(self.persisted_index())
@@ -494,11 +499,13 @@ impl MemberLog<'_> {
             })?;
             decoded.push((e.index, c));
         }
+        let started = std::time::Instant::now();
         if let Err(e) = self.wal.append_entries(entries, sync) {
             return Err(self.stop_writes(e));
         }
         inner.stats.commits.fetch_add(1, Ordering::Relaxed);
         if sync && inner.opts.fsync == FsyncPolicy::Always {
+            inner.stats.fsync_time.record(started.elapsed());
             inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         inner.unapplied.lock().entries.extend(decoded);
@@ -1275,9 +1282,13 @@ impl Store {
             Some(why) => Err(why.clone()),
             None => wal.append(&mut buf).map_err(|e| e.to_string()),
         };
+        let took = started.elapsed();
         inner
             .last_fsync_nanos
-            .store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .store(took.as_nanos() as u64, Ordering::Relaxed);
+        if inner.opts.fsync == FsyncPolicy::Always {
+            inner.stats.fsync_time.record(took);
+        }
         inner
             .last_batch_writers
             .store(waiting.0.len() as u64, Ordering::Relaxed);
@@ -1525,9 +1536,11 @@ impl Store {
         };
         let started = std::time::Instant::now();
         let res = handle.file.sync_data();
+        let took = started.elapsed();
         inner
             .last_fsync_nanos
-            .store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .store(took.as_nanos() as u64, Ordering::Relaxed);
+        inner.stats.fsync_time.record(took);
         match res {
             Ok(()) => {
                 inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -1695,11 +1708,13 @@ impl Store {
         let injected = inner.fail_next_sync.swap(false, Ordering::Relaxed);
         #[cfg(not(test))]
         let injected = false;
+        let started = std::time::Instant::now();
         let res = if injected {
             Err(std::io::Error::other("injected fsync failure"))
         } else {
             handle.file.sync_data()
         };
+        inner.stats.fsync_time.record(started.elapsed());
         match res {
             Ok(()) => {
                 inner.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -1750,6 +1765,11 @@ impl Store {
     }
 
     /// Log state for INFO.
+    /// How long making the log durable has taken (`Stats::fsync_time`).
+    pub fn fsync_histogram(&self) -> &crate::metrics::Histogram {
+        &self.inner.stats.fsync_time
+    }
+
     pub fn log_info(&self) -> LogInfo {
         let (last_index, log_bytes) = {
             let wal = self.inner.wal.lock();

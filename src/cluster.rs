@@ -14,6 +14,7 @@
 
 use parking_lot::Mutex;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Why a request is not served here, and where to go instead.
@@ -138,13 +139,27 @@ impl RoleInfo {
 #[derive(Debug)]
 pub struct ClusterState {
     info: Mutex<RoleInfo>,
+    /// Ticks the driver has given its node: a health check (the systemd watchdog,
+    /// `src/sdnotify.rs`) sees the node thread alive when this advances.
+    ticks: AtomicU64,
 }
 
 impl ClusterState {
     pub fn new(info: RoleInfo) -> ClusterState {
         ClusterState {
             info: Mutex::new(info),
+            ticks: AtomicU64::new(0),
         }
+    }
+
+    /// The driver gave its node a tick (called by the node thread after each).
+    pub fn note_tick(&self) {
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ticks given so far; 0 until the driver runs.
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
     }
 
     /// Replaces what the node thread last published.

@@ -41,8 +41,9 @@
 //!    for longer than the whole watchdog timeout (`Store::fsync_in_progress`; a slow
 //!    fsync that finishes is fine, one that hangs is a node that acknowledges nothing);
 //! 3. on a cluster member, once its node thread runs, that thread's tick count
-//!    (`ClusterState::ticks`, bumped each tick, every 10 ms) advanced since the last
-//!    check: a stuck node thread holds elections and replication still.
+//!    (`ClusterState::ticks`, bumped each tick, every 10 ms) advanced since a check at
+//!    least `MIN_TICK_WINDOW` (200 ms) earlier: a stuck node thread holds elections and
+//!    replication still.
 //!
 //! A check that fails skips the ping, logs why (once per episode) and says so in
 //! STATUS; the next check that passes pings again. The same thread publishes STATUS
@@ -73,6 +74,10 @@ pub const ENV_VARS: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID
 /// How often the supervisor looks at the node's role to update STATUS (and sends READY
 /// once it may), when the watchdog asks for nothing more frequent.
 pub const STATUS_POLL: Duration = Duration::from_millis(250);
+
+/// The node thread ticks every 10 ms (`driver::TICK`); its tick count is compared over
+/// at least this long, so a tick that is merely late is not taken for a stuck thread.
+const MIN_TICK_WINDOW: Duration = Duration::from_millis(200);
 
 /// The longest message we send; systemd reads datagrams of a page or more, and a STATUS
 /// line longer than this is cut.
@@ -432,7 +437,11 @@ fn run(ctx: &Context, notifier: &Notifier, watchdog: Option<Duration>, listen: &
 
 /// The watchdog's checks (module doc). Blocks while the store's map is locked: that is
 /// the point, a node wedged there stops pinging.
-fn health(ctx: &Context, timeout: Duration, last_ticks: &mut Option<u64>) -> Result<(), String> {
+fn health(
+    ctx: &Context,
+    timeout: Duration,
+    last_ticks: &mut Option<(u64, Instant)>,
+) -> Result<(), String> {
     ctx.store.read_all(|_| ());
     if let Some(t) = ctx.store.fsync_in_progress()
         && t > timeout
@@ -443,11 +452,19 @@ fn health(ctx: &Context, timeout: Duration, last_ticks: &mut Option<u64>) -> Res
         ));
     }
     if let Some(c) = ctx.cluster() {
+        let now = Instant::now();
         let ticks = c.ticks();
-        let last = last_ticks.replace(ticks);
-        // 0: the node thread has not started (the node still learns its peers' ids).
-        if ticks > 0 && last == Some(ticks) {
-            return Err("the cluster node thread is not ticking".into());
+        match *last_ticks {
+            // 0: the node thread has not started (the node still learns its peers' ids).
+            // Within a few ticks' time of the last look, no tick may be due yet.
+            Some((seen, at)) if ticks > 0 && now.duration_since(at) >= MIN_TICK_WINDOW => {
+                if ticks == seen {
+                    return Err("the cluster node thread is not ticking".into());
+                }
+                *last_ticks = Some((ticks, now));
+            }
+            Some(_) => {}
+            None => *last_ticks = Some((ticks, now)),
         }
     }
     Ok(())

@@ -2905,6 +2905,20 @@ pub(crate) fn log_store_contract<L: LogStore>(mut open: impl FnMut(Option<L>) ->
 mod tests {
     use super::*;
 
+    #[test]
+    fn fsync_clock_times_the_fsync_under_way_and_keeps_the_oldest() {
+        let c = FsyncClock::new();
+        assert_eq!(c.in_progress(), None);
+        c.time(|| {
+            assert!(c.in_progress().is_some());
+            // A second, overlapping fsync leaves the older start in place.
+            let outer = c.since.load(std::sync::atomic::Ordering::SeqCst);
+            c.time(|| assert!(c.in_progress().is_some()));
+            assert_eq!(c.since.load(std::sync::atomic::Ordering::SeqCst), outer);
+        });
+        assert_eq!(c.in_progress(), None);
+    }
+
     /// An entry whose payload names its key and value (every seventh one a no-op, with
     /// an empty payload); the log never looks inside.
     fn set(i: u64, k: &str, v: &str) -> LogEntry {

@@ -143,6 +143,9 @@ pub struct ClusterState {
     /// [`ClusterState::publish`] from the role changes it sees.
     elections_started: AtomicU64,
     elections_won: AtomicU64,
+    /// Ticks the driver has given its node: a health check (the systemd watchdog,
+    /// `src/sdnotify.rs`) sees the node thread alive when this advances.
+    ticks: AtomicU64,
 }
 
 impl ClusterState {
@@ -151,7 +154,18 @@ impl ClusterState {
             info: Mutex::new(info),
             elections_started: AtomicU64::new(0),
             elections_won: AtomicU64::new(0),
+            ticks: AtomicU64::new(0),
         }
+    }
+
+    /// The driver gave its node a tick (called by the node thread after each).
+    pub fn note_tick(&self) {
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ticks given so far; 0 until the driver runs.
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
     }
 
     /// Replaces what the node thread last published.

@@ -1288,7 +1288,12 @@ fn debug(ctx: &Context, s: &Session, args: &[Vec<u8>], out: &mut Vec<u8>) {
                 .and_then(|x| x.parse::<f64>().ok())
             {
                 Some(secs) if (0.0..=3600.0).contains(&secs) => {
-                    std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+                    // With the map locked, as Redis's DEBUG SLEEP stalls its whole
+                    // server: every command that touches data waits, and so does the
+                    // systemd watchdog's health check (tests/systemd.rs shows the pings
+                    // stop while a node is stuck like this).
+                    let pause = std::time::Duration::from_secs_f64(secs);
+                    ctx.store.read_all(|_| std::thread::sleep(pause));
                     write_simple(out, "OK");
                 }
                 _ => write_error(out, "ERR value is not a valid float"),

@@ -219,6 +219,7 @@ impl Driver {
                         drop(t);
                         node.tick(log)
                     });
+                    self.state.note_tick();
                     self.check_receiving();
                 }
             }

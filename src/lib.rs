@@ -34,6 +34,7 @@ pub mod protocol;
 pub mod ratelog;
 pub mod repl;
 pub mod replication;
+pub mod sdnotify;
 pub mod server;
 pub mod snapshot_transfer;
 pub mod store;

@@ -8,6 +8,7 @@ use kvstore::config::{self, ClusterArgs, ClusterConfig, Replication};
 use kvstore::driver::Driver;
 use kvstore::peer::PeerNet;
 use kvstore::protocol::Limits;
+use kvstore::sdnotify;
 use kvstore::server::{self, Server, ServerConfig};
 use kvstore::store::{DEFAULT_DATABASES, Options};
 use kvstore::wal::{self, FsyncPolicy};
@@ -357,6 +358,9 @@ fn run_server(a: ServerArgs) -> ExitCode {
     let data_dir = a
         .data_dir
         .unwrap_or_else(|| PathBuf::from(format!("kvstore-data-{}", a.port)));
+    // systemd (Type=notify): a no-op unless $NOTIFY_SOCKET is set (src/sdnotify.rs).
+    let notifier = Arc::new(sdnotify::Notifier::from_env());
+    notifier.status(&format!("recovering the log in {}", data_dir.display()));
     let cfg = ServerConfig {
         bind: a.bind.clone(),
         port: a.port,
@@ -408,6 +412,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
         eprintln!("kvstore: {e}");
         return ExitCode::FAILURE;
     }
+    supervise(&server, notifier);
     if let Err(e) = signals.shut_down_on_signal(server.shutdown_handle()) {
         eprintln!("kvstore: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
@@ -418,6 +423,24 @@ fn run_server(a: ServerArgs) -> ExitCode {
             eprintln!("kvstore: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Tells systemd when the server is ready, how it is doing, and when it stops; pings
+/// its watchdog while healthy (`src/sdnotify.rs`). Nothing here is fatal.
+fn supervise(server: &Server, notifier: Arc<sdnotify::Notifier>) {
+    let n = notifier.clone();
+    server.on_shutdown(move || n.stopping());
+    let usec = std::env::var("WATCHDOG_USEC").ok();
+    let pid = std::env::var("WATCHDOG_PID").ok();
+    let watchdog = sdnotify::watchdog_timeout(usec.as_deref(), pid.as_deref(), std::process::id())
+        .unwrap_or_else(|e| {
+            log::warn!("ignoring systemd's watchdog: {e}");
+            None
+        });
+    let listen = server.local_addr().to_string();
+    if let Err(e) = sdnotify::Supervisor::start(server.context(), notifier, watchdog, listen) {
+        log::warn!("cannot start the systemd notification thread: {e}");
     }
 }
 

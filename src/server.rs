@@ -217,6 +217,17 @@ struct Shared {
     conns: Mutex<HashMap<u64, Arc<ConnShared>>>,
     /// The cluster's peer links, which take over connections that open with `PEER`.
     peers: std::sync::OnceLock<Arc<PeerNet>>,
+    /// Told once when shutdown starts ([`Server::on_shutdown`]).
+    on_shutdown: std::sync::OnceLock<OnShutdown>,
+}
+
+/// What [`Server::on_shutdown`] registered.
+struct OnShutdown(Box<dyn Fn() + Send + Sync>);
+
+impl fmt::Debug for OnShutdown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnShutdown")
+    }
 }
 
 /// Attaches the peer links to a running server ([`Server::peer_attacher`]).
@@ -235,6 +246,9 @@ impl ShutdownHandle {
     pub fn shutdown(&self) {
         if self.inner.stopping.swap(true, Ordering::SeqCst) {
             return;
+        }
+        if let Some(hook) = self.inner.on_shutdown.get() {
+            (hook.0)();
         }
         // Wake the accept loop: it checks `stopping` after every accept.
         let mut wake = self.inner.addr;
@@ -286,6 +300,7 @@ impl Server {
             addr,
             conns: Mutex::new(HashMap::new()),
             peers: std::sync::OnceLock::new(),
+            on_shutdown: std::sync::OnceLock::new(),
         });
         // SHUTDOWN reaches the server through the context. A weak reference: the
         // context belongs to `shared` and must not keep it alive.
@@ -311,6 +326,12 @@ impl Server {
         ShutdownHandle {
             inner: self.shared.clone(),
         }
+    }
+
+    /// Calls `hook` once, on the thread that starts the shutdown (SIGTERM's, SHUTDOWN's),
+    /// before anything stops: the binary tells systemd `STOPPING=1` there. Once only.
+    pub fn on_shutdown(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.shared.on_shutdown.set(OnShutdown(Box::new(hook)));
     }
 
     pub fn context(&self) -> Arc<Context> {

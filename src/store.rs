@@ -379,6 +379,8 @@ struct Inner {
     /// [`Store::linger`]).
     last_batch_writers: AtomicU64,
     last_fsync_nanos: AtomicU64,
+    /// Times the fsync of the log under way, for [`Store::fsync_in_progress`].
+    fsync_clock: Arc<wal::FsyncClock>,
     /// The log writer thread (`--fsync always` only), unparked when entries are queued.
     writer: std::sync::OnceLock<Thread>,
     /// Keys a reader found expired (database, key), for the expirer to delete soon (lazy
@@ -795,6 +797,7 @@ impl Store {
         };
         let (hints_tx, hints_rx) = crossbeam_channel::bounded(4096);
         let cluster_of_one = opts.cluster_of_one;
+        let fsync_clock = wal.fsync_clock();
         let inner = Arc::new(Inner {
             dir,
             epoch: AtomicU64::new(recovery.last_epoch),
@@ -812,6 +815,7 @@ impl Store {
             pruned: AtomicU64::new(0),
             last_batch_writers: AtomicU64::new(0),
             last_fsync_nanos: AtomicU64::new(0),
+            fsync_clock,
             writer: std::sync::OnceLock::new(),
             expiry_hints: hints_tx,
             watches: Watches::default(),
@@ -931,6 +935,13 @@ impl Store {
     /// A database that does not exist reads as empty.
     pub fn read<R>(&self, db: u32, f: impl FnOnce(&Keyspace) -> R) -> R {
         f(self.inner.db.lock().keyspace(db))
+    }
+
+    /// How long the fsync of the log now under way has been running (`None`: none is).
+    /// A health check's question: is the log writer stuck on the disk
+    /// (`src/sdnotify.rs`)?
+    pub fn fsync_in_progress(&self) -> Option<Duration> {
+        self.inner.fsync_clock.in_progress()
     }
 
     /// Runs `f` on every database with the map locked (INFO, the expirer).
@@ -1535,7 +1546,7 @@ impl Store {
             return;
         };
         let started = std::time::Instant::now();
-        let res = handle.file.sync_data();
+        let res = handle.sync_data();
         let took = started.elapsed();
         inner
             .last_fsync_nanos
@@ -1712,7 +1723,7 @@ impl Store {
         let res = if injected {
             Err(std::io::Error::other("injected fsync failure"))
         } else {
-            handle.file.sync_data()
+            handle.sync_data()
         };
         inner.stats.fsync_time.record(started.elapsed());
         match res {

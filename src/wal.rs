@@ -1350,6 +1350,8 @@ pub struct Wal {
     /// [`SyncHandle`] taken before covers bytes that may no longer be there, so its
     /// report must not move `synced_len` or `durable_index`.
     generation: u64,
+    /// Times every fsync of the log (see [`FsyncClock`]).
+    fsync_clock: Arc<FsyncClock>,
     _lock: DirLock,
 }
 
@@ -1402,14 +1404,66 @@ fn note_epoch(runs: &mut Vec<(u64, u64)>, index: u64, epoch: u64) {
     }
 }
 
+/// When the fsync of the log now under way began, for a health check that must tell
+/// a slow disk from a stuck one (the systemd watchdog, `src/sdnotify.rs`): every fsync
+/// of a segment after recovery, under the writer's lock ([`Wal::sync`]) or outside it
+/// ([`SyncHandle::sync_data`]), is timed here. Two at once (the `everysec` syncer and a
+/// shutdown's sync) keep the older start until it ends, then none: never later than
+/// the truth while the older runs, which is what a stall check needs.
+#[derive(Debug)]
+pub struct FsyncClock {
+    base: std::time::Instant,
+    /// Nanoseconds from `base` to the start of the fsync under way, plus one; 0: none.
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl FsyncClock {
+    fn new() -> FsyncClock {
+        FsyncClock {
+            base: std::time::Instant::now(),
+            since: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// How long the fsync under way has been running; `None` when none is.
+    pub fn in_progress(&self) -> Option<std::time::Duration> {
+        let since = self.since.load(std::sync::atomic::Ordering::SeqCst);
+        let started = std::time::Duration::from_nanos(since.checked_sub(1)?);
+        Some(self.base.elapsed().saturating_sub(started))
+    }
+
+    /// Times `f` (an fsync) as under way while it runs.
+    fn time<R>(&self, f: impl FnOnce() -> R) -> R {
+        use std::sync::atomic::Ordering;
+        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
+        let mine = self
+            .since
+            .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        let r = f();
+        if mine {
+            self.since.store(0, Ordering::SeqCst);
+        }
+        r
+    }
+}
+
 /// What the `everysec` syncer fsyncs: a segment, and what was written to it when taken.
 #[derive(Debug)]
 pub struct SyncHandle {
     pub file: Arc<File>,
+    clock: Arc<FsyncClock>,
     first_index: u64,
     len: u64,
     last_index: u64,
     generation: u64,
+}
+
+impl SyncHandle {
+    /// fsyncs the segment (data only), timed on the log's [`FsyncClock`].
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.clock.time(|| self.file.sync_data())
+    }
 }
 
 /// A read-only scan of one data directory (recovery and `check-log`).
@@ -1758,6 +1812,7 @@ impl Wal {
             snapshot: scan.snapshot,
             meta: report.meta,
             generation: 0,
+            fsync_clock: Arc::new(FsyncClock::new()),
             _lock: lock,
         };
         Ok((wal, report))
@@ -1823,7 +1878,10 @@ impl Wal {
     pub fn sync(&mut self) -> Result<(), WalError> {
         if self.unsynced {
             let path = self.current_path();
-            self.file.sync_data().map_err(|e| WalError::io(&path, e))?;
+            let file = &self.file;
+            self.fsync_clock
+                .time(|| file.sync_data())
+                .map_err(|e| WalError::io(&path, e))?;
             self.unsynced = false;
             self.synced_len = self.file_len;
             self.durable_index = self.last_index;
@@ -1837,11 +1895,17 @@ impl Wal {
     pub fn take_sync_handle(&mut self) -> Option<SyncHandle> {
         std::mem::take(&mut self.unsynced).then(|| SyncHandle {
             file: self.file.clone(),
+            clock: self.fsync_clock.clone(),
             first_index: self.file_first_index,
             len: self.file_len,
             last_index: self.last_index,
             generation: self.generation,
         })
+    }
+
+    /// The clock every fsync of this log is timed on (for health checks).
+    pub fn fsync_clock(&self) -> Arc<FsyncClock> {
+        self.fsync_clock.clone()
     }
 
     /// Records that the fsync of `h` completed.
@@ -2840,6 +2904,20 @@ pub(crate) fn log_store_contract<L: LogStore>(mut open: impl FnMut(Option<L>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fsync_clock_times_the_fsync_under_way_and_keeps_the_oldest() {
+        let c = FsyncClock::new();
+        assert_eq!(c.in_progress(), None);
+        c.time(|| {
+            assert!(c.in_progress().is_some());
+            // A second, overlapping fsync leaves the older start in place.
+            let outer = c.since.load(std::sync::atomic::Ordering::SeqCst);
+            c.time(|| assert!(c.in_progress().is_some()));
+            assert_eq!(c.since.load(std::sync::atomic::Ordering::SeqCst), outer);
+        });
+        assert_eq!(c.in_progress(), None);
+    }
 
     /// An entry whose payload names its key and value (every seventh one a no-op, with
     /// an empty payload); the log never looks inside.

@@ -102,8 +102,8 @@ pub struct LocalClusterArgs {
     /// second run picks up the same data.
     #[arg(long, value_name = "DIR", default_value = "kvstore-cluster")]
     pub data_dir: PathBuf,
-    /// Give each node an HTTP listener (the server's `--http-port`) on this port and
-    /// the following ones, one per node.
+    /// Give each node an HTTP listener (the server's `--http-port`: metrics, status,
+    /// REST) on this port and the following ones, one per node.
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub http_port_base: Option<u16>,
     /// Passed to every node (async, quorum, all); the server's default when absent.
@@ -640,10 +640,14 @@ fn start_and_run(a: LocalClusterArgs, signals: Signals) -> Result<i32, String> {
             }
         }
     }
-    note(
-        "Ctrl-C stops every node. Kill one node's process (kill PID) to watch a failover: \
-         the others keep running.",
-    );
+    if nodes.len() > 1 {
+        note(
+            "Ctrl-C stops every node. Kill one node's process (kill PID) to watch a \
+             failover: the others keep running.",
+        );
+    } else {
+        note("Ctrl-C stops the node.");
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {

@@ -18,7 +18,7 @@
 //!   taken by one thread with `sigwait` (as the server does, see
 //!   [`crate::server::block_shutdown_signals`]), which hands them to the main loop over a
 //!   channel. The main loop then stops every node: SIGTERM, a wait, SIGKILL for any node
-//!   still running after [`STOP_TIMEOUT`] (or at once on a second Ctrl-C), and returns 0.
+//!   still running after [`STOP_TIMEOUT`], and returns 0.
 //!
 //! The children run in a process group of their own, so the terminal's Ctrl-C reaches
 //! only us and the nodes stop in order, once, through us; and they get
@@ -699,8 +699,12 @@ fn start_and_run(a: LocalClusterArgs, signals: Signals) -> Result<i32, String> {
 }
 
 /// SIGTERM to every running node, then wait for each; SIGKILL whatever still runs
-/// after [`STOP_TIMEOUT`], or at once on another SIGINT/SIGTERM. Waits for the output
-/// pumps, so the nodes' last lines are printed before we return.
+/// after [`STOP_TIMEOUT`]. Waits for the output pumps, so the nodes' last lines are
+/// printed before we return.
+///
+/// A further SIGINT/SIGTERM does not hurry this along: one event often delivers two
+/// (`timeout` and a terminal's Ctrl-C signal the process and then its whole group), and
+/// a clean stop takes milliseconds anyway; so they are only acknowledged.
 fn stop_all(nodes: &mut [Node], signals: &Receiver<libc::c_int>) {
     for node in nodes.iter_mut() {
         node.signal(libc::SIGTERM);
@@ -708,17 +712,16 @@ fn stop_all(nodes: &mut [Node], signals: &Receiver<libc::c_int>) {
     let deadline = Instant::now() + STOP_TIMEOUT;
     let mut forced = false;
     while nodes.iter_mut().any(Node::running) {
-        let hurry = signals.try_recv().is_ok();
-        if !forced && (hurry || Instant::now() >= deadline) {
+        while signals.try_recv().is_ok() {}
+        if !forced && Instant::now() >= deadline {
             forced = true;
-            let why = if hurry {
-                "second signal".to_string()
-            } else {
-                format!("still running after {}s", STOP_TIMEOUT.as_secs())
-            };
             for node in nodes.iter_mut() {
                 if node.running() {
-                    note(&format!("node {}: {why}, sending SIGKILL", node.port));
+                    note(&format!(
+                        "node {} still runs {}s after SIGTERM: sending SIGKILL",
+                        node.port,
+                        STOP_TIMEOUT.as_secs()
+                    ));
                     node.signal(libc::SIGKILL);
                 }
             }

@@ -12,6 +12,7 @@ mod common;
 use common::{KVSTORE_BIN, free_port, redis_conn, wait_until};
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -199,10 +200,16 @@ impl LocalCluster {
     /// between our check and the command's (it refuses then) means another try.
     #[track_caller]
     fn start(n: u16) -> LocalCluster {
+        LocalCluster::start_notify(n, None)
+    }
+
+    /// [`LocalCluster::start`] with `NOTIFY_SOCKET` set for the command.
+    #[track_caller]
+    fn start_notify(n: u16, notify: Option<&Path>) -> LocalCluster {
         for _ in 0..3 {
             let dir = tempfile::tempdir().expect("temp dir");
             let base = free_ports(n);
-            let mut proc = run_cluster(n, base, &dir.path().join("data"));
+            let mut proc = run_cluster(n, base, &dir.path().join("data"), notify);
             // Wait for the first line that tells: started, or refused.
             let started = proc.wait_for(LEADER_DEADLINE, "the first node to start", |l| {
                 if l.contains("is not available") {
@@ -259,12 +266,18 @@ fn leader_in(line: &str, marker: &str) -> Option<u16> {
     port.parse().ok()
 }
 
-fn run_cluster(n: u16, base: u16, data: &Path) -> Proc {
+/// Runs `kvstore cluster`, with `NOTIFY_SOCKET` set to `notify` (as under systemd)
+/// when given: the command's, never its nodes'.
+fn run_cluster(n: u16, base: u16, data: &Path, notify: Option<&Path>) -> Proc {
     let mut cmd = Command::new(KVSTORE_BIN);
     cmd.args(["cluster", "--nodes", &n.to_string()])
         .args(["--base-port", &base.to_string()])
         .arg("--data-dir")
         .arg(data);
+    match notify {
+        Some(path) => cmd.env("NOTIFY_SOCKET", path),
+        None => cmd.env_remove("NOTIFY_SOCKET"),
+    };
     Proc::spawn(cmd, "kvstore cluster")
 }
 
@@ -275,7 +288,13 @@ fn accepts(port: u16) -> bool {
 
 #[test]
 fn the_cluster_serves_tags_its_output_and_stops_on_sigint() {
-    let mut c = LocalCluster::start(3);
+    // Started as a systemd service would start it: the readiness socket is the
+    // command's, and no node may take it for its own.
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock_path = sock_dir.path().join("notify");
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    notify.set_nonblocking(true).unwrap();
+    let mut c = LocalCluster::start_notify(3, Some(&sock_path));
     let leader = c.wait_for_leader();
     assert!(c.ports().contains(&leader), "{leader}");
     let out = c.proc.output_text();
@@ -305,6 +324,14 @@ fn the_cluster_serves_tags_its_output_and_stops_on_sigint() {
         !c.proc.output_text().contains('\x1b'),
         "no colour into a pipe"
     );
+    let mut buf = [0u8; 256];
+    let got = notify
+        .recv(&mut buf)
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    assert!(
+        got.is_err(),
+        "a node wrote to the command's NOTIFY_SOCKET: {got:?}"
+    );
 
     c.proc.signal(libc::SIGINT);
     let status = c.proc.wait_exit(EXIT_DEADLINE);
@@ -328,7 +355,7 @@ fn a_taken_port_is_refused_before_anything_starts() {
     let _taken = TcpListener::bind(("127.0.0.1", base + 1)).expect("bind the middle port");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut p = run_cluster(3, base, &data);
+    let mut p = run_cluster(3, base, &data, None);
     let status = p.wait_exit(EXIT_DEADLINE);
     let out = p.output_text();
     assert_eq!(status.code(), Some(1), "{out}");
@@ -414,8 +441,8 @@ fn the_failover_example_loses_nothing_when_the_leader_is_killed() {
         .unwrap_or_else(|| panic!("no failover count:\n{out}"));
     assert!(failovers >= 1, "{out}");
 
-    // The survivors still stop cleanly on SIGINT.
-    c.proc.signal(libc::SIGINT);
+    // The survivors stop cleanly on SIGTERM too.
+    c.proc.signal(libc::SIGTERM);
     let status = c.proc.wait_exit(EXIT_DEADLINE);
     assert!(status.success(), "{status}");
 }

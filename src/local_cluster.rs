@@ -6,11 +6,11 @@
 //!
 //! How data flows:
 //! - **Out of the children.** Each child's stdout and stderr are pipes, read line by line
-//!   by one thread per pipe ([`pump`]) and written to our stdout behind a tag per node
+//!   by one thread per pipe (`pump`) and written to our stdout behind a tag per node
 //!   (`[7001] `), coloured when stdout is a terminal and `NO_COLOR` is unset. Our own
 //!   notes go to the same stdout with the `kvstore cluster:` prefix, whole lines under
 //!   the stdout lock, so lines never interleave mid-way.
-//! - **From the nodes.** A watcher thread ([`watch_leader`]) asks every node `INFO
+//! - **From the nodes.** A watcher thread (`watch_leader`) asks every node `INFO
 //!   replication` (a tiny RESP exchange through [`crate::client::Connection`]) a few
 //!   times a second and prints which node leads whenever that changes: first with how to
 //!   connect, later after a failover.
@@ -140,7 +140,7 @@ pub fn node_ports(base: u16, n: u8) -> Result<Vec<u16>, String> {
 }
 
 /// The `server` command line of node `i` (an index into `ports`), without the program.
-/// The password is not here: it travels in the environment ([`spawn_node`]).
+/// The password is not here: it travels in the environment (`spawn_node`).
 pub fn node_args(a: &LocalClusterArgs, ports: &[u16], i: usize) -> Vec<OsString> {
     let port = ports[i];
     let mut args: Vec<OsString> = vec!["server".into(), port.to_string().into()];

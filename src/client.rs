@@ -13,7 +13,10 @@
 //!   rustyline REPL with history, command completion and argument hints taken from
 //!   [`crate::commands::COMMANDS`]. After every connect it authenticates and selects
 //!   the database (`-n`, or the last `SELECT` typed), reconnects once when a connection
-//!   drops, and follows `-MOVED` redirects to the leader. As in redis-cli, every word
+//!   drops, and follows `-MOVED` redirects to the leader, saying which node it went to
+//!   (`-> Redirected to slot [0] located at host:port`, redis-cli -c's note: before the
+//!   reply at the prompt, whose `host:port> ` then names that node; on stderr in one-shot
+//!   mode, so stdout holds only the reply). As in redis-cli, every word
 //!   after the options is the command, known or not: nothing is guessed to be a host.
 
 use std::borrow::Cow;
@@ -474,9 +477,13 @@ pub fn run(opts: ClientOptions, command: Vec<String>) -> i32 {
         return run_repl(&opts, raw);
     }
     let args: Vec<Vec<u8>> = command.into_iter().map(String::into_bytes).collect();
-    let mut session = Session::new(&opts, false);
+    let mut session = Session::new(&opts);
     let verbatim = prints_verbatim(&args);
-    match session.execute(&args) {
+    let result = session.execute(&args);
+    for note in session.redirects.drain(..) {
+        eprintln!("{note}");
+    }
+    match result {
         // SHUTDOWN succeeded: the server closed the connection, as redis-cli expects.
         Ok(None) => 0,
         Ok(Some(reply)) => {
@@ -582,8 +589,10 @@ struct Session {
     db: i64,
     timeout: Option<Duration>,
     conn: Option<Connection>,
-    /// Print `-> Redirected to …` notes (REPL only).
-    interactive: bool,
+    /// The `-> Redirected to …` notes of the last command, one per `-MOVED` followed,
+    /// for the caller to show: on stdout before the reply at the prompt (as redis-cli
+    /// -c), on stderr in one-shot mode so that a script's stdout holds only the reply.
+    redirects: Vec<String>,
     /// `READONLY` succeeded (and no `READWRITE` since): sent again after each connect,
     /// so a reconnect keeps reading a follower's copy.
     readonly: bool,
@@ -594,7 +603,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(opts: &ClientOptions, interactive: bool) -> Session {
+    fn new(opts: &ClientOptions) -> Session {
         Session {
             host: opts.host.clone(),
             port: opts.port,
@@ -602,7 +611,7 @@ impl Session {
             db: opts.db,
             timeout: opts.connect_timeout,
             conn: None,
-            interactive,
+            redirects: Vec::new(),
             readonly: false,
             in_multi: false,
         }
@@ -740,6 +749,7 @@ impl Session {
     /// password, database and READONLY, and send it again). Not inside a transaction.
     /// `-CLUSTERDOWN` (no leader yet) is returned as is: retrying is the user's call.
     fn follow_redirects(&mut self, args: &[Vec<u8>]) -> Result<Value, ClientError> {
+        self.redirects.clear();
         let mut hops = 0;
         loop {
             let reply = self.request(args)?;
@@ -754,13 +764,12 @@ impl Session {
                 }
                 self.port = port;
                 self.conn = None;
-                if self.interactive {
-                    // redis-cli -c's note (one shard here: the slot is always 0).
-                    println!(
-                        "-> Redirected to slot [0] located at {}",
-                        fmt_addr(&self.host, self.port)
-                    );
-                }
+                // redis-cli -c's note (one shard here: the slot is always 0), so a
+                // user sees which node answered.
+                self.redirects.push(format!(
+                    "-> Redirected to slot [0] located at {}",
+                    fmt_addr(&self.host, self.port)
+                ));
                 continue;
             }
             return Ok(reply);
@@ -842,7 +851,7 @@ fn find_command(name: &str) -> Option<&'static CommandSpec> {
 
 /// The REPL; see [`run`].
 fn run_repl(opts: &ClientOptions, raw: bool) -> i32 {
-    let mut session = Session::new(opts, true);
+    let mut session = Session::new(opts);
     if let Err(e) = session.connect() {
         eprintln!("{e}");
     }
@@ -903,7 +912,11 @@ fn run_repl(opts: &ClientOptions, raw: bool) -> i32 {
             }
             _ => {}
         }
-        match session.execute(&args) {
+        let result = session.execute(&args);
+        for note in session.redirects.drain(..) {
+            println!("{note}");
+        }
+        match result {
             Ok(Some(reply)) => print_reply(&reply, raw, prints_verbatim(&args)),
             Ok(None) => {}
             Err(e) => eprintln!("{e}"),
@@ -1441,7 +1454,7 @@ mod tests {
             password: password.map(str::to_string),
             ..ClientOptions::default()
         };
-        Session::new(&opts, false)
+        Session::new(&opts)
     }
 
     #[test]
@@ -1495,7 +1508,7 @@ mod tests {
             db: 1,
             ..ClientOptions::default()
         };
-        let mut session = Session::new(&opts, false);
+        let mut session = Session::new(&opts);
         assert_eq!(
             session.execute(&args(&["SET", "k", "v"])).unwrap(),
             Some(Value::Simple("OK".into()))
@@ -1522,7 +1535,7 @@ mod tests {
             db: 1,
             ..ClientOptions::default()
         };
-        let mut session = Session::new(&opts, false);
+        let mut session = Session::new(&opts);
         let err = session.execute(&args(&["SET", "k", "v"])).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -1583,6 +1596,13 @@ mod tests {
         );
         assert_eq!(session.port, leader);
         assert_eq!(session.prompt(), format!("127.0.0.1:{leader}> "));
+        // Which node answered, for the caller to show.
+        assert_eq!(
+            session.redirects,
+            [format!(
+                "-> Redirected to slot [0] located at 127.0.0.1:{leader}"
+            )]
+        );
         follower_thread.join().unwrap();
         leader_thread.join().unwrap();
     }

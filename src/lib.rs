@@ -24,6 +24,7 @@ pub mod float;
 pub mod glob;
 pub mod info;
 pub mod keyspace;
+pub mod local_cluster;
 pub mod log;
 pub mod message;
 pub mod metrics;

@@ -48,6 +48,9 @@ enum Command {
     Repl(ReplArgs),
     /// Verify a data directory's log and snapshots; explain any damage.
     CheckLog(CheckLogArgs),
+    /// Run a local cluster in the foreground: N nodes on 127.0.0.1 (7001, 7002, …),
+    /// their output tagged per node; Ctrl-C stops them all.
+    Cluster(kvstore::local_cluster::LocalClusterArgs),
 }
 
 #[derive(Args, Debug)]
@@ -278,6 +281,7 @@ fn main() -> ExitCode {
             ExitCode::from(kvstore::repl::run(&a.data_dir, opts).clamp(0, 255) as u8)
         }
         Command::CheckLog(a) => check_log(a),
+        Command::Cluster(a) => ExitCode::from(kvstore::local_cluster::run(a).clamp(0, 255) as u8),
     }
 }
 

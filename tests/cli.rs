@@ -329,3 +329,39 @@ fn server_checks_the_cluster_flags_first() {
     let out = kvstore(&["server"], &[("KVSTORE_REPLICATION", "sometimes")], "");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// Pointed at a follower, the client follows `-MOVED` and says which node answered:
+/// on stderr in one-shot mode (stdout holds only the reply, for scripts), before the
+/// reply at the prompt (whose address then names that node).
+#[test]
+fn client_shows_which_node_answered_after_a_redirect() {
+    let mut cluster = common::cluster::Cluster::start(3, &["--fsync", "no"]);
+    let leader = cluster.wait_for_leader();
+    let follower = if leader == 1 { 2 } else { 1 };
+    let port = cluster.port(follower).to_string();
+    // The new leader serves once its lease and first entry are in: retry a moment's
+    // -CLUSTERDOWN rather than assume the first answer.
+    let mut set = None;
+    common::wait_until(
+        common::cluster::ELECTION_DEADLINE,
+        "the leader to serve",
+        || {
+            let out = kvstore(&["client", "-p", &port, "SET", "k", "v"], &[], "");
+            let ok = out.status.success();
+            set = Some(out);
+            ok
+        },
+    );
+    let set = set.expect("at least one try");
+    assert_eq!(stdout(&set), "OK\n", "{set:?}");
+    let note = "-> Redirected to slot [0] located at 127.0.0.1:";
+    assert!(stderr(&set).starts_with(note), "{set:?}");
+
+    let repl = kvstore(&["client", "-p", &port], &[], "GET k\n");
+    let out = stdout(&repl);
+    assert!(out.starts_with(note), "{repl:?}");
+    assert!(
+        out.ends_with("\nv\n"),
+        "the note comes before the reply: {repl:?}"
+    );
+}

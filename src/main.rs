@@ -59,6 +59,11 @@ struct ServerArgs {
     /// one.
     #[arg(env = "KVSTORE_PEERS", value_name = "PEERS")]
     peers: Option<String>,
+    /// Also serve HTTP on this port (same address as --bind): GET /metrics
+    /// (Prometheus), /status (JSON), /health, and GET/PUT/DELETE /v1/kv/KEY. Off
+    /// without it.
+    #[arg(long, env = "KVSTORE_HTTP_PORT", value_name = "PORT")]
+    http_port: Option<u16>,
     /// Address to bind; 0.0.0.0 listens on every interface.
     #[arg(long, env = "KVSTORE_BIND", default_value = "127.0.0.1")]
     bind: String,
@@ -312,6 +317,20 @@ fn run_server(a: ServerArgs) -> ExitCode {
     let data_dir = a
         .data_dir
         .unwrap_or_else(|| PathBuf::from(format!("kvstore-data-{}", a.port)));
+    // Bound before the server, so that its port is in the settings (`PEER HTTP`).
+    let http_listener = match a.http_port.map(|p| kvstore::http::bind(&a.bind, p)) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            log::error!("{e}");
+            eprintln!("kvstore: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let http_port = http_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map_or(0, |a| a.port());
     let cfg = ServerConfig {
         bind: a.bind.clone(),
         port: a.port,
@@ -336,6 +355,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
                 .unwrap_or(usize::MAX),
             node_id: cluster.id,
             enable_debug_command: a.enable_debug_command,
+            http_port,
         },
         limits: Limits {
             max_bulk_len: a.proto_max_bulk_len,
@@ -367,7 +387,20 @@ fn run_server(a: ServerArgs) -> ExitCode {
         eprintln!("kvstore: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
     }
-    match server.run() {
+    let http = match http_listener.map(|l| kvstore::http::HttpServer::start(l, server.context())) {
+        None => None,
+        Some(Ok(h)) => Some(h),
+        Some(Err(e)) => {
+            log::error!("{e}");
+            eprintln!("kvstore: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = server.run();
+    if let Some(h) = http {
+        h.stop();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kvstore: {e}");

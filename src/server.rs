@@ -584,6 +584,11 @@ fn serve_peer_only(shared: &Shared, stream: TcpStream, limits: Limits) {
             let _ = io::Write::write_all(&mut &stream, format!(":{id}\r\n").as_bytes());
             return;
         }
+        if args.len() == 2 && args[1].eq_ignore_ascii_case(b"HTTP") {
+            let port = ctx.settings.http_port;
+            let _ = io::Write::write_all(&mut &stream, format!(":{port}\r\n").as_bytes());
+            return;
+        }
         if let (Ok(hello), Some(net)) = (Hello::parse(&args), shared.peers.get()) {
             // Already in a peer slot: nothing moves when the link proves itself.
             net.accept(stream, hello, &input[used..], || {});
@@ -1120,6 +1125,12 @@ impl Connection {
                     // the id is no secret: every handshake proves it again.
                     let id = ctx.settings.node_id;
                     self.reply(|_, out| out.extend_from_slice(format!(":{id}\r\n").as_bytes()));
+                    continue;
+                }
+                if args.len() == 2 && args[1].eq_ignore_ascii_case(b"HTTP") {
+                    // A follower learning where to redirect HTTP clients (`src/http.rs`).
+                    let port = ctx.settings.http_port;
+                    self.reply(|_, out| out.extend_from_slice(format!(":{port}\r\n").as_bytes()));
                     continue;
                 }
                 match Hello::parse(&args) {

@@ -838,20 +838,11 @@ fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> HeadRead {
     let deadline = Instant::now() + HEAD_TIMEOUT;
     let mut chunk = [0u8; 4096];
     loop {
-        if let Some(end) = head_end(buf) {
-            return if end > MAX_HEAD {
-                HeadRead::Fail(Response::text(431, "request head too large"))
-            } else {
-                HeadRead::Head(end)
-            };
-        }
-        if buf.len() > MAX_HEAD {
-            let first_line_done = buf.contains(&b'\n');
-            return HeadRead::Fail(if first_line_done {
-                Response::text(431, "request head too large")
-            } else {
-                Response::text(414, "request line too long")
-            });
+        match head_end(buf) {
+            Some(end) if end <= MAX_HEAD => return HeadRead::Head(end),
+            Some(_) => return HeadRead::Fail(head_too_large(buf)),
+            None if buf.len() > MAX_HEAD => return HeadRead::Fail(head_too_large(buf)),
+            None => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
@@ -875,6 +866,17 @@ fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> HeadRead {
             }
             Err(_) => return HeadRead::Gone,
         }
+    }
+}
+
+/// The answer to a head over [`MAX_HEAD`]: 414 when the request line (the URL) takes
+/// most of it, else 431.
+fn head_too_large(buf: &[u8]) -> Response {
+    let line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    if line > MAX_HEAD / 2 {
+        Response::text(414, "request line (URL) too long")
+    } else {
+        Response::text(431, "request header fields too large")
     }
 }
 

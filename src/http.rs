@@ -69,6 +69,10 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// A refused request's body up to this size is read and dropped so the connection can
 /// go on; a larger one closes the connection instead.
 const DRAIN_MAX: usize = 64 * 1024;
+/// What a closing connection reads and drops at most, and for how long
+/// ([`linger_close`]).
+const LINGER_BYTES: usize = 4 << 20;
+const LINGER_TIME: Duration = Duration::from_secs(2);
 /// How long the leader's HTTP port, once learned, is trusted.
 pub const LEADER_PORT_TTL: Duration = Duration::from_secs(10);
 /// How long a failed lookup of the leader's HTTP port is remembered (so a follower
@@ -889,14 +893,18 @@ fn serve(shared: &Shared, mut stream: TcpStream) {
             HeadRead::Head(end) => end,
             HeadRead::Gone => return,
             HeadRead::Fail(r) => {
-                let _ = stream.write_all(&encode_response(&r, false, false));
+                if stream.write_all(&encode_response(&r, false, false)).is_ok() {
+                    linger_close(&mut stream);
+                }
                 return;
             }
         };
         let head = match parse_head(&buf[..end]) {
             Ok(h) => h,
             Err(r) => {
-                let _ = stream.write_all(&encode_response(&r, false, false));
+                if stream.write_all(&encode_response(&r, false, false)).is_ok() {
+                    linger_close(&mut stream);
+                }
                 return;
             }
         };
@@ -907,10 +915,34 @@ fn serve(shared: &Shared, mut stream: TcpStream) {
         if stream
             .write_all(&encode_response(&r, head_only, keep))
             .is_err()
-            || !keep
         {
-            let _ = stream.shutdown(Shutdown::Both);
             return;
+        }
+        if !keep {
+            linger_close(&mut stream);
+            return;
+        }
+    }
+}
+
+/// Closes a connection after its last response, reading (and dropping) what the client
+/// may still be sending for a moment first: closing a socket with unread input sends a
+/// reset, which can make the client lose the response it has not read yet (a 413 for a
+/// body it is still uploading). At most [`LINGER_BYTES`] and [`LINGER_TIME`], as
+/// nginx's `lingering_close`.
+fn linger_close(stream: &mut TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut chunk = [0u8; 16 * 1024];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
         }
     }
 }

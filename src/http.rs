@@ -961,13 +961,13 @@ fn handle(
         Ok(n) => n.unwrap_or(0),
         Err(r) => return (r, false),
     };
-    // A refusal before the body is read: drop a small body so the connection can go
-    // on, close on a large one (never read what we refuse).
+    // An answer given without using the body: read and drop a small one so the
+    // connection can go on; close after a large one (never read much of what we refuse).
     let refuse = |r: Response, stream: &mut TcpStream, buf: &mut Vec<u8>| -> (Response, bool) {
         if len == 0 {
             return (r, true);
         }
-        if len as usize <= DRAIN_MAX && !expects_continue(head) {
+        if len <= DRAIN_MAX as u64 && !expects_continue(head) {
             let ok = read_body(stream, buf, len as usize).is_ok();
             return (r, ok);
         }
@@ -1045,13 +1045,14 @@ fn handle(
         if expects_continue(head) && stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
             return (Response::text(400, "gone"), false);
         }
+        // len <= proto_max_bulk_len, a usize: the cast is exact.
         match read_body(stream, buf, len as usize) {
             Ok(v) => v,
             Err(_) => return (Response::text(400, "the body ended early"), false),
         }
     } else {
         // GET and DELETE take no body; drop a small one.
-        if len > 0 && (len as usize > DRAIN_MAX || read_body(stream, buf, len as usize).is_err()) {
+        if len > 0 && (len > DRAIN_MAX as u64 || read_body(stream, buf, len as usize).is_err()) {
             let r = execute_kv(shared, method, &key, db, ttl, Vec::new(), &head.target);
             return (r, false);
         }

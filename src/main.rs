@@ -317,6 +317,13 @@ fn run_server(a: ServerArgs) -> ExitCode {
     let data_dir = a
         .data_dir
         .unwrap_or_else(|| PathBuf::from(format!("kvstore-data-{}", a.port)));
+    if a.http_port.is_some_and(|p| p != 0 && p == a.port) {
+        eprintln!(
+            "kvstore: --http-port must differ from the server's PORT ({})",
+            a.port
+        );
+        return ExitCode::from(2);
+    }
     // Bound before the server, so that its port is in the settings (`PEER HTTP`).
     let http_listener = match a.http_port.map(|p| kvstore::http::bind(&a.bind, p)) {
         None => None,

@@ -540,7 +540,8 @@ const MAX_CLIENTS_REACHED: &str = "ERR max number of clients reached";
 /// first request, for at most [`PEER_ONLY_TIMEOUT`] and [`PEER_ONLY_MAX_INPUT`] bytes.
 /// `PEER HELLO` (with the peer links attached) hands it to them; `PEER ID` is answered
 /// (a peer with plain `host:port` peers asks it at its start, `peer::learn_ids`), and
-/// the connection closed; anything else, or nothing in time, gets
+/// so is `PEER HTTP` (a follower learning our HTTP port, `src/http.rs`), and the
+/// connection closed; anything else, or nothing in time, gets
 /// `-ERR max number of clients reached`, as at accept, and is counted in
 /// `rejected_connections`.
 fn serve_peer_only(shared: &Shared, stream: TcpStream, limits: Limits) {

@@ -512,3 +512,17 @@ fn connections_are_capped_and_shutdown_closes_them() {
         let _ = c.read_to_end(&mut rest);
     }
 }
+
+#[test]
+fn the_http_port_must_differ_from_the_redis_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = common::free_port().to_string();
+    let out = Command::new(common::KVSTORE_BIN)
+        .args(["server", &port, "--http-port", &port, "--data-dir"])
+        .arg(dir.path().join("d"))
+        .output()
+        .expect("run kvstore");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--http-port must differ"), "{err}");
+}

@@ -307,6 +307,9 @@ pub struct Settings {
     pub node_id: u64,
     /// Allow DEBUG (PANIC, SLEEP), as Redis's `enable-debug-command`.
     pub enable_debug_command: bool,
+    /// The HTTP listener's port (`--http-port`, `src/http.rs`), 0 without one; what
+    /// `PEER HTTP` answers, so a follower can redirect HTTP clients here.
+    pub http_port: u16,
 }
 
 impl Default for Settings {
@@ -321,6 +324,7 @@ impl Default for Settings {
             client_query_buffer_limit: crate::protocol::DEFAULT_QUERY_BUFFER_LIMIT,
             node_id: 0,
             enable_debug_command: false,
+            http_port: 0,
         }
     }
 }

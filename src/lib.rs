@@ -22,6 +22,7 @@ pub mod docs;
 pub mod driver;
 pub mod float;
 pub mod glob;
+pub mod http;
 pub mod info;
 pub mod keyspace;
 pub mod local_cluster;

@@ -64,6 +64,11 @@ struct ServerArgs {
     /// one.
     #[arg(env = "KVSTORE_PEERS", value_name = "PEERS")]
     peers: Option<String>,
+    /// Also serve HTTP on this port (same address as --bind): GET /metrics
+    /// (Prometheus), /status (JSON), /health, and GET/PUT/DELETE /v1/kv/KEY. Off
+    /// without it.
+    #[arg(long, env = "KVSTORE_HTTP_PORT", value_name = "PORT")]
+    http_port: Option<u16>,
     /// Address to bind; 0.0.0.0 listens on every interface.
     #[arg(long, env = "KVSTORE_BIND", default_value = "127.0.0.1")]
     bind: String,
@@ -365,6 +370,27 @@ fn run_server(a: ServerArgs) -> ExitCode {
     // systemd (Type=notify): a no-op unless $NOTIFY_SOCKET is set (src/sdnotify.rs).
     let notifier = Arc::new(sdnotify::Notifier::from_env());
     notifier.status(&format!("recovering the log in {}", data_dir.display()));
+    if a.http_port.is_some_and(|p| p != 0 && p == a.port) {
+        eprintln!(
+            "kvstore: --http-port must differ from the server's PORT ({})",
+            a.port
+        );
+        return ExitCode::from(2);
+    }
+    // Bound before the server, so that its port is in the settings (`PEER HTTP`).
+    let http_listener = match a.http_port.map(|p| kvstore::http::bind(&a.bind, p)) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            log::error!("{e}");
+            eprintln!("kvstore: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let http_port = http_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map_or(0, |a| a.port());
     let cfg = ServerConfig {
         bind: a.bind.clone(),
         port: a.port,
@@ -389,6 +415,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
                 .unwrap_or(usize::MAX),
             node_id: cluster.id,
             enable_debug_command: a.enable_debug_command,
+            http_port,
         },
         limits: Limits {
             max_bulk_len: a.proto_max_bulk_len,
@@ -421,7 +448,20 @@ fn run_server(a: ServerArgs) -> ExitCode {
         eprintln!("kvstore: cannot install signal handlers: {e}");
         return ExitCode::FAILURE;
     }
-    match server.run() {
+    let http = match http_listener.map(|l| kvstore::http::HttpServer::start(l, server.context())) {
+        None => None,
+        Some(Ok(h)) => Some(h),
+        Some(Err(e)) => {
+            log::error!("{e}");
+            eprintln!("kvstore: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = server.run();
+    if let Some(h) = http {
+        h.stop();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kvstore: {e}");

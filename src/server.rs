@@ -561,7 +561,8 @@ const MAX_CLIENTS_REACHED: &str = "ERR max number of clients reached";
 /// first request, for at most [`PEER_ONLY_TIMEOUT`] and [`PEER_ONLY_MAX_INPUT`] bytes.
 /// `PEER HELLO` (with the peer links attached) hands it to them; `PEER ID` is answered
 /// (a peer with plain `host:port` peers asks it at its start, `peer::learn_ids`), and
-/// the connection closed; anything else, or nothing in time, gets
+/// so is `PEER HTTP` (a follower learning our HTTP port, `src/http.rs`), and the
+/// connection closed; anything else, or nothing in time, gets
 /// `-ERR max number of clients reached`, as at accept, and is counted in
 /// `rejected_connections`.
 fn serve_peer_only(shared: &Shared, stream: TcpStream, limits: Limits) {
@@ -603,6 +604,11 @@ fn serve_peer_only(shared: &Shared, stream: TcpStream, limits: Limits) {
         if args.len() == 2 && args[1].eq_ignore_ascii_case(b"ID") {
             let id = ctx.settings.node_id;
             let _ = io::Write::write_all(&mut &stream, format!(":{id}\r\n").as_bytes());
+            return;
+        }
+        if args.len() == 2 && args[1].eq_ignore_ascii_case(b"HTTP") {
+            let port = ctx.settings.http_port;
+            let _ = io::Write::write_all(&mut &stream, format!(":{port}\r\n").as_bytes());
             return;
         }
         if let (Ok(hello), Some(net)) = (Hello::parse(&args), shared.peers.get()) {
@@ -1144,6 +1150,12 @@ impl Connection {
                     // the id is no secret: every handshake proves it again.
                     let id = ctx.settings.node_id;
                     self.reply(|_, out| out.extend_from_slice(format!(":{id}\r\n").as_bytes()));
+                    continue;
+                }
+                if args.len() == 2 && args[1].eq_ignore_ascii_case(b"HTTP") {
+                    // A follower learning where to redirect HTTP clients (`src/http.rs`).
+                    let port = ctx.settings.http_port;
+                    self.reply(|_, out| out.extend_from_slice(format!(":{port}\r\n").as_bytes()));
                     continue;
                 }
                 match Hello::parse(&args) {

@@ -1,8 +1,8 @@
 //! The numbers a server keeps about itself, as Redis tools read them: INFO
 //! `commandstats` / `latencystats` and the election and fsync fields, `SLOWLOG`,
 //! `LATENCY HISTOGRAM`, `CONFIG SET slowlog-*` and `CONFIG RESETSTAT`, on real
-//! processes with the `redis` crate. (`GET /metrics`, the same numbers for
-//! Prometheus, is tested in tests/http.rs.)
+//! processes with the `redis` crate; and `GET /metrics`, the same numbers for
+//! Prometheus, scraped from a cluster's leader and follower over plain HTTP.
 
 #![allow(dead_code)]
 
@@ -12,6 +12,7 @@ use common::Server;
 use common::cluster::Cluster;
 use redis::Value;
 use std::collections::HashMap;
+use std::io::{Read, Write};
 
 fn info(c: &mut redis::Connection, section: &str) -> HashMap<String, String> {
     let text: String = redis::cmd("INFO").arg(section).query(c).unwrap();
@@ -188,4 +189,104 @@ fn a_leader_counts_the_election_it_won() {
         repl["elections_started"].parse::<u64>().unwrap() >= 1,
         "{repl:?}"
     );
+}
+
+/// `GET /metrics` from the HTTP listener of the node on Redis port `port` (its HTTP port
+/// asked with `PEER HTTP`), with HTTP/1.0 so the body ends when the connection does.
+fn scrape(port: u16) -> String {
+    let mut c = common::redis_conn(port);
+    let http: u16 = redis::cmd("PEER").arg("HTTP").query(&mut c).unwrap();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+    s.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// The samples of an exposition, `series -> value`, checking each line's shape and that
+/// every sample's family was declared with `# TYPE` first.
+fn samples(text: &str) -> HashMap<String, f64> {
+    let mut families = Vec::new();
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix("# TYPE ") {
+            families.push(t.split(' ').next().unwrap().to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            families.iter().any(|f| name == f
+                || [
+                    format!("{f}_bucket"),
+                    format!("{f}_sum"),
+                    format!("{f}_count")
+                ]
+                .contains(&name.to_string())),
+            "sample before its # TYPE: {line}"
+        );
+        out.insert(
+            series.to_string(),
+            value.parse().unwrap_or_else(|_| panic!("{line}")),
+        );
+    }
+    out
+}
+
+#[test]
+fn prometheus_sees_roles_lag_commands_and_fsyncs() {
+    let mut cluster = Cluster::start(3, &["--http-port", "0"]);
+    let leader = cluster.wait_for_leader();
+    let mut c = cluster.conn(leader);
+    for i in 0..20 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg("v")
+            .query(&mut c)
+            .unwrap();
+    }
+    let m = samples(&scrape(cluster.port(leader)));
+    assert_eq!(m["kvstore_role{role=\"leader\"}"], 1.0);
+    assert_eq!(m["kvstore_serving"], 1.0);
+    assert!(m["kvstore_elections_won_total"] >= 1.0);
+    assert_eq!(m["kvstore_commands_total{cmd=\"set\"}"], 20.0);
+    assert_eq!(
+        m["kvstore_command_duration_seconds_count{cmd=\"set\"}"],
+        20.0
+    );
+    assert_eq!(
+        m["kvstore_command_duration_seconds_bucket{cmd=\"set\",le=\"+Inf\"}"],
+        20.0
+    );
+    assert!(m["kvstore_log_fsync_duration_seconds_count"] >= 1.0);
+    assert!(m["kvstore_log_bytes"] > 0.0);
+    assert_eq!(m["kvstore_keys{db=\"0\"}"], 20.0);
+    // One lag line per follower, by id (and address: here a test proxy's).
+    let lags: Vec<&String> = m
+        .keys()
+        .filter(|k| k.starts_with("kvstore_follower_lag_entries{"))
+        .collect();
+    assert_eq!(lags.len(), 2, "{lags:?}");
+    for id in (1..=3).filter(|&i| i != leader) {
+        let port = cluster.port(id);
+        assert!(
+            lags.iter()
+                .any(|k| k.contains(&format!("follower=\"{id}\""))),
+            "{lags:?}"
+        );
+        // A follower knows its role and its leader.
+        let f = samples(&scrape(port));
+        assert_eq!(f["kvstore_role{role=\"follower\"}"], 1.0);
+        assert_eq!(f["kvstore_leader_id"], leader as f64);
+        assert_eq!(f["kvstore_serving"], 0.0);
+    }
 }

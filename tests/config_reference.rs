@@ -68,7 +68,10 @@ fn from_readme(heading: &str) -> (BTreeSet<String>, BTreeSet<String>) {
         .find(heading)
         .unwrap_or_else(|| panic!("no {heading} in the reference"));
     let body = &section[at + heading.len()..];
-    let end = body.find("\n#### ").or_else(|| body.find("\n### ")).unwrap_or(body.len());
+    let end = body
+        .find("\n#### ")
+        .or_else(|| body.find("\n### "))
+        .unwrap_or(body.len());
     let mut names = BTreeSet::new();
     let mut vars = BTreeSet::new();
     for row in body[..end].lines().filter(|l| l.starts_with("| `")) {
@@ -93,8 +96,14 @@ fn every_subcommand_is_documented_exactly() {
     for (sub, heading) in tables {
         let (help_names, help_vars) = from_help(sub);
         let (doc_names, doc_vars) = from_readme(heading);
-        assert_eq!(help_names, doc_names, "{sub}: flags in --help vs the README table");
-        assert_eq!(help_vars, doc_vars, "{sub}: variables in --help vs the README table");
+        assert_eq!(
+            help_names, doc_names,
+            "{sub}: flags in --help vs the README table"
+        );
+        assert_eq!(
+            help_vars, doc_vars,
+            "{sub}: variables in --help vs the README table"
+        );
     }
     // repl and check-log share one table.
     let (mut names, mut vars) = from_help("repl");

@@ -1115,6 +1115,7 @@ fn execute_kv(
         last_write_index: 0,
     };
     let spec = commands::lookup(&argv[0]);
+    let (argc, started) = (argv.len(), Instant::now());
     let mut out = Vec::new();
     match commands::dispatch_spec(ctx, &mut session, spec, argv, &mut out) {
         Dispatched::Done => {}
@@ -1127,6 +1128,12 @@ fn execute_kv(
                 crate::protocol::write_error(&mut out, &commands::store_error_reply(&e));
             }
         },
+    }
+    // Counted with the Redis port's commands (INFO commandstats, /metrics): it is one.
+    if let Some(spec) = spec {
+        ctx.metrics.record(spec, argc, started.elapsed(), || {
+            ("http".to_string(), String::new())
+        });
     }
     let reply = match parse_value(&out) {
         Ok(Some((v, _))) => v,

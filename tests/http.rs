@@ -351,6 +351,12 @@ fn status_and_health_of_a_single_node() {
         r.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
+    // The REST PUT above counts as the SET it ran.
+    assert!(
+        r.text().contains("kvstore_commands_total{cmd=\"set\"} 1\n"),
+        "{}",
+        r.text()
+    );
     // HEAD: the headers, no body.
     let r = reply(h.agent.head(h.url("/status")).call());
     assert_eq!((r.status, r.body.len()), (200, 0));

@@ -489,69 +489,72 @@ pub fn render(ctx: &Context) -> String {
         get(&st.total_commands),
     );
 
-    // Clients and auth.
-    p.one(
-        "kvstore_connected_clients",
-        "gauge",
-        "Client connections open (INFO connected_clients).",
-        get(&st.connected_clients),
-    );
-    p.one(
-        "kvstore_max_clients",
-        "gauge",
-        "The --max-clients limit in force.",
-        ctx.settings.max_clients,
-    );
-    p.one(
-        "kvstore_cluster_connections",
-        "gauge",
-        "Inbound links from other nodes (INFO cluster_connections).",
-        get(&st.peer_connections),
-    );
-    p.one(
-        "kvstore_connections_received_total",
-        "counter",
-        "Connections accepted.",
-        get(&st.total_connections),
-    );
-    p.one(
-        "kvstore_rejected_connections_total",
-        "counter",
-        "Connections refused over --max-clients.",
-        get(&st.rejected_connections),
-    );
-    p.one(
-        "kvstore_auth_failures_total",
-        "counter",
-        "Failed authentications: AUTH, HELLO AUTH and HTTP bearer tokens.",
-        get(&st.acl_access_denied_auth),
-    );
-    p.one(
-        "kvstore_net_input_bytes_total",
-        "counter",
-        "Bytes read from clients.",
-        get(&st.net_input_bytes),
-    );
-    p.one(
-        "kvstore_net_output_bytes_total",
-        "counter",
-        "Bytes written to clients.",
-        get(&st.net_output_bytes),
-    );
-
-    // Keys.
-    p.one(
-        "kvstore_keyspace_hits_total",
-        "counter",
-        "Reads that found their key.",
-        get(&st.keyspace_hits),
-    );
-    p.one(
-        "kvstore_keyspace_misses_total",
-        "counter",
-        "Reads that did not find their key.",
-        get(&st.keyspace_misses),
-    );
+    // Clients, auth, traffic and key space counters: (name, type, help, value).
+    let simple: [(&str, &str, &str, u64); 10] = [
+        (
+            "kvstore_connected_clients",
+            "gauge",
+            "Client connections open (INFO connected_clients).",
+            get(&st.connected_clients),
+        ),
+        (
+            "kvstore_max_clients",
+            "gauge",
+            "The --max-clients limit in force.",
+            ctx.settings.max_clients as u64,
+        ),
+        (
+            "kvstore_cluster_connections",
+            "gauge",
+            "Inbound links from other nodes (INFO cluster_connections).",
+            get(&st.peer_connections),
+        ),
+        (
+            "kvstore_connections_received_total",
+            "counter",
+            "Connections accepted.",
+            get(&st.total_connections),
+        ),
+        (
+            "kvstore_rejected_connections_total",
+            "counter",
+            "Connections refused over --max-clients.",
+            get(&st.rejected_connections),
+        ),
+        (
+            "kvstore_auth_failures_total",
+            "counter",
+            "Failed authentications: AUTH, HELLO AUTH and HTTP bearer tokens.",
+            get(&st.acl_access_denied_auth),
+        ),
+        (
+            "kvstore_net_input_bytes_total",
+            "counter",
+            "Bytes read from clients.",
+            get(&st.net_input_bytes),
+        ),
+        (
+            "kvstore_net_output_bytes_total",
+            "counter",
+            "Bytes written to clients.",
+            get(&st.net_output_bytes),
+        ),
+        (
+            "kvstore_keyspace_hits_total",
+            "counter",
+            "Reads that found their key.",
+            get(&st.keyspace_hits),
+        ),
+        (
+            "kvstore_keyspace_misses_total",
+            "counter",
+            "Reads that did not find their key.",
+            get(&st.keyspace_misses),
+        ),
+    ];
+    for (name, kind, help, value) in simple {
+        p.one(name, kind, help, value);
+    }
     let (expired, used, per_db) = ctx.store.read_all(|db| {
         let per_db: Vec<(usize, usize, usize)> = db
             .keyspaces()

@@ -161,15 +161,9 @@ fn a_password_from_a_file_protects_every_interface() {
 fn insecure_runs_open_on_purpose_and_says_so() {
     let server = Server::start(&["--bind", "0.0.0.0", "--insecure"]);
     assert_eq!(ask(server.port, &[b"PING"]), "+PONG\r\n");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.log().contains("--insecure") {
-        assert!(
-            Instant::now() < deadline,
-            "no warning in the log: {}",
-            server.log()
-        );
-        std::thread::sleep(common::POLL);
-    }
+    common::wait_until(Duration::from_secs(10), "the warning in the log", || {
+        server.log().contains("--insecure")
+    });
 }
 
 #[test]
@@ -183,15 +177,9 @@ fn a_cluster_member_with_a_secret_may_listen_everywhere() {
         "s3cret",
         &format!("127.0.0.1:{peer}"),
     ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.log().contains("no client password") {
-        assert!(
-            Instant::now() < deadline,
-            "no warning in the log: {}",
-            server.log()
-        );
-        std::thread::sleep(common::POLL);
-    }
+    common::wait_until(Duration::from_secs(10), "the warning in the log", || {
+        server.log().contains("no client password")
+    });
 }
 
 #[test]

@@ -38,7 +38,11 @@
 //! [`crate::auth::password_matches`]); `/metrics` too, as Prometheus can send a bearer
 //! token. Failures count in INFO's `acl_access_denied_auth`.
 //!
-//! Shutdown ([`HttpServer::stop`]): the accept loop stops, every connection's read side
+//! Keep-alive: a connection is kept open after a response only while at most
+//! [`KEEP_ALIVE_MAX`] connections are open, so idle ones cannot hold every slot.
+//!
+//! Shutdown ([`HttpServer::stop`], which the server runs once its Redis clients are
+//! drained and before its final fsync, `Server::on_drain`): the accept loop stops, every connection's read side
 //! is shut (a request being served finishes and is answered), and the threads are
 //! joined with a deadline. Requests arriving once the server is shutting down get 503.
 
@@ -56,6 +60,10 @@ use std::time::{Duration, Instant};
 
 /// HTTP connections served at once; one more is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Past this many connections, a response closes its connection instead of keeping it
+/// alive: idle keep-alive connections could otherwise hold every slot for
+/// [`HEAD_TIMEOUT`] each while new clients get 503.
+pub const KEEP_ALIVE_MAX: usize = MAX_CONNECTIONS * 3 / 4;
 /// The most bytes a request line and its headers may take (431 past it; nginx's
 /// default buffers are 1 KiB + 4 × 8 KiB).
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -774,16 +782,8 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
         let stream = match conn {
             Ok(s) => s,
             Err(e) => {
-                // Out of descriptors, most likely: back off rather than spin (the pending
-                // connection stays queued), and say so at most once a second.
                 static ACCEPT_LOG: RateLimit = RateLimit::new(Duration::from_secs(1));
-                if let Some(n) = ACCEPT_LOG.check(Instant::now()) {
-                    log::warn!(
-                        "accepting an HTTP connection failed: {e}{}",
-                        suppressed_note(n)
-                    );
-                }
-                thread::sleep(Duration::from_millis(50));
+                crate::server::accept_failed("an HTTP", &e, &ACCEPT_LOG);
                 continue;
             }
         };
@@ -911,7 +911,10 @@ fn serve(shared: &Shared, mut stream: TcpStream) {
         buf.drain(..end);
         let head_only = head.method == "HEAD";
         let (r, keep) = handle(shared, &head, &mut stream, &mut buf);
-        let keep = keep && head.keep_alive() && !shared.stopping.load(Ordering::SeqCst);
+        let keep = keep
+            && head.keep_alive()
+            && !shared.stopping.load(Ordering::SeqCst)
+            && shared.active.load(Ordering::SeqCst) <= KEEP_ALIVE_MAX;
         if stream
             .write_all(&encode_response(&r, head_only, keep))
             .is_err()

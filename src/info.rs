@@ -109,6 +109,8 @@ fn fields(ctx: &Context, section: &str) -> Vec<(&'static str, String)> {
                 ("multiplexing_api", "threads".into()),
                 ("process_id", std::process::id().to_string()),
                 ("tcp_port", ctx.settings.port.to_string()),
+                // The HTTP listener's port (`--http-port`), 0 without one.
+                ("http_port", ctx.settings.http_port.to_string()),
                 ("uptime_in_seconds", up.to_string()),
                 ("uptime_in_days", (up / 86400).to_string()),
                 (

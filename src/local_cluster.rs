@@ -47,6 +47,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::client::Connection;
 use crate::config::Replication;
 use crate::protocol::Value;
+use crate::server::{ShutdownSignals, block_shutdown_signals};
 use crate::wal::FsyncPolicy;
 
 /// The most nodes `--nodes` accepts (the cluster sizes DESIGN.md supports, 1 included).
@@ -521,40 +522,16 @@ fn watch_leader(ports: Vec<u16>, password: Option<String>, stop: Arc<AtomicBool>
     }
 }
 
-/// SIGINT and SIGTERM, blocked in every thread so that only [`forward_signals`] takes
-/// them (the same scheme as the server's [`crate::server::block_shutdown_signals`], which
-/// hands its set to the server's shutdown; ours goes to the main loop, more than once).
-struct Signals {
-    set: libc::sigset_t,
-}
-
-/// Blocks SIGINT and SIGTERM in the calling thread and every thread it starts later:
-/// call before starting any.
-fn block_signals() -> io::Result<Signals> {
-    // SAFETY: plain libc signal-set manipulation on a local, initialised set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if r != 0 {
-            return Err(io::Error::from_raw_os_error(r));
-        }
-        Ok(Signals { set })
-    }
-}
-
 /// Takes SIGINT and SIGTERM as they come and passes them on, until the receiver is gone.
-fn forward_signals(signals: Signals, to: Sender<libc::c_int>) {
+fn forward_signals(signals: ShutdownSignals, to: Sender<libc::c_int>) {
     loop {
-        let mut sig = 0;
-        // SAFETY: waits on a valid, initialised signal set.
-        let r = unsafe { libc::sigwait(&signals.set, &mut sig) };
-        if r != 0 {
-            log::error!("sigwait: {}", io::Error::from_raw_os_error(r));
-            return;
-        }
+        let sig = match signals.wait() {
+            Ok(sig) => sig,
+            Err(e) => {
+                log::error!("sigwait: {e}");
+                return;
+            }
+        };
         if to.send(sig).is_err() {
             return;
         }
@@ -565,7 +542,7 @@ fn forward_signals(signals: Signals, to: Sender<libc::c_int>) {
 /// when the nodes could not be started or all of them exited on their own).
 pub fn run(a: LocalClusterArgs) -> i32 {
     // First, before any thread exists: every thread started later inherits the mask.
-    let signals = match block_signals() {
+    let signals = match block_shutdown_signals() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("kvstore cluster: cannot block shutdown signals: {e}");
@@ -581,7 +558,7 @@ pub fn run(a: LocalClusterArgs) -> i32 {
     }
 }
 
-fn start_and_run(a: LocalClusterArgs, signals: Signals) -> Result<i32, String> {
+fn start_and_run(a: LocalClusterArgs, signals: ShutdownSignals) -> Result<i32, String> {
     let ports = node_ports(a.base_port, a.nodes)?;
     check_ports(&ports, "node")?;
     if let Some(base) = a.http_port_base {

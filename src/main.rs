@@ -430,7 +430,7 @@ fn run_server(a: ServerArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let server = match Server::bind(cfg) {
+    let mut server = match Server::bind(cfg) {
         Ok(s) => s,
         Err(e) => {
             log::error!("{e}");
@@ -457,10 +457,10 @@ fn run_server(a: ServerArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = server.run();
     if let Some(h) = http {
-        h.stop();
+        server.on_drain(move || h.stop());
     }
+    let result = server.run();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

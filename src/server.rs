@@ -264,6 +264,8 @@ pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
     limits: Limits,
+    /// Run by [`Server::run`] once the clients are drained, before the final fsync.
+    on_drain: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Server {
@@ -315,6 +317,7 @@ impl Server {
             listener,
             shared,
             limits: cfg.limits,
+            on_drain: None,
         })
     }
 
@@ -332,6 +335,13 @@ impl Server {
     /// before anything stops: the binary tells systemd `STOPPING=1` there. Once only.
     pub fn on_shutdown(&self, hook: impl Fn() + Send + Sync + 'static) {
         let _ = self.shared.on_shutdown.set(OnShutdown(Box::new(hook)));
+    }
+
+    /// Registers what [`Server::run`] does at shutdown once its clients are drained and
+    /// before its final fsync: stopping the other ways writes come in (the HTTP
+    /// listener), so that a write they answer is in the log the fsync makes durable.
+    pub fn on_drain(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.on_drain = Some(Box::new(hook));
     }
 
     pub fn context(&self) -> Arc<Context> {
@@ -352,7 +362,8 @@ impl Server {
         PeerAttacher(self.shared.clone())
     }
 
-    /// Accepts connections until shut down, then drains them and fsyncs the log.
+    /// Accepts connections until shut down, then drains them, runs the
+    /// [`Server::on_drain`] hook, and fsyncs the log.
     pub fn run(self) -> Result<(), String> {
         log::info!("kvstore listening on {}", self.shared.addr);
         let ctx = &self.shared.ctx;
@@ -363,25 +374,8 @@ impl Server {
             let stream = match conn {
                 Ok(s) => s,
                 Err(e) => {
-                    // Out of descriptors (or memory): the pending connection stays queued
-                    // and accept would fail again at once, so back off instead of
-                    // spinning, and say so at most once a second.
                     static ACCEPT_LOG: RateLimit = RateLimit::new(Duration::from_secs(1));
-                    if let Some(n) = ACCEPT_LOG.check(Instant::now()) {
-                        log::warn!(
-                            "accepting a client connection failed: {e}{}",
-                            suppressed_note(n)
-                        );
-                    }
-                    let exhausted = matches!(
-                        e.raw_os_error(),
-                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                    );
-                    if exhausted {
-                        thread::sleep(Duration::from_millis(100));
-                    } else if e.kind() != io::ErrorKind::ConnectionAborted {
-                        thread::sleep(Duration::from_millis(10));
-                    }
+                    accept_failed("a client", &e, &ACCEPT_LOG);
                     continue;
                 }
             };
@@ -417,6 +411,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(10);
         while ctx.stats.connected_clients.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(hook) = self.on_drain {
+            hook();
         }
         ctx.store.sync().map_err(|e| e.to_string())?;
         ctx.store.wait_for_compaction();
@@ -551,6 +548,29 @@ impl Server {
             log::error!("cannot start a thread for a new connection: {e}");
             release();
         }
+    }
+}
+
+/// What an accept loop does when `accept` fails (`what` names the listener's
+/// connections in the log): out of descriptors or memory, the pending connection
+/// stays queued and accept would fail again at once, so it backs off instead of
+/// spinning, and says so at most once a second (`log`). Shared by the client listener
+/// and the HTTP one (`src/http.rs`).
+pub(crate) fn accept_failed(what: &str, e: &io::Error, log: &RateLimit) {
+    if let Some(n) = log.check(Instant::now()) {
+        log::warn!(
+            "accepting {what} connection failed: {e}{}",
+            suppressed_note(n)
+        );
+    }
+    let exhausted = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    if exhausted {
+        thread::sleep(Duration::from_millis(100));
+    } else if e.kind() != io::ErrorKind::ConnectionAborted {
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -1501,15 +1521,25 @@ pub fn block_shutdown_signals() -> io::Result<ShutdownSignals> {
 }
 
 impl ShutdownSignals {
+    /// Waits for the next SIGTERM or SIGINT (one that arrived earlier is pending and
+    /// returns at once) and says which. `kvstore cluster` waits in a loop, to pass each
+    /// one on to its nodes.
+    pub fn wait(&self) -> io::Result<libc::c_int> {
+        let mut sig = 0;
+        // SAFETY: waits on a valid, initialised signal set.
+        match unsafe { libc::sigwait(&self.set, &mut sig) } {
+            0 => Ok(sig),
+            r => Err(io::Error::from_raw_os_error(r)),
+        }
+    }
+
     /// Starts the thread that waits for the signals and shuts the server down. A signal
     /// that arrived earlier (say, during recovery) is pending and is handled at once.
     pub fn shut_down_on_signal(self, handle: ShutdownHandle) -> io::Result<()> {
         thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                let mut sig = 0;
-                // SAFETY: waits on a valid, initialised signal set.
-                if unsafe { libc::sigwait(&self.set, &mut sig) } == 0 {
+                if let Ok(sig) = self.wait() {
                     log::info!(
                         "received {}, shutting down",
                         if sig == libc::SIGTERM {

@@ -360,6 +360,16 @@ fn status_and_health_of_a_single_node() {
     // HEAD: the headers, no body.
     let r = reply(h.agent.head(h.url("/status")).call());
     assert_eq!((r.status, r.body.len()), (200, 0));
+    // INFO says where the HTTP listener is.
+    let mut c = common::redis_conn(s.port);
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut c)
+        .expect("INFO");
+    assert!(
+        info.contains(&format!("\r\nhttp_port:{}\r\n", http_port(s.port))),
+        "{info}"
+    );
 }
 
 #[test]
@@ -517,6 +527,39 @@ fn connections_are_capped_and_shutdown_closes_them() {
         let mut rest = Vec::new();
         let _ = c.read_to_end(&mut rest);
     }
+}
+
+/// One `GET /health` with keep-alive asked for, on a fresh connection: the response
+/// head.
+fn keep_alive_head(port: u16) -> String {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).expect("read") == 1 {
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[test]
+fn keep_alive_ends_when_connections_pile_up() {
+    let s = Server::start(&["--http-port", "0"]);
+    let port = http_port(s.port);
+    let head = keep_alive_head(port);
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(!head.contains("Connection: close"), "{head}");
+    // Enough idle connections to pass the keep-alive limit (yet under the cap): a
+    // response now closes its connection, so idle ones cannot take every slot.
+    let _idle: Vec<TcpStream> = (0..kvstore::http::KEEP_ALIVE_MAX)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    wait_until(TIMEOUT, "a response that closes its connection", || {
+        let head = keep_alive_head(port);
+        head.starts_with("HTTP/1.1 200 ") && head.contains("Connection: close")
+    });
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The `kvstore` command line: parses arguments and hands over to the library.
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 use kvstore::client::{self, ClientOptions};
 use kvstore::cluster::{ClusterState, RoleInfo};
@@ -118,7 +119,7 @@ struct ServerArgs {
     /// Run open on an address other machines can reach: without this, a node bound to
     /// anything but loopback refuses to start unless a password or a cluster secret
     /// protects it (protected mode).
-    #[arg(long, env = "KVSTORE_INSECURE")]
+    #[arg(long, env = "KVSTORE_INSECURE", value_parser = BoolishValueParser::new())]
     insecure: bool,
     /// Refuse connections beyond this many clients (lowered at start to what the
     /// open-files limit allows, after raising it as far as possible). A cluster member
@@ -141,7 +142,7 @@ struct ServerArgs {
     proto_max_bulk_len: usize,
     /// Allow the DEBUG command (DEBUG PANIC, DEBUG SLEEP), for testing; off by default,
     /// as in Redis.
-    #[arg(long, env = "KVSTORE_ENABLE_DEBUG_COMMAND")]
+    #[arg(long, env = "KVSTORE_ENABLE_DEBUG_COMMAND", value_parser = BoolishValueParser::new())]
     enable_debug_command: bool,
     /// Start a new log segment past this many bytes.
     #[arg(long, env = "KVSTORE_SEGMENT_SIZE", default_value_t = 64 * 1024 * 1024)]

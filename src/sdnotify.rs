@@ -34,9 +34,10 @@
 //! thread pings only after checking, at each ping interval (half of `$WATCHDOG_USEC`,
 //! as `sd_watchdog_enabled(3)` advises), that the node makes progress:
 //!
-//! 1. the store's map lock can be taken (`Store::read_all`): if the map is wedged (a
-//!    deadlock, a thread stuck holding it; `DEBUG SLEEP` holds it on purpose), this
-//!    thread blocks there and the pings stop, so systemd kills and restarts the node;
+//! 1. the store's map lock can be taken within a ping interval
+//!    (`Store::map_lock_free_within`): if the map is wedged (a deadlock, a thread stuck
+//!    holding it; `DEBUG SLEEP` holds it on purpose), the check fails and the pings
+//!    stop, so systemd kills and restarts the node;
 //! 2. the log writer is not stuck on the disk: no fsync of the log has been running
 //!    for longer than the whole watchdog timeout (`Store::fsync_in_progress`; a slow
 //!    fsync that finishes is fine, one that hangs is a node that acknowledges nothing);
@@ -435,14 +436,21 @@ fn run(ctx: &Context, notifier: &Notifier, watchdog: Option<Duration>, listen: &
     }
 }
 
-/// The watchdog's checks (module doc). Blocks while the store's map is locked: that is
-/// the point, a node wedged there stops pinging.
+/// The watchdog's checks (module doc). Waits up to a ping interval for the store's map
+/// lock: a node wedged there fails the check (and so stops pinging) and says why in the
+/// journal and the status line, instead of blocking the check silently.
 fn health(
     ctx: &Context,
     timeout: Duration,
     last_ticks: &mut Option<(u64, Instant)>,
 ) -> Result<(), String> {
-    ctx.store.read_all(|_| ());
+    let wait = ping_interval(timeout);
+    if !ctx.store.map_lock_free_within(wait) {
+        return Err(format!(
+            "the store's map has been locked for over {:.1}s",
+            wait.as_secs_f64()
+        ));
+    }
     if let Some(t) = ctx.store.fsync_in_progress()
         && t > timeout
     {

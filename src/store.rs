@@ -949,6 +949,12 @@ impl Store {
         f(&self.inner.db.lock())
     }
 
+    /// Whether the map's lock could be taken within `wait` (and was let go at once):
+    /// the watchdog's check that no one holds it for long (`src/sdnotify.rs`).
+    pub fn map_lock_free_within(&self, wait: Duration) -> bool {
+        self.inner.db.try_lock_for(wait).is_some()
+    }
+
     /// How many databases there are (`--databases`).
     pub fn databases(&self) -> u32 {
         self.inner.opts.databases.max(1)

@@ -72,10 +72,27 @@ fn an_open_node_on_every_interface_is_refused() {
             "the refusal should name {way_out}: {err}"
         );
     }
-    // The same from the environment (an env file under systemd).
-    let (code, err) = refused(&[], &[("KVSTORE_BIND", "0.0.0.0")]);
+    // The same from the environment (an env file under systemd), where a flag's "no"
+    // is as good as leaving it out, and a typo is refused rather than taken for either.
+    for insecure in [None, Some("no"), Some("0"), Some("false")] {
+        let mut envs = vec![("KVSTORE_BIND", "0.0.0.0")];
+        envs.extend(insecure.map(|v| ("KVSTORE_INSECURE", v)));
+        let (code, err) = refused(&[], &envs);
+        assert_eq!(code, 2, "{insecure:?}: {err}");
+        assert!(
+            err.contains("refusing to listen on 0.0.0.0"),
+            "{insecure:?}: {err}"
+        );
+    }
+    let (code, err) = refused(
+        &[],
+        &[("KVSTORE_BIND", "0.0.0.0"), ("KVSTORE_INSECURE", "yess")],
+    );
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("refusing to listen on 0.0.0.0"), "{err}");
+    assert!(
+        err.contains("invalid value 'yess' for '--insecure'"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -164,6 +181,19 @@ fn insecure_runs_open_on_purpose_and_says_so() {
     common::wait_until(Duration::from_secs(10), "the warning in the log", || {
         server.log().contains("--insecure")
     });
+}
+
+#[test]
+fn insecure_from_an_env_file_takes_yes() {
+    // systemd env files say yes/no as often as true/false.
+    let dir = common::DataDir::new();
+    let server = Server::start_with_env(
+        &dir,
+        None,
+        &[],
+        &[("KVSTORE_BIND", "0.0.0.0"), ("KVSTORE_INSECURE", "yes")],
+    );
+    assert_eq!(ask(server.port, &[b"PING"]), "+PONG\r\n");
 }
 
 #[test]

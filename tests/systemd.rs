@@ -231,6 +231,15 @@ fn single_node_ready_watchdog_that_stops_when_stuck_then_stopping() {
     let answered = Instant::now();
     assert_eq!(reply, "OK");
     sock.drain();
+    // The status line said why (the check gives up on the lock after a ping interval).
+    assert!(
+        sock.seen.iter().any(|n| n.at > sent
+            && n.text.contains("STATUS=single node")
+            && n.text
+                .contains("; unhealthy: the store's map has been locked for over")),
+        "no STATUS saying the store was stuck: {:?}",
+        sock.texts()
+    );
     let during = sock
         .seen
         .iter()

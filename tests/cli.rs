@@ -365,3 +365,25 @@ fn client_shows_which_node_answered_after_a_redirect() {
         "the note comes before the reply: {repl:?}"
     );
 }
+
+#[test]
+fn the_embedded_example_keeps_its_data_across_runs() {
+    let dir = DataDir::new();
+    let run = || {
+        let out = Command::new(common::example_binary("embedded"))
+            .arg(dir.path())
+            .output()
+            .expect("run examples/embedded");
+        assert!(out.status.success(), "{out:?}");
+        stdout(&out)
+    };
+    let first = run();
+    assert!(
+        first.contains("greeting = Some(\"hello\"), this program has run 1 time(s)"),
+        "{first}"
+    );
+    assert!(first.contains("removed 1 key(s); 1 key(s) left"), "{first}");
+    // The counter came back from the log.
+    let second = run();
+    assert!(second.contains("has run 2 time(s)"), "{second}");
+}

@@ -13,7 +13,7 @@ use common::{KVSTORE_BIN, free_port, redis_conn, wait_until};
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -370,29 +370,9 @@ fn a_taken_port_is_refused_before_anything_starts() {
     assert!(!accepts(base));
 }
 
-/// Where cargo put the example's binary: `target/<profile>/examples/failover`, beside
-/// the `kvstore` binary's directory. Plain `cargo test` builds examples; a filtered run
-/// (`cargo test --test local_cluster`) does not, so the test says how.
-#[track_caller]
-fn failover_example() -> PathBuf {
-    let bin = Path::new(KVSTORE_BIN);
-    let path = bin
-        .parent()
-        .expect("the kvstore binary's directory")
-        .join("examples")
-        .join("failover");
-    assert!(
-        path.is_file(),
-        "{} not found: build it with `cargo build --example failover` (plain `cargo test` \
-         builds it)",
-        path.display()
-    );
-    path
-}
-
 #[test]
 fn the_failover_example_loses_nothing_when_the_leader_is_killed() {
-    let example = failover_example();
+    let example = common::example_binary("failover");
     let mut c = LocalCluster::start(3);
     let leader = c.wait_for_leader();
     let leader_pid = c.pid(leader);

@@ -63,6 +63,25 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Path of the binary under test (built by cargo for integration tests).
 pub const KVSTORE_BIN: &str = env!("CARGO_BIN_EXE_kvstore");
 
+/// Where cargo put example `name`'s binary: `target/<profile>/examples/<name>`, beside
+/// the `kvstore` binary's directory. Plain `cargo test` builds examples; a filtered run
+/// (`cargo test --test cli`) does not, so a missing one fails saying how.
+#[track_caller]
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(KVSTORE_BIN)
+        .parent()
+        .expect("the kvstore binary's directory")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build it with `cargo build --example {name}` (plain `cargo test` \
+         builds it)",
+        path.display()
+    );
+    path
+}
+
 /// A port on 127.0.0.1 that was free a moment ago (bind port 0, read, drop).
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

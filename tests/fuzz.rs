@@ -13,6 +13,8 @@
 //!   `wal::decode_snapshot`) and the log entry payload (`db::Command::decode`, round trip too);
 //! - the snapshot transfer between nodes (`snapshot_transfer::SnapMsg::decode`, round trip,
 //!   and `Reassembly` fed damaged, dropped and repeated chunks);
+//! - the HTTP listener's request heads (`http::head_end`, `http::parse_head`,
+//!   `Head::content_length`, `http::route`) and its percent-decoding of keys (round trip);
 //! - whole data directories: a real store's segment, snapshot or meta file damaged (bytes
 //!   flipped, truncated, garbage) and then `Store::open`ed: Ok (torn tail repaired) or Err.
 //!
@@ -1210,5 +1212,100 @@ proptest! {
         if undamaged {
             prop_assert!(got.is_some());
         }
+    }
+}
+
+// ---- The HTTP listener's request head, path and query (`src/http.rs`) ----
+
+/// Near-valid HTTP request heads: a request line of likely and unlikely pieces, then
+/// header lines (Content-Length values included, huge ones too), then the blank line
+/// (or not).
+fn http_ish() -> impl Strategy<Value = Vec<u8>> {
+    let method = prop::sample::select(vec!["GET", "PUT", "DELETE", "HEAD", "POST", "get", ""]);
+    let path = prop_oneof![
+        Just("/v1/kv/".to_string()),
+        Just("/status".to_string()),
+        Just("/metrics".to_string()),
+        Just("/health?x".to_string()),
+        Just("*".to_string()),
+        vec(prop::sample::select(b"/v1kv%0aF2G?&=tldb ".to_vec()), 0..24)
+            .prop_map(|b| format!("/v1/kv/{}", String::from_utf8_lossy(&b))),
+    ];
+    let version = prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0", "HTTP/2", "HTTP/1.1 x", ""]);
+    let header = prop_oneof![
+        huge_len().prop_map(|n| format!("Content-Length: {n}")),
+        Just("Content-Length: 5".to_string()),
+        Just("Transfer-Encoding: chunked".to_string()),
+        Just("Connection: close, keep-alive".to_string()),
+        Just("Authorization: Bearer x".to_string()),
+        Just("no colon".to_string()),
+        Just(": empty name".to_string()),
+        vec(any::<u8>(), 0..16).prop_map(|b| format!("X: {}", String::from_utf8_lossy(&b))),
+    ];
+    (
+        method,
+        path,
+        version,
+        vec(header, 0..6),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(m, p, v, hs, crlf, end)| {
+            let nl = if crlf { "\r\n" } else { "\n" };
+            let mut s = format!("{m} {p} {v}{nl}");
+            for h in hs {
+                s.push_str(&h);
+                s.push_str(nl);
+            }
+            if end {
+                s.push_str(nl);
+            }
+            s.into_bytes()
+        })
+}
+
+/// Percent-encodes every byte (the strictest form a client may send).
+fn percent_encode(key: &[u8]) -> String {
+    key.iter().map(|b| format!("%{b:02X}")).collect()
+}
+
+proptest! {
+    #![proptest_config(mem_config())]
+
+    /// A head from the network, found, parsed and routed: no panic, and whatever is
+    /// accepted is within the limits the rest of the listener relies on.
+    #[test]
+    fn http_heads_arbitrary_and_near_valid(data in prop_oneof![bytes(300), http_ish()]) {
+        use kvstore::http;
+        let Some(end) = http::head_end(&data) else { return Ok(()) };
+        prop_assert!(end <= data.len());
+        let Ok(head) = http::parse_head(&data[..end]) else { return Ok(()) };
+        prop_assert!(head.headers.len() <= http::MAX_HEADERS);
+        prop_assert!(!head.method.is_empty() && head.target.starts_with('/'));
+        let _ = head.keep_alive();
+        if let Ok(Some(n)) = head.content_length() {
+            prop_assert!(head.header("transfer-encoding").is_none(), "{}", n);
+        }
+        if let Ok(http::Route::Kv { key, db, ttl, .. }) = http::route(&head.method, &head.target, 16) {
+            prop_assert!(!key.is_empty() && db < 16);
+            prop_assert!(ttl.is_none_or(|t| t > 0));
+        }
+    }
+
+    /// Any key, percent-encoded, routes back to itself: the REST interface is binary-safe.
+    #[test]
+    fn http_keys_round_trip(key in vec(any::<u8>(), 1..64), plain in any::<bool>()) {
+        use kvstore::http;
+        let encoded = if plain && key.iter().all(|b| b.is_ascii_alphanumeric()) {
+            String::from_utf8(key.clone()).unwrap_or_default()
+        } else {
+            percent_encode(&key)
+        };
+        prop_assert_eq!(http::percent_decode(encoded.as_bytes()), Some(key.clone()));
+        let r = http::route("PUT", &format!("/v1/kv/{encoded}?ttl=7&db=3"), 16);
+        prop_assert_eq!(
+            r,
+            Ok(http::Route::Kv { method: http::KvMethod::Put, key, db: 3, ttl: Some(7) })
+        );
     }
 }

@@ -780,6 +780,14 @@ fn random_nonce() -> io::Result<Nonce> {
 // Links (threads and sockets)
 // ---------------------------------------------------------------------------------------
 
+/// Why a cluster member refuses a `PEER HELLO` before its peer links are attached
+/// (`server.rs`): a dialer treats this refusal as it treats a closed port, a peer still
+/// starting, not as a mistake to warn about at once.
+pub const PEER_STARTING: &str = "this node is still starting: its peer links are not up yet";
+/// How long after its start a dialer that never connected yet logs a failure to
+/// connect at debug level only (its peer may be starting too); past it, or once the
+/// link was up, the first such failure is a warning.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(5);
 /// First wait before redialing a peer; doubles up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest wait between two dials of one peer.
@@ -1108,10 +1116,15 @@ impl Inner {
         // The last error logged at warn level: the same one again goes to debug, so a
         // peer that is down for an hour logs one line, not one a second.
         let mut last_logged: Option<String> = None;
+        // Nodes started together (`kvstore cluster`, a cluster's machines booting) find
+        // each other's ports closed for a moment: not worth a warning unless it lasts.
+        let started = Instant::now();
+        let mut ever_up = false;
         while !self.stopping() {
             match self.dial(id, &addr) {
                 Ok(stream) => {
                     backoff = MIN_BACKOFF;
+                    ever_up = true;
                     if last_logged.take().is_some() {
                         log::info!("peer link to node {id} at {addr} is up again");
                     } else {
@@ -1131,15 +1144,23 @@ impl Inner {
                     log::info!("peer link to node {id} at {addr} broke: {why}; reconnecting");
                 }
                 Err(e) => {
-                    let msg = match e {
-                        DialError::Io(m) => m,
-                        DialError::Refused(r) => r.to_string(),
+                    // A refusal by the other side (wrong secret, duplicate id) is a
+                    // mistake to report at once; failing to connect may be a peer still
+                    // starting.
+                    let (msg, unreachable) = match e {
+                        DialError::Io(m) => (m, true),
+                        DialError::Refused(Refusal::ByPeer(why)) if why.contains(PEER_STARTING) => {
+                            (Refusal::ByPeer(why).to_string(), true)
+                        }
+                        DialError::Refused(r) => (r.to_string(), false),
                     };
                     self.set_status(id, |s| s.outbound.last_error = Some(msg.clone()));
                     if self.stopping() {
                         break;
                     }
-                    if last_logged.as_deref() != Some(msg.as_str()) {
+                    if unreachable && !ever_up && started.elapsed() < STARTUP_GRACE {
+                        log::debug!("peer link to node {id} at {addr} not up yet: {msg}");
+                    } else if last_logged.as_deref() != Some(msg.as_str()) {
                         log::warn!(
                             "peer link to node {id} at {addr} failed: {msg} (retrying; further \
                              failures like this one are logged at debug level)"

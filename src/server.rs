@@ -445,7 +445,6 @@ impl Server {
             last_write: AtomicU64::new(0),
         });
         shared.conns.lock().insert(id, conn.clone());
-        let peers = shared.peers.get().cloned();
         let cleanup = {
             let shared = shared.clone();
             let in_peer_slot = in_peer_slot.clone();
@@ -469,7 +468,7 @@ impl Server {
                     let _guard = Guard(Some(cleanup));
                     let r = catch_unwind(AssertUnwindSafe(|| {
                         let handoff =
-                            match Connection::new(conn.clone(), session, limits, peers.is_some()) {
+                            match Connection::new(conn.clone(), session, limits, shared.clone()) {
                                 Ok(c) => c.serve(),
                                 Err(e) => {
                                     log::error!("cannot set up connection {id}: {e}");
@@ -477,7 +476,8 @@ impl Server {
                                 }
                             };
                         // The connection opened a peer link: this thread is its receiver now.
-                        if let (Some((hello, leftover)), Some(net)) = (handoff, &peers) {
+                        if let (Some((hello, leftover)), Some(net)) = (handoff, shared.peers.get())
+                        {
                             // Once the dialer has proved the secret, the link leaves its
                             // client slot for a peer slot (if one is free: else it keeps
                             // the client slot), so peers never use up `--max-clients`.
@@ -827,8 +827,10 @@ struct Connection {
     chunk: Box<[u8]>,
     /// The last read filled `chunk`: more input is likely waiting in the socket.
     more_input: bool,
-    /// Whether a `PEER HELLO` may hand this connection to the peer links.
-    cluster: bool,
+    /// The server: whether a `PEER HELLO` may hand this connection to the peer links
+    /// is asked when one comes (they are attached after the server starts, on a node
+    /// that learns its peers' ids first).
+    server: Arc<Shared>,
     /// Set when it opened with a well-formed `PEER HELLO`: [`Connection::serve`] stops
     /// and returns it.
     handoff: Option<Hello>,
@@ -847,7 +849,7 @@ impl Connection {
         shared: Arc<ConnShared>,
         session: Session,
         limits: Limits,
-        cluster: bool,
+        server: Arc<Shared>,
     ) -> io::Result<Self> {
         // Block the wake-up signal in this thread, so that one sent while we are not in
         // ppoll waits for it; ppoll lets it through with `poll_mask` (the old mask, which
@@ -881,7 +883,7 @@ impl Connection {
             closing: false,
             chunk: vec![0u8; READ_CHUNK].into_boxed_slice(),
             more_input: false,
-            cluster,
+            server,
             handoff: None,
         })
     }
@@ -1179,7 +1181,7 @@ impl Connection {
                     continue;
                 }
                 match Hello::parse(&args) {
-                    Ok(hello) if self.cluster => {
+                    Ok(hello) if self.server.peers.get().is_some() => {
                         // A node of the cluster dialing in: answer what came before, then
                         // hand the connection over (serve returns it).
                         self.submit();
@@ -1187,6 +1189,11 @@ impl Connection {
                         self.handoff = Some(hello);
                         break;
                     }
+                    // A member whose links are not attached yet (it is learning its
+                    // peers' ids): the dialer retries quietly (`peer::PEER_STARTING`).
+                    Ok(_) if ctx.cluster().is_some() => self.reply(|_, out| {
+                        write_error(out, &format!("ERR PEER refused: {}", peer::PEER_STARTING))
+                    }),
                     Ok(_) => self.reply(|_, out| {
                         write_error(
                             out,

@@ -20,8 +20,8 @@ use crossbeam_channel::Receiver;
 use kvstore::commands::Settings;
 use kvstore::config::{ClusterConfig, Peer};
 use kvstore::peer::{
-    FrameDecoder, HandshakeConfig, Incoming, NONCE_LEN, PeerNet, PeerStatus, QUEUE_MESSAGES,
-    encode_frame,
+    FrameDecoder, HandshakeConfig, Incoming, NONCE_LEN, PEER_STARTING, PeerNet, PeerStatus,
+    QUEUE_MESSAGES, STARTUP_GRACE, encode_frame,
 };
 use kvstore::protocol::Limits;
 use kvstore::server::{Server, ServerConfig, ShutdownHandle};
@@ -598,4 +598,76 @@ fn a_full_queue_drops_the_oldest_and_never_blocks() {
         );
     }
     wait_until(DEADLINE, "the queue drained", || na.status(72).queued == 0);
+}
+
+#[test]
+fn a_peer_still_starting_is_not_warned_about_until_the_grace_ends() {
+    capture_logs();
+    // A peer whose port stays closed: as if it had not started yet, then for good.
+    let closed = common::free_port();
+    let start = Instant::now();
+    let a = bind();
+    let na = Node::start(
+        a,
+        cluster_config(71, &[(72, format!("127.0.0.1:{closed}"))], "s"),
+    );
+    wait_until(
+        DEADLINE,
+        "the dialer's status says it cannot connect",
+        || na.status(72).outbound.last_error.is_some(),
+    );
+    let warned = || logged(&["WARN", "peer link to node 72 at", "failed"]);
+    wait_until(DEADLINE, "the warning once the grace is over", warned);
+    // The warning cannot come before the grace (which started after `start`); the
+    // status above said why all along.
+    assert!(start.elapsed() >= STARTUP_GRACE);
+}
+
+/// A member whose peer links are not attached yet (it is learning its peers' ids) says it
+/// is starting, not that it is no cluster node; once they are attached, a connection
+/// accepted before then is judged by the links (here: a stranger's id is refused).
+#[test]
+fn a_member_still_starting_says_so_and_later_judges_old_connections_by_its_links() {
+    use kvstore::cluster::{ClusterState, RoleInfo};
+    capture_logs();
+    let read_reply = |s: &mut TcpStream| -> String {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n") {
+            assert_eq!(s.read(&mut byte).unwrap(), 1, "closed");
+            buf.push(byte[0]);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let b = bind();
+    let port = b.server.local_addr().port();
+    b.server
+        .context()
+        .set_cluster(Arc::new(ClusterState::new(RoleInfo::starting(81, 0))));
+    let attacher = b.server.peer_attacher();
+    let handle = b.server.shutdown_handle();
+    let server = b.server;
+    let t = thread::spawn(move || server.run().expect("server ran"));
+    let mut s = common::raw(port);
+    let hello = format!("PEER HELLO 1 77 81 0 {}\r\n", "ab".repeat(NONCE_LEN));
+    s.write_all(hello.as_bytes()).unwrap();
+    assert_eq!(
+        read_reply(&mut s),
+        format!("-ERR PEER refused: {PEER_STARTING}\r\n")
+    );
+    let cfg = cluster_config(81, &[(82, "127.0.0.1:1".into())], "s");
+    let (net, _rx) = PeerNet::start(&cfg, || 0).expect("start the peer links");
+    assert!(attacher.attach(Arc::new(net)).is_ok());
+    // The same connection, now handed to the links: they refuse the stranger with the
+    // reason and close it.
+    s.write_all(hello.as_bytes()).unwrap();
+    let mut rest = String::new();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let _ = s.read_to_string(&mut rest);
+    assert!(
+        rest.contains("not a member") && !rest.contains(PEER_STARTING),
+        "{rest:?}"
+    );
+    handle.shutdown();
+    t.join().unwrap();
 }

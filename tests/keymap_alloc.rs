@@ -6,21 +6,34 @@
 use kvstore::db::Item;
 use kvstore::db::keymap::KeyMap;
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::cell::Cell;
 
-/// Blocks allocated and not yet freed.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
+thread_local! {
+    /// Blocks allocated and not yet freed by this thread: per thread, so that the test
+    /// harness's own threads (output capture, a busy machine's late bookkeeping) never
+    /// count. A const-initialised `Cell` needs no allocation and no destructor.
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+}
+
+fn live() -> isize {
+    LIVE.with(Cell::get)
+}
+
+fn count(delta: isize) {
+    // `try_with`: an allocation while this thread's locals are torn down is not ours.
+    let _ = LIVE.try_with(|c| c.set(c.get() + delta));
+}
 
 struct Counting;
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(1, Ordering::Relaxed);
+        count(1);
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(1, Ordering::Relaxed);
+        count(-1);
         unsafe { System.dealloc(ptr, layout) }
     }
 }
@@ -31,7 +44,7 @@ static ALLOC: Counting = Counting;
 /// Live blocks held by a map of `n` keys made by `key` (empty values: no allocation of
 /// their own), the keys given as the boxes the server's SET path hands over.
 fn blocks_held(n: usize, key: impl Fn(usize) -> Vec<u8>) -> isize {
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live();
     let mut m = KeyMap::default();
     for i in 0..n {
         let k: Box<[u8]> = key(i).into_boxed_slice();
@@ -41,17 +54,13 @@ fn blocks_held(n: usize, key: impl Fn(usize) -> Vec<u8>) -> isize {
         };
         m.insert(k, item);
     }
-    let held = LIVE.load(Ordering::Relaxed) - before;
+    let held = live() - before;
     // Every key is there, whatever its length.
     for i in 0..n {
         assert!(m.get(&key(i)).is_some(), "key {i}");
     }
     drop(m);
-    assert_eq!(
-        LIVE.load(Ordering::Relaxed),
-        before,
-        "the map frees everything"
-    );
+    assert_eq!(live(), before, "the map frees everything");
     held
 }
 

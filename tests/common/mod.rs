@@ -82,10 +82,25 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// A port on 127.0.0.1 that was free a moment ago (bind port 0, read, drop).
+/// A port on 127.0.0.1 that was free a moment ago (bind port 0, read, drop), and that
+/// this test process has not handed out before: the kernel may give a port just
+/// dropped again at once, and a test picking a cluster's five ports before starting any
+/// node would then start two nodes on one port.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Ports handed out before stay bound until we have a new one, so the kernel must
+    // pick another.
+    let mut again = Vec::new();
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+        again.push(listener);
+    }
 }
 
 /// A data directory that outlives server processes: cloning it is cheap and

@@ -461,9 +461,30 @@ fn query_role(port: u16, password: Option<&str>) -> Option<NodeRole> {
     }
 }
 
+/// How to reach the leader over HTTP (`--http-port-base`): a REST write and read, and
+/// the metrics, as curl commands to paste.
+fn http_hint(port: u16, password: bool) -> String {
+    let auth = if password {
+        " -H 'Authorization: Bearer PASSWORD'"
+    } else {
+        ""
+    };
+    format!(
+        "HTTP on the leader: curl -L{auth} -X PUT --data-binary hello \
+         http://127.0.0.1:{port}/v1/kv/greeting   then: curl -L{auth} \
+         http://127.0.0.1:{port}/v1/kv/greeting   and: curl{auth} \
+         http://127.0.0.1:{port}/metrics (every node serves /status, /health, /metrics)"
+    )
+}
+
 /// Polls the nodes until `stop`, printing who leads whenever that changes: the first
-/// time with how to connect.
-fn watch_leader(ports: Vec<u16>, password: Option<String>, stop: Arc<AtomicBool>) {
+/// time with how to connect (over HTTP too with `--http-port-base`).
+fn watch_leader(
+    ports: Vec<u16>,
+    http: Option<Vec<u16>>,
+    password: Option<String>,
+    stop: Arc<AtomicBool>,
+) {
     let start = Instant::now();
     let mut current: Option<u16> = None;
     let mut ever = false;
@@ -499,6 +520,13 @@ fn watch_leader(ports: Vec<u16>, password: Option<String>, stop: Arc<AtomicBool>
                             "the followers answer writes with -MOVED to the leader; kvstore \
                              client follows it (and shows where it went)",
                         );
+                    }
+                    let leader_http = ports
+                        .iter()
+                        .position(|&p| p == port)
+                        .and_then(|i| http.as_ref()?.get(i).copied());
+                    if let Some(h) = leader_http {
+                        note(&http_hint(h, password.is_some()));
                     }
                 }
             }
@@ -629,9 +657,14 @@ fn start_and_run(a: LocalClusterArgs, signals: ShutdownSignals) -> Result<i32, S
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let (ports, pass, stop) = (ports.clone(), a.requirepass.clone(), stop.clone());
+        let http = a.http_port_base.map(|base| {
+            (0..ports.len())
+                .map(|i| base.saturating_add(i as u16))
+                .collect()
+        });
         thread::Builder::new()
             .name("leader-watch".into())
-            .spawn(move || watch_leader(ports, pass, stop))
+            .spawn(move || watch_leader(ports, http, pass, stop))
             .map_err(|e| format!("cannot start the leader watcher: {e}"))?
     };
 

@@ -200,16 +200,25 @@ impl LocalCluster {
     /// between our check and the command's (it refuses then) means another try.
     #[track_caller]
     fn start(n: u16) -> LocalCluster {
-        LocalCluster::start_notify(n, None)
+        LocalCluster::start_with(n, None, &[])
     }
 
-    /// [`LocalCluster::start`] with `NOTIFY_SOCKET` set for the command.
+    /// [`LocalCluster::start`] with `NOTIFY_SOCKET` set for the command, and more
+    /// arguments (`"HTTP"` stands for `--http-port-base` with free ports).
     #[track_caller]
-    fn start_notify(n: u16, notify: Option<&Path>) -> LocalCluster {
+    fn start_with(n: u16, notify: Option<&Path>, extra: &[&str]) -> LocalCluster {
         for _ in 0..3 {
             let dir = tempfile::tempdir().expect("temp dir");
             let base = free_ports(n);
-            let mut proc = run_cluster(n, base, &dir.path().join("data"), notify);
+            let http_base = free_ports(n).to_string();
+            let extra: Vec<&str> = extra
+                .iter()
+                .flat_map(|&a| match a {
+                    "HTTP" => vec!["--http-port-base", http_base.as_str()],
+                    a => vec![a],
+                })
+                .collect();
+            let mut proc = run_cluster(n, base, &dir.path().join("data"), notify, &extra);
             // Wait for the first line that tells: started, or refused.
             let started = proc.wait_for(LEADER_DEADLINE, "the first node to start", |l| {
                 if l.contains("is not available") {
@@ -268,12 +277,13 @@ fn leader_in(line: &str, marker: &str) -> Option<u16> {
 
 /// Runs `kvstore cluster`, with `NOTIFY_SOCKET` set to `notify` (as under systemd)
 /// when given: the command's, never its nodes'.
-fn run_cluster(n: u16, base: u16, data: &Path, notify: Option<&Path>) -> Proc {
+fn run_cluster(n: u16, base: u16, data: &Path, notify: Option<&Path>, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(KVSTORE_BIN);
     cmd.args(["cluster", "--nodes", &n.to_string()])
         .args(["--base-port", &base.to_string()])
         .arg("--data-dir")
-        .arg(data);
+        .arg(data)
+        .args(extra);
     match notify {
         Some(path) => cmd.env("NOTIFY_SOCKET", path),
         None => cmd.env_remove("NOTIFY_SOCKET"),
@@ -294,7 +304,7 @@ fn the_cluster_serves_tags_its_output_and_stops_on_sigint() {
     let sock_path = sock_dir.path().join("notify");
     let notify = UnixDatagram::bind(&sock_path).unwrap();
     notify.set_nonblocking(true).unwrap();
-    let mut c = LocalCluster::start_notify(3, Some(&sock_path));
+    let mut c = LocalCluster::start_with(3, Some(&sock_path), &[]);
     let leader = c.wait_for_leader();
     assert!(c.ports().contains(&leader), "{leader}");
     let out = c.proc.output_text();
@@ -355,7 +365,7 @@ fn a_taken_port_is_refused_before_anything_starts() {
     let _taken = TcpListener::bind(("127.0.0.1", base + 1)).expect("bind the middle port");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut p = run_cluster(3, base, &data, None);
+    let mut p = run_cluster(3, base, &data, None, &[]);
     let status = p.wait_exit(EXIT_DEADLINE);
     let out = p.output_text();
     assert_eq!(status.code(), Some(1), "{out}");
@@ -425,4 +435,39 @@ fn the_failover_example_loses_nothing_when_the_leader_is_killed() {
     c.proc.signal(libc::SIGTERM);
     let status = c.proc.wait_exit(EXIT_DEADLINE);
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn the_printed_curl_commands_work() {
+    common::require_tool("curl", "apt-get install curl");
+    let mut c = LocalCluster::start_with(3, None, &["HTTP"]);
+    let hint = c.proc.wait_for(LEADER_DEADLINE, "the HTTP hint", |l| {
+        l.strip_prefix("kvstore cluster: HTTP on the leader: ")
+            .map(str::to_string)
+    });
+    // "curl … PUT …   then: curl … GET   and: curl …/metrics (every node …)"
+    let hint = hint.split(" (").next().unwrap_or_default();
+    let commands: Vec<&str> = hint
+        .split("   then: ")
+        .flat_map(|p| p.split("   and: "))
+        .collect();
+    assert_eq!(commands.len(), 3, "{hint}");
+    let run = |cmd: &str| {
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!("{cmd} --fail --silent --show-error --max-time 10"),
+            ])
+            .output()
+            .expect("run curl");
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(run(commands[0]), "");
+    assert_eq!(run(commands[1]), "hello");
+    let metrics = run(commands[2]);
+    assert!(
+        metrics.contains("kvstore_role{role=\"leader\"} 1"),
+        "{metrics}"
+    );
 }

@@ -509,19 +509,21 @@ fn a_frame_that_fails_its_crc_closes_the_link() {
     assert!(na.rx.try_recv().is_err(), "the bad frame was not delivered");
 }
 
+/// One reply line (up to its CRLF), read a byte at a time so nothing after it is taken.
+fn read_reply(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed");
+        buf.push(byte[0]);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// `PEER` typed by a person gets an error reply, and the connection stays a client.
 #[test]
 fn peer_typed_by_a_client_is_an_error_not_a_hand_over() {
     capture_logs();
-    let read_reply = |s: &mut TcpStream| -> String {
-        let mut buf = Vec::new();
-        let mut byte = [0u8; 1];
-        while !buf.ends_with(b"\r\n") {
-            assert_eq!(s.read(&mut byte).unwrap(), 1, "closed");
-            buf.push(byte[0]);
-        }
-        String::from_utf8_lossy(&buf).into_owned()
-    };
     // A server with no cluster.
     let plain = bind();
     let port = plain.server.local_addr().port();
@@ -630,15 +632,6 @@ fn a_peer_still_starting_is_not_warned_about_until_the_grace_ends() {
 fn a_member_still_starting_says_so_and_later_judges_old_connections_by_its_links() {
     use kvstore::cluster::{ClusterState, RoleInfo};
     capture_logs();
-    let read_reply = |s: &mut TcpStream| -> String {
-        let mut buf = Vec::new();
-        let mut byte = [0u8; 1];
-        while !buf.ends_with(b"\r\n") {
-            assert_eq!(s.read(&mut byte).unwrap(), 1, "closed");
-            buf.push(byte[0]);
-        }
-        String::from_utf8_lossy(&buf).into_owned()
-    };
     let b = bind();
     let port = b.server.local_addr().port();
     b.server

@@ -589,16 +589,20 @@ pub fn run(a: LocalClusterArgs) -> i32 {
 fn start_and_run(a: LocalClusterArgs, signals: ShutdownSignals) -> Result<i32, String> {
     let ports = node_ports(a.base_port, a.nodes)?;
     check_ports(&ports, "node")?;
-    if let Some(base) = a.http_port_base {
-        let http =
-            node_ports(base, a.nodes).map_err(|e| e.replace("--base-port", "--http-port-base"))?;
-        if let Some(p) = http.iter().find(|p| ports.contains(p)) {
-            return Err(format!(
-                "HTTP port {p} is also a node's client port; choose another --http-port-base"
-            ));
+    let http_ports = match a.http_port_base {
+        Some(base) => {
+            let http = node_ports(base, a.nodes)
+                .map_err(|e| e.replace("--base-port", "--http-port-base"))?;
+            if let Some(p) = http.iter().find(|p| ports.contains(p)) {
+                return Err(format!(
+                    "HTTP port {p} is also a node's client port; choose another --http-port-base"
+                ));
+            }
+            check_ports(&http, "HTTP")?;
+            Some(http)
         }
-        check_ports(&http, "HTTP")?;
-    }
+        None => None,
+    };
     let exe = std::env::current_exe()
         .map_err(|e| format!("cannot find the kvstore executable to run the nodes: {e}"))?;
     std::fs::create_dir_all(&a.data_dir)
@@ -657,11 +661,7 @@ fn start_and_run(a: LocalClusterArgs, signals: ShutdownSignals) -> Result<i32, S
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let (ports, pass, stop) = (ports.clone(), a.requirepass.clone(), stop.clone());
-        let http = a.http_port_base.map(|base| {
-            (0..ports.len())
-                .map(|i| base.saturating_add(i as u16))
-                .collect()
-        });
+        let http = http_ports.clone();
         thread::Builder::new()
             .name("leader-watch".into())
             .spawn(move || watch_leader(ports, http, pass, stop))

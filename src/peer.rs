@@ -1147,12 +1147,14 @@ impl Inner {
                     // A refusal by the other side (wrong secret, duplicate id) is a
                     // mistake to report at once; failing to connect may be a peer still
                     // starting.
-                    let (msg, unreachable) = match e {
-                        DialError::Io(m) => (m, true),
-                        DialError::Refused(Refusal::ByPeer(why)) if why.contains(PEER_STARTING) => {
-                            (Refusal::ByPeer(why).to_string(), true)
-                        }
-                        DialError::Refused(r) => (r.to_string(), false),
+                    let unreachable = match &e {
+                        DialError::Io(_) => true,
+                        DialError::Refused(Refusal::ByPeer(why)) => why.contains(PEER_STARTING),
+                        DialError::Refused(_) => false,
+                    };
+                    let msg = match e {
+                        DialError::Io(m) => m,
+                        DialError::Refused(r) => r.to_string(),
                     };
                     self.set_status(id, |s| s.outbound.last_error = Some(msg.clone()));
                     if self.stopping() {

@@ -200,25 +200,27 @@ impl LocalCluster {
     /// between our check and the command's (it refuses then) means another try.
     #[track_caller]
     fn start(n: u16) -> LocalCluster {
-        LocalCluster::start_with(n, None, &[])
+        LocalCluster::start_with(n, None, false)
     }
 
-    /// [`LocalCluster::start`] with `NOTIFY_SOCKET` set for the command, and more
-    /// arguments (`"HTTP"` stands for `--http-port-base` with free ports).
+    /// [`LocalCluster::start`] with `NOTIFY_SOCKET` set for the command, and with
+    /// `--http-port-base` on free ports if `http`.
     #[track_caller]
-    fn start_with(n: u16, notify: Option<&Path>, extra: &[&str]) -> LocalCluster {
+    fn start_with(n: u16, notify: Option<&Path>, http: bool) -> LocalCluster {
         for _ in 0..3 {
             let dir = tempfile::tempdir().expect("temp dir");
             let base = free_ports(n);
-            let http_base = free_ports(n).to_string();
-            let extra: Vec<&str> = extra
-                .iter()
-                .flat_map(|&a| match a {
-                    "HTTP" => vec!["--http-port-base", http_base.as_str()],
-                    a => vec![a],
-                })
-                .collect();
-            let mut proc = run_cluster(n, base, &dir.path().join("data"), notify, &extra);
+            let http_base = if http {
+                free_ports(n).to_string()
+            } else {
+                String::new()
+            };
+            let extra: &[&str] = if http {
+                &["--http-port-base", &http_base]
+            } else {
+                &[]
+            };
+            let mut proc = run_cluster(n, base, &dir.path().join("data"), notify, extra);
             // Wait for the first line that tells: started, or refused.
             let started = proc.wait_for(LEADER_DEADLINE, "the first node to start", |l| {
                 if l.contains("is not available") {
@@ -304,7 +306,7 @@ fn the_cluster_serves_tags_its_output_and_stops_on_sigint() {
     let sock_path = sock_dir.path().join("notify");
     let notify = UnixDatagram::bind(&sock_path).unwrap();
     notify.set_nonblocking(true).unwrap();
-    let mut c = LocalCluster::start_with(3, Some(&sock_path), &[]);
+    let mut c = LocalCluster::start_with(3, Some(&sock_path), false);
     let leader = c.wait_for_leader();
     assert!(c.ports().contains(&leader), "{leader}");
     let out = c.proc.output_text();
@@ -440,7 +442,7 @@ fn the_failover_example_loses_nothing_when_the_leader_is_killed() {
 #[test]
 fn the_printed_curl_commands_work() {
     common::require_tool("curl", "apt-get install curl");
-    let mut c = LocalCluster::start_with(3, None, &["HTTP"]);
+    let mut c = LocalCluster::start_with(3, None, true);
     let hint = c.proc.wait_for(LEADER_DEADLINE, "the HTTP hint", |l| {
         l.strip_prefix("kvstore cluster: HTTP on the leader: ")
             .map(str::to_string)
